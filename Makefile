@@ -1,0 +1,24 @@
+# Each target creates .venv on first use and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+.PHONY: test install clean
+
+$(VENV)/.installed: setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "numpy<2.4" -e ".[test]"
+	# timm declares torchvision, but PyPI's torchvision wheels are CUDA builds that cannot load
+	# beside CPU torch; the ViT parity test needs only timm's model code (see tests/conftest.py).
+	$(PIP) install -q --no-deps "timm>=1.0"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

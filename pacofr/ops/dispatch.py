@@ -1,0 +1,84 @@
+"""Which implementation runs a fused op.
+
+Each op has backends that declare what they support (xformers style): `available()` says why a
+backend cannot run on this machine at all, `supports(**inputs)` why it cannot take these inputs
+(both return None when they can). The choice: `PACOFR_OPS=reference|triton` forces one;
+otherwise CUDA tensors (or CPU tensors under `TRITON_INTERPRET=1`) prefer Triton, everything
+else the torch reference. `explain()` tells which backend an op would use and why the others
+were rejected.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+def _always() -> str | None:
+    return None
+
+
+def _anything(**_inputs) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    forward: Callable
+    backward: Callable
+    available: Callable[[], str | None] = _always
+    supports: Callable[..., str | None] = _anything
+
+
+_BACKENDS: dict[str, dict[str, Backend]] = {}
+
+
+def register(op: str, backend: Backend) -> None:
+    _BACKENDS.setdefault(op, {})[backend.name] = backend
+
+
+def backends(op: str) -> list[str]:
+    """Names of the backends of `op` that can run on this machine."""
+    return [name for name, b in _BACKENDS[op].items() if b.available() is None]
+
+
+def _preferred(device: torch.device) -> str:
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "reference"
+
+
+def _choose(op: str, device: torch.device, inputs: dict) -> tuple[Backend | None, list[str]]:
+    table = _BACKENDS[op]
+    forced = os.environ.get("PACOFR_OPS")
+    if forced:
+        if forced not in table:
+            raise ValueError(f"PACOFR_OPS={forced!r}: {op} has the backends {sorted(table)}")
+        order = [forced]
+    else:
+        first = _preferred(device)
+        order = [first] + [name for name in table if name != first]
+    rejected = []
+    for name in order:
+        backend = table.get(name)
+        reason = "not built yet" if backend is None else (backend.available() or backend.supports(**inputs))
+        if reason is None:
+            return backend, rejected
+        rejected.append(f"{name}: {reason}")
+    return None, rejected
+
+
+def choose(op: str, device: torch.device, **inputs) -> Backend:
+    backend, rejected = _choose(op, device, inputs)
+    if backend is None:
+        raise RuntimeError(f"no backend of {op} can run these inputs ({'; '.join(rejected)})")
+    return backend
+
+
+def explain(op: str, device: torch.device | str = "cpu", **inputs) -> str:
+    """One line: the backend `op` would use for these inputs, and why the others were not."""
+    backend, rejected = _choose(op, torch.device(device), inputs)
+    chosen = backend.name if backend is not None else "none"
+    return f"{op}: {chosen}" + (f" (rejected {'; '.join(rejected)})" if rejected else "")

@@ -1,0 +1,82 @@
+"""masked_attention: softmax attention over ragged rows (per-sample lengths and/or a key mask)."""
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .dispatch import Backend, choose, register
+
+register("masked_attention", Backend("reference", reference.masked_attention, reference.masked_attention_backward))
+
+
+def _acc_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("pacofr::masked_attention", mutates_args=())
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
+    return backend.forward(q, k, v, seqlens, key_mask, scale)
+
+
+@_forward.register_fake
+def _(q, k, v, seqlens, key_mask, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+
+
+@torch.library.custom_op("pacofr::masked_attention_backward", mutates_args=())
+def _backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    seqlens: Tensor | None, key_mask: Tensor | None, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
+    return backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
+
+
+@_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seqlens, key_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seqlens, key_mask)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, seqlens, key_mask = ctx.saved_tensors
+    dq, dk, dv = _backward_op(grad_out.contiguous(), q, k, v, out, lse, seqlens, key_mask, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None = None,
+    key_mask: Tensor | None = None, scale: float | None = None,
+) -> Tensor:
+    """Softmax attention of `q, k, v [B, H, N, d]` -> `[B, H, N, d]`.
+
+    `seqlens[B]`: only the first seqlens[b] tokens of sample b are real; queries and keys past
+    it are padding, with zero outputs and zero gradients. `key_mask[B, N]` (bool, True = the
+    key takes part) restricts keys further. A query with no valid key gets zeros, never NaN.
+    """
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"masked_attention wants q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    b, _, n, d = q.shape
+    if seqlens is not None:
+        if seqlens.shape != (b,):
+            raise ValueError(f"masked_attention: seqlens must be [B]={b}, got {tuple(seqlens.shape)}")
+        seqlens = seqlens.to(q.device, torch.int32).contiguous()
+    if key_mask is not None:
+        if key_mask.shape != (b, n):
+            raise ValueError(f"masked_attention: key_mask must be [B, N]=({b}, {n}), got {tuple(key_mask.shape)}")
+        key_mask = key_mask.to(q.device, torch.bool).contiguous()
+    scale = float(d**-0.5 if scale is None else scale)
+    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), seqlens, key_mask, scale)[0]

@@ -1,0 +1,86 @@
+"""patch_pixel_loss: per-patch normalized pixel MSE and the border (spatial consistency) term."""
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .dispatch import Backend, choose, register
+
+register("patch_pixel_loss", Backend("reference", reference.patch_pixel_loss, reference.patch_pixel_loss_backward))
+
+
+@torch.library.custom_op("pacofr::patch_pixel_loss", mutates_args=())
+def _forward(
+    pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float
+) -> tuple[Tensor, Tensor]:
+    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+    return backend.forward(pred, images, weight, patch_size, norm_pix, eps)
+
+
+@_forward.register_fake
+def _(pred, images, weight, patch_size, norm_pix, eps):
+    dtype = torch.float64 if torch.float64 in (pred.dtype, images.dtype) else torch.float32
+    return pred.new_empty((), dtype=dtype), pred.new_empty((), dtype=dtype)
+
+
+@torch.library.custom_op("pacofr::patch_pixel_loss_backward", mutates_args=())
+def _backward_op(
+    grad_pix: Tensor, grad_sc: Tensor, pred: Tensor, images: Tensor, weight: Tensor,
+    patch_size: int, norm_pix: bool, eps: float,
+) -> Tensor:
+    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+    return backend.backward(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps)
+
+
+@_backward_op.register_fake
+def _(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps):
+    return torch.empty_like(pred)
+
+
+def _setup_context(ctx, inputs, output):
+    pred, images, weight, patch_size, norm_pix, eps = inputs
+    ctx.save_for_backward(pred, images, weight)
+    ctx.args = (patch_size, norm_pix, eps)
+
+
+def _backward(ctx, grad_pix, grad_sc):
+    pred, images, weight = ctx.saved_tensors
+    grad_pred = _backward_op(grad_pix, grad_sc, pred, images, weight, *ctx.args)
+    return grad_pred, None, None, None, None, None
+
+
+_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def patch_pixel_loss_terms(
+    pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    """`(l_pix, l_sc)`, the two terms that `patch_pixel_loss` adds up (for logging them apart).
+
+    `pred[B, L, p*p*C]` holds each patch's pixels in (row, column, channel) order, patches
+    row-major over the grid; `images[B, C, H, W]` is read as NCHW; `weight[B, L]` weighs each
+    patch (0 = ignored). l_pix = sum(w * mse) / sum(w) with MAE's norm_pix target; l_sc compares
+    predicted and target pixel differences across the border of each adjacent pair of patches
+    (pair weight max(w_a, w_b)), the prediction de-normalized with the target's statistics.
+    Both are exactly 0 when their weights sum to 0. Gradient w.r.t. `pred` only.
+    """
+    p = int(patch_size)
+    if images.dim() != 4 or images.shape[2] % p or images.shape[3] % p:
+        raise ValueError(f"patch_pixel_loss: images must be [B, C, H, W] with H, W divisible by {p}, got {tuple(images.shape)}")
+    b, c, h, w = images.shape
+    num_patches = (h // p) * (w // p)
+    if pred.shape != (b, num_patches, p * p * c):
+        raise ValueError(f"patch_pixel_loss: pred must be [B, L, p*p*C]=({b}, {num_patches}, {p * p * c}), got {tuple(pred.shape)}")
+    if weight.shape != (b, num_patches):
+        raise ValueError(f"patch_pixel_loss: weight must be [B, L]=({b}, {num_patches}), got {tuple(weight.shape)}")
+    weight = weight.to(pred.device, torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+    return _forward(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p, bool(norm_pix), float(eps))
+
+
+def patch_pixel_loss(
+    pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool = True,
+    boundary_weight: float = 0.0, eps: float = 1e-6,
+) -> Tensor:
+    """Scalar `l_pix + boundary_weight * l_sc` (see `patch_pixel_loss_terms`)."""
+    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, patch_size, norm_pix, eps)
+    return l_pix + boundary_weight * l_sc

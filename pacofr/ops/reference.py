@@ -1,0 +1,218 @@
+"""Torch references of the fused ops: the ground truth the kernels are tested against.
+
+Each op has a forward and an explicit backward (the same split the kernels use), computed in
+float32 (float64 for float64 inputs) whatever the input dtype. They are memory-sane:
+`codebook_topk` never holds the N x K score matrix, only one tile of it.
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+# Tile sizes of the codebook search: a 4096 x 1024 fp32 tile is 16 MB.
+TOPK_ROW_TILE = 4096
+TOPK_CODE_TILE = 1024
+
+
+def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 stays float64 (gradcheck); everything else accumulates in float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+# --------------------------------------------------------------------------- codebook_topk
+
+
+def _scores(x: Tensor, codes: Tensor, metric: str) -> Tensor:
+    """Scores of every row of x against every code; both already in the accumulation dtype."""
+    dots = x @ codes.T
+    if metric == "ip":
+        return dots
+    return (x * x).sum(1, keepdim=True) - 2.0 * dots + (codes * codes).sum(1)
+
+
+def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    """Best k codes per row: l2 = squared distance ascending, ip = inner product descending.
+
+    Ties go to the lower index: tiles are visited in index order and merged with a stable sort,
+    so among equal scores the earlier (lower) index always comes first.
+    """
+    acc = _acc_dtype(x, codebook)
+    descending = metric == "ip"
+    n, k_codes = x.shape[0], codebook.shape[0]
+    scores = torch.empty(n, k, dtype=acc if acc == torch.float64 else torch.float32, device=x.device)
+    idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    for r0 in range(0, n, TOPK_ROW_TILE):
+        xr = x[r0 : r0 + TOPK_ROW_TILE].to(acc)
+        best_s = best_i = None
+        for c0 in range(0, k_codes, TOPK_CODE_TILE):
+            codes = codebook[c0 : c0 + TOPK_CODE_TILE].to(acc)
+            s = _scores(xr, codes, metric)
+            i = torch.arange(c0, c0 + codes.shape[0], device=x.device).expand_as(s)
+            if best_s is not None:
+                s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+            s, order = torch.sort(s, dim=1, descending=descending, stable=True)
+            best_s, best_i = s[:, :k], i.gather(1, order[:, :k])
+        scores[r0 : r0 + TOPK_ROW_TILE] = best_s
+        idx[r0 : r0 + TOPK_ROW_TILE] = best_i
+    return scores, idx
+
+
+def codebook_topk_backward(
+    grad_scores: Tensor, x: Tensor, codebook: Tensor, idx: Tensor, metric: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients of sum(grad_scores * scores) w.r.t. x and codebook (scatter-add over codes)."""
+    acc = _acc_dtype(x, codebook)
+    grad_x = torch.empty_like(x)
+    grad_codebook = torch.zeros(codebook.shape, dtype=acc, device=codebook.device)
+    for r0 in range(0, x.shape[0], TOPK_ROW_TILE):
+        xr = x[r0 : r0 + TOPK_ROW_TILE].to(acc)
+        ir = idx[r0 : r0 + TOPK_ROW_TILE]
+        g = grad_scores[r0 : r0 + TOPK_ROW_TILE].to(acc)
+        codes = codebook[ir].to(acc)  # [n, k, D]
+        if metric == "ip":
+            gx = torch.einsum("nk,nkd->nd", g, codes)
+            gc = g[..., None] * xr[:, None, :]
+        else:  # d/dx |x - c|^2 = 2 (x - c), d/dc = -2 (x - c)
+            diff = 2.0 * (xr[:, None, :] - codes)
+            gx = torch.einsum("nk,nkd->nd", g, diff)
+            gc = -g[..., None] * diff
+        grad_x[r0 : r0 + TOPK_ROW_TILE] = gx
+        grad_codebook.index_add_(0, ir.reshape(-1), gc.reshape(-1, x.shape[1]))
+    return grad_x, grad_codebook.to(codebook.dtype)
+
+
+# ------------------------------------------------------------------------ masked_attention
+
+
+def attention_masks(
+    batch: int, n: int, seqlens: Tensor | None, key_mask: Tensor | None, device
+) -> tuple[Tensor, Tensor]:
+    """(query_valid[B,N], key_valid[B,N]) from per-sample lengths and/or a key mask."""
+    pos = torch.arange(n, device=device)
+    query_valid = torch.ones(batch, n, dtype=torch.bool, device=device)
+    if seqlens is not None:
+        query_valid = pos[None, :] < seqlens.to(device)[:, None]
+    key_valid = query_valid if key_mask is None else query_valid & key_mask.to(device, torch.bool)
+    return query_valid, key_valid
+
+
+def _attention_probs(q, k, scale, lse, key_valid):
+    s = (q @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~key_valid[:, None, None, :], -math.inf)
+    return torch.exp(s - lse[..., None])
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Returns (out, lse). lse is +inf on rows that take no part (padded queries, no valid
+    key), so exp(s - lse) is exactly 0 there in forward and backward."""
+    acc = _acc_dtype(q, k, v)
+    b, _, n, _ = q.shape
+    query_valid, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    s = s.masked_fill(~key_valid[:, None, None, :], -math.inf)
+    lse = torch.logsumexp(s, dim=-1)  # -inf where no key is valid
+    lse = lse.masked_fill(~query_valid[:, None, :] | torch.isinf(lse), math.inf)
+    out = torch.exp(s - lse[..., None]) @ vf
+    return out.to(q.dtype), lse
+
+
+def masked_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+    seqlens: Tensor | None, key_mask: Tensor | None, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = _acc_dtype(q, k, v)
+    b, _, n, _ = q.shape
+    _, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
+    qf, kf, vf, of, go = (t.to(acc) for t in (q, k, v, out, grad_out))
+    p = _attention_probs(qf, kf, scale, lse, key_valid)
+    dv = p.transpose(-1, -2) @ go
+    dp = go @ vf.transpose(-1, -2)
+    ds = p * (dp - (go * of).sum(-1, keepdim=True))
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ qf) * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------ patch_pixel_loss
+
+
+def _patches(t: Tensor, p: int) -> Tensor:
+    """NCHW image -> [B, h, w, p, p, C] view (row, column, channel inside a patch); no copy."""
+    hh, ww = t.shape[2:]
+    return t.unflatten(2, (hh // p, p)).unflatten(4, (ww // p, p)).permute(0, 2, 4, 3, 5, 1)
+
+
+def _safe_div(num: Tensor, den: Tensor) -> Tensor:
+    """num / den, and exactly 0 where den == 0 (then num is 0 too: all weights are 0)."""
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), 0.0)
+
+
+def _pixel_loss_parts(pred, images, weight, p, norm_pix, eps):
+    acc = _acc_dtype(pred, images)
+    b, c, hh, ww = images.shape
+    gh, gw = hh // p, ww // p
+    t = _patches(images, p).to(acc)
+    x = pred.reshape(b, gh, gw, p, p, c).to(acc)
+    w = weight.reshape(b, gh, gw).to(acc)
+    if norm_pix:
+        mean = t.mean(dim=(3, 4, 5), keepdim=True)
+        std = torch.sqrt(t.var(dim=(3, 4, 5), keepdim=True, correction=1) + eps)
+    else:
+        mean, std = torch.zeros((), dtype=acc, device=t.device), torch.ones((), dtype=acc, device=t.device)
+    return t, x, w, mean, std
+
+
+def _border_pairs(w):
+    """Pair weights max(w_a, w_b) of horizontal (a left of b) and vertical (a above b) pairs."""
+    return torch.maximum(w[:, :, 1:], w[:, :, :-1]), torch.maximum(w[:, 1:], w[:, :-1])
+
+
+def _border_errors(d, t, p):
+    """Predicted minus target pixel differences across each shared border."""
+    eh = (d[:, :, 1:, :, 0] - d[:, :, :-1, :, p - 1]) - (t[:, :, 1:, :, 0] - t[:, :, :-1, :, p - 1])
+    ev = (d[:, 1:, :, 0] - d[:, :-1, :, p - 1]) - (t[:, 1:, :, 0] - t[:, :-1, :, p - 1])
+    return eh, ev  # [B, h, w-1, p, C], [B, h-1, w, p, C]
+
+
+def patch_pixel_loss(
+    pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float
+) -> tuple[Tensor, Tensor]:
+    """(l_pix, l_sc): weighted per-patch normalized MSE and the border-difference term."""
+    p = patch_size
+    t, x, w, mean, std = _pixel_loss_parts(pred, images, weight, p, norm_pix, eps)
+    mse = ((x - (t - mean) / std) ** 2).mean(dim=(3, 4, 5))
+    l_pix = _safe_div((w * mse).sum(), w.sum())
+    pwh, pwv = _border_pairs(w)
+    eh, ev = _border_errors(x * std + mean, t, p)
+    num = (pwh * (eh**2).mean(dim=(3, 4))).sum() + (pwv * (ev**2).mean(dim=(3, 4))).sum()
+    l_sc = _safe_div(num, pwh.sum() + pwv.sum())
+    out = torch.float64 if l_pix.dtype == torch.float64 else torch.float32
+    return l_pix.to(out), l_sc.to(out)
+
+
+def patch_pixel_loss_backward(
+    grad_pix: Tensor, grad_sc: Tensor, pred: Tensor, images: Tensor, weight: Tensor,
+    patch_size: int, norm_pix: bool, eps: float,
+) -> Tensor:
+    p = patch_size
+    t, x, w, mean, std = _pixel_loss_parts(pred, images, weight, p, norm_pix, eps)
+    n_pix = x[0, 0, 0].numel()
+    g = _safe_div(2.0 * grad_pix.to(x.dtype), w.sum()) / n_pix
+    grad = g * w[..., None, None, None] * (x - (t - mean) / std)
+    # Border term: d(l_sc)/d(denormalized pred), then the chain rule through `* std`.
+    pwh, pwv = _border_pairs(w)
+    eh, ev = _border_errors(x * std + mean, t, p)
+    gs = _safe_div(2.0 * grad_sc.to(x.dtype), pwh.sum() + pwv.sum()) / (p * x.shape[-1])
+    gh = gs * pwh[..., None, None] * eh
+    gv = gs * pwv[..., None, None] * ev
+    gd = torch.zeros_like(x)
+    gd[:, :, 1:, :, 0] += gh
+    gd[:, :, :-1, :, p - 1] -= gh
+    gd[:, 1:, :, 0] += gv
+    gd[:, :-1, :, p - 1] -= gv
+    grad = grad + gd * std
+    return grad.reshape(pred.shape).to(pred.dtype)

@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="pacofr",
+    version="0.1.0",
+    description="PaCo-FR: patch-pixel aligned end-to-end codebook learning for facial representation pretraining",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pacofr", "pacofr.*"]),
+    # torch is installed first by the Makefile (a CPU build here, a CUDA build on GPU machines);
+    # the range only guards against a torch too old for torch.library.custom_op.
+    install_requires=["torch>=2.4,<=2.14.1", "numpy", "pyyaml", "safetensors"],
+    extras_require={
+        # timm is installed with --no-deps by the Makefile: see the comment there.
+        "test": ["pytest", "scikit-image", "huggingface_hub"],
+    },
+)
