@@ -1,0 +1,187 @@
+"""Typed configuration: dataclasses, presets, YAML files and dotted overrides.
+
+    cfg = load_config("tiny", ["model.codebook.num_codes=128", "masking.region_prob=1.0"])
+    cfg = load_config("configs/vit_base_patch16_224.yaml")
+
+A YAML file may start from a preset (`preset: tiny`) and sets only what it changes. Every key is
+checked: an unknown or mistyped key fails naming it (with the closest known key), a value of
+the wrong type fails naming key and type.
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class EncoderConfig:
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class DecoderConfig:
+    embed_dim: int = 512
+    depth: int = 8
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class CodebookConfig:
+    num_codes: int = 8192
+    belief_dim: int = 256  # width of the belief space where code keys live
+    belief_hidden: int = 1024  # hidden width of the Belief Predictor MLP
+    topk: int = 4  # candidates mixed into a replacing patch
+    temperature: float = 1.0
+    mixing: str = "soft"  # soft | gumbel (straight-through)
+    ema_decay: float = 0.99  # incubation: codes are an EMA of their assigned patches
+    dead_code_threshold: float = 0.05  # restart a code whose EMA usage count falls below this
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+
+
+@dataclass
+class MaskingConfig:
+    ratio_min: float = 0.40  # masked fraction of patches, drawn per image in [min, max]
+    ratio_max: float = 0.60
+    region_prob: float = 0.5  # probability to mask whole semantic regions first
+    regions_max: int = 2  # 1..regions_max whole regions
+    block_min: int = 1  # side (patches) of the blocks that grow the mask to its target
+    block_max: int = 4
+    replace_ratio: float = 0.15  # fraction of visible patches replaced by codebook mixtures
+    background_replace_weight: float = 0.25  # region-aware: background is replaced less often
+
+
+@dataclass
+class LossConfig:
+    norm_pix: bool = True
+    eps: float = 1e-6
+    weight_masked: float = 1.0
+    weight_replaced: float = 1.0
+    weight_visible: float = 0.0
+    w_sc: float = 0.1
+    w_belief_incubation: float = 1.0
+    w_belief: float = 0.1
+    w_commit: float = 0.25
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+# Presets are overrides of the defaults; the defaults are the paper-scale ViT-B/16 at 224 px.
+PRESETS: dict[str, dict] = {
+    "vit_base_patch16_224": {},
+    "tiny": {
+        "model": {
+            "img_size": 64,
+            "patch_size": 8,
+            "encoder": {"embed_dim": 96, "depth": 4, "num_heads": 3},
+            "decoder": {"embed_dim": 64, "depth": 2, "num_heads": 2},
+            "codebook": {"num_codes": 128, "belief_dim": 32, "belief_hidden": 128},
+        },
+    },
+}
+
+
+def _check_type(key: str, value, tp):
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def _merge(obj, updates: dict, prefix: str = ""):
+    """Apply a nested dict of updates to a dataclass, validating every key and type."""
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {updates!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in updates.items():
+        dotted = prefix + str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{dotted}'{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            _merge(getattr(obj, key), value, dotted + ".")
+        else:
+            setattr(obj, key, _check_type(dotted, value, hints[key]))
+    return obj
+
+
+def parse_override(text: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}, the value parsed as YAML (so 1, 0.5, true)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(source: str | Path | None = "vit_base_patch16_224", overrides: list[str] = ()) -> Config:
+    """A preset name or YAML path, then dotted overrides, validated."""
+    updates: dict = {}
+    if source is not None and str(source) not in PRESETS:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config '{source}' is neither a preset ({', '.join(PRESETS)}) nor a file")
+        updates = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(updates, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        source = updates.pop("preset", "vit_base_patch16_224")
+        if source not in PRESETS:
+            raise ConfigError(f"{path}: unknown preset '{source}' (known: {', '.join(PRESETS)})")
+    cfg = _merge(Config(), PRESETS[source or "vit_base_patch16_224"])
+    _merge(cfg, updates)
+    for text in overrides:
+        _merge(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks across keys that types alone cannot express."""
+    m, mk = cfg.model, cfg.masking
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size={m.img_size} must be divisible by model.patch_size={m.patch_size}")
+    for name, sub in (("encoder", m.encoder), ("decoder", m.decoder)):
+        if sub.embed_dim % sub.num_heads:
+            raise ConfigError(f"model.{name}.embed_dim={sub.embed_dim} must be divisible by num_heads={sub.num_heads}")
+    if not 0.0 <= mk.ratio_min <= mk.ratio_max < 1.0:
+        raise ConfigError(f"masking ratios need 0 <= ratio_min <= ratio_max < 1, got {mk.ratio_min}, {mk.ratio_max}")
+    if not 1 <= mk.block_min <= mk.block_max:
+        raise ConfigError(f"masking blocks need 1 <= block_min <= block_max, got {mk.block_min}, {mk.block_max}")
+    if not 1 <= m.codebook.topk <= min(32, m.codebook.num_codes):
+        raise ConfigError(f"model.codebook.topk={m.codebook.topk} must be in [1, min(32, num_codes)]")
+    if m.codebook.mixing not in ("soft", "gumbel"):
+        raise ConfigError(f"model.codebook.mixing must be 'soft' or 'gumbel', got '{m.codebook.mixing}'")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,132 @@
+"""The pixel-space codebook, the Belief Predictor, and top-k candidate mixing (DESIGN.md 1.2).
+
+Codes are patches in normalized pixel space (p*p*C values, same layout as `patchify`), so a
+mixture of codes can be pasted into the image as is. Each code also has a key in the belief
+space; the Belief Predictor maps a patch's pixels to a belief embedding, and the top-k codes by
+inner product with the keys are the candidates that replace the patch.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch import distributed as dist
+
+from ..ops import codebook_topk
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class PixelCodebook(nn.Module):
+    def __init__(self, num_codes: int, code_dim: int, key_dim: int, ema_decay: float = 0.99,
+                 dead_code_threshold: float = 0.05):
+        super().__init__()
+        self.ema_decay = ema_decay
+        self.dead_code_threshold = dead_code_threshold
+        self.codes = nn.Parameter(torch.randn(num_codes, code_dim))
+        self.keys = nn.Parameter(torch.randn(num_codes, key_dim) * key_dim**-0.5)
+        self.register_buffer("ema_count", torch.zeros(num_codes))
+        self.register_buffer("ema_sum", torch.zeros(num_codes, code_dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def num_codes(self) -> int:
+        return self.codes.shape[0]
+
+    def _sample(self, patches: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
+        """`count` random patches (same on every rank: rank 0's are broadcast)."""
+        device = generator.device if generator is not None else patches.device
+        pick = torch.randint(patches.shape[0], (count,), generator=generator, device=device)
+        new = patches[pick.to(patches.device)].to(self.codes.dtype)
+        if _distributed():
+            dist.broadcast(new, 0)
+        return new
+
+    @torch.no_grad()
+    def init_from(self, patches: Tensor, generator: torch.Generator | None = None) -> None:
+        """Codes start as random data patches (once, before the first incubation step)."""
+        if bool(self.initialized) or patches.shape[0] == 0:
+            return
+        self.codes.copy_(self._sample(patches, self.num_codes, generator))
+        self.ema_sum.copy_(self.codes)
+        self.ema_count.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def ema_update(self, patches: Tensor, assign: Tensor, generator: torch.Generator | None = None) -> int:
+        """VQ-style EMA step: each code moves to the running mean of the patches assigned to it;
+        codes whose usage count decays below the threshold restart at random patches.
+        Returns the number of restarted codes."""
+        counts = torch.bincount(assign, minlength=self.num_codes).to(self.ema_count.dtype)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, assign, patches.to(self.ema_sum.dtype))
+        if _distributed():  # every rank sees the codebook of the global batch
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        d = self.ema_decay
+        self.ema_count.mul_(d).add_(counts, alpha=1 - d)
+        self.ema_sum.mul_(d).add_(sums, alpha=1 - d)
+        # Laplace smoothing keeps rarely used codes from dividing by ~0.
+        n = self.ema_count.sum()
+        eps = 1e-5
+        smoothed = (self.ema_count + eps) / (n + self.num_codes * eps) * n
+        self.codes.copy_(self.ema_sum / smoothed[:, None])
+        dead = (self.ema_count < self.dead_code_threshold).nonzero()[:, 0]
+        if dead.numel() and patches.shape[0]:
+            fresh = self._sample(patches, dead.numel(), generator)
+            self.codes[dead] = fresh
+            self.ema_sum[dead] = fresh
+            self.ema_count[dead] = 1.0
+        return int(dead.numel())
+
+    @torch.no_grad()
+    def perplexity(self) -> float:
+        """exp(entropy) of the EMA usage distribution: K when all codes are used equally."""
+        p = self.ema_count / self.ema_count.sum().clamp_min(1e-12)
+        return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+class BeliefPredictor(nn.Module):
+    """Small MLP from a patch's normalized pixels to its belief embedding."""
+
+    def __init__(self, patch_dim: int, hidden: int, belief_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(patch_dim)
+        self.fc1 = nn.Linear(patch_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, belief_dim)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(patches))))
+
+
+def mix_candidates(scores: Tensor, idx: Tensor, codes: Tensor, temperature: float = 1.0,
+                   mode: str = "soft", generator: torch.Generator | None = None) -> Tensor:
+    """Replacement patches [M, P] from the top-k candidates (scores [M, k], higher is better):
+    "soft" = softmax(scores / T) mixture; "gumbel" = a straight-through Gumbel-softmax pick
+    (one code in the forward pass, the soft gradient in the backward pass)."""
+    logits = scores.float() / temperature
+    if mode == "gumbel":
+        u = torch.rand(logits.shape, generator=generator, device=logits.device).clamp(1e-20, 1 - 1e-7)
+        soft = F.softmax(logits - torch.log(-torch.log(u)), dim=-1)
+        hard = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        weights = hard - soft.detach() + soft
+    else:
+        weights = F.softmax(logits, dim=-1)
+    return torch.einsum("mk,mkp->mp", weights, codes[idx].float())
+
+
+def belief_loss(belief: Tensor, scores: Tensor, idx: Tensor, keys: Tensor, target: Tensor,
+                temperature: float = 1.0) -> Tensor:
+    """Cross-entropy of the target code against the predictor's own top-k candidates (a
+    sampled softmax: the N x K logits are never built). A candidate equal to the target is
+    counted once."""
+    target_logit = (belief.float() * keys[target].float()).sum(-1, keepdim=True)
+    others = scores.float().masked_fill(idx == target[:, None], -torch.inf)
+    logits = torch.cat([target_logit, others], dim=1) / temperature
+    return -F.log_softmax(logits, dim=-1)[:, 0]
+
+
+def nearest_codes(patches: Tensor, codes: Tensor) -> Tensor:
+    """Index of the nearest code of each patch in pixel space (squared L2)."""
+    return codebook_topk(patches, codes, 1, "l2")[1][:, 0]

@@ -1,0 +1,101 @@
+"""PaCo-FR: replace some visible patches with codebook mixtures, encode the visible tokens,
+decode every patch's pixels, and score them with the patch-pixel alignment losses."""
+
+import torch
+from torch import Tensor, nn
+
+from ..config import Config
+from ..masking import Masks, structured_masks
+from ..ops import codebook_topk, patch_pixel_loss_terms
+from .codebook import BeliefPredictor, PixelCodebook, belief_loss, mix_candidates, nearest_codes
+from .patches import patchify, unpatchify
+from .vit import Decoder, ViTEncoder, visible_index
+
+
+class PaCoFR(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.patch_size = m.patch_size
+        patch_dim = m.patch_size**2 * m.in_chans
+        self.encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
+                                  m.encoder.num_heads, m.encoder.mlp_ratio)
+        self.decoder = Decoder(self.encoder.grid, m.encoder.embed_dim, m.decoder.embed_dim, m.decoder.depth,
+                               m.decoder.num_heads, m.decoder.mlp_ratio, patch_dim)
+        cb = m.codebook
+        self.codebook = PixelCodebook(cb.num_codes, patch_dim, cb.belief_dim, cb.ema_decay, cb.dead_code_threshold)
+        self.belief = BeliefPredictor(patch_dim, cb.belief_hidden, cb.belief_dim)
+        self.incubating = True
+
+    def set_incubation(self, on: bool) -> None:
+        """Incubation (the first epoch by default): the Belief Predictor learns to point at each
+        patch's nearest code, codes follow an EMA of their patches, and replacements are fixed
+        inputs. After it, codes and predictor learn end to end through the reconstruction."""
+        self.incubating = bool(on)
+
+    def replace_patches(self, patches: Tensor, masks: Masks, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(patches with the replace set swapped for codebook mixtures, l_belief, l_commit).
+
+        During incubation the predictor is trained on every visible patch; after it, on the
+        replaced ones only."""
+        cb = self.cfg.model.codebook
+        rows = ~masks.mask if self.incubating else masks.replace
+        src = patches[rows]  # [M, P]
+        if self.incubating and self.training:
+            self.codebook.init_from(src.detach(), generator)
+        codes, keys = self.codebook.codes, self.codebook.keys
+        belief = self.belief(src)
+        scores, idx = codebook_topk(belief, keys, cb.topk, "ip")
+        with torch.no_grad():
+            target = nearest_codes(src.float(), codes.float())
+        l_belief = belief_loss(belief, scores, idx, keys, target, cb.temperature)
+        if self.incubating:
+            # Fixed corruption: no reconstruction gradient reaches codes or predictor yet.
+            mixed = mix_candidates(scores.detach(), idx, codes.detach(), cb.temperature, cb.mixing, generator)
+            if self.training:
+                self.codebook.ema_update(src.detach().float(), target, generator)
+        else:
+            mixed = mix_candidates(scores, idx, codes, cb.temperature, cb.mixing, generator)
+
+        is_replaced = masks.replace[rows]
+        l_commit = ((mixed - src.detach().float()) ** 2).mean(-1)[is_replaced]
+        full = patches.float().index_put((rows.nonzero(as_tuple=True)), mixed)
+        out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
+        return out, _mean(l_belief), _mean(l_commit)
+
+    def patch_weights(self, masks: Masks) -> Tensor:
+        lc = self.cfg.loss
+        visible = ~masks.mask & ~masks.replace
+        return masks.mask * lc.weight_masked + masks.replace * lc.weight_replaced + visible * lc.weight_visible
+
+    def forward(self, images: Tensor, landmarks: Tensor | None = None, masks: Masks | None = None,
+                generator: torch.Generator | None = None) -> dict:
+        """images [B, C, H, W] normalized; landmarks [B, 5|68, 2] in pixels or None; masks from
+        the data pipeline or drawn here. Returns the losses, the masks, `pred` [B, L, p*p*C]
+        and `input`, the image the encoder saw (masked patches still in it, replaced ones swapped)."""
+        b, _, h, w = images.shape
+        p = self.patch_size
+        if masks is None:
+            masks = structured_masks(b, (h, w), p, self.cfg.masking, landmarks, generator, images.device)
+        patches = patchify(images, p)
+        replaced, l_belief, l_commit = self.replace_patches(patches, masks, generator)
+        encoder_input = unpatchify(replaced, p, h, w)
+
+        keep, seqlens = visible_index(masks.mask)
+        latent = self.encoder(encoder_input, keep, seqlens)
+        pred = self.decoder(latent, keep, seqlens)
+
+        lc = self.cfg.loss
+        l_pix, l_sc = patch_pixel_loss_terms(pred, images, self.patch_weights(masks), p, lc.norm_pix, lc.eps)
+        w_belief = lc.w_belief_incubation if self.incubating else lc.w_belief
+        loss = l_pix + lc.w_sc * l_sc + w_belief * l_belief + lc.w_commit * l_commit
+        return {
+            "loss": loss, "l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit,
+            "mask": masks.mask, "replace": masks.replace, "pred": pred, "input": encoder_input,
+        }
+
+
+def _mean(x: Tensor) -> Tensor:
+    """Mean that is 0 (not NaN) over an empty set."""
+    return x.sum() / max(x.numel(), 1)

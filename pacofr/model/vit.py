@@ -1,0 +1,172 @@
+"""ViT building blocks with timm's module and parameter names, attention through pacofr.ops.
+
+`ViTEncoder`'s state dict loads with strict=True into timm's VisionTransformer of the same size
+(class token, no classifier head): patch_embed.proj, cls_token, pos_embed, blocks.{i}.norm1 /
+attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.
+"""
+
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import masked_attention
+
+LAYER_NORM_EPS = 1e-6  # timm's ViT default
+
+
+def sincos_pos_embed(dim: int, grid: tuple[int, int], cls_token: bool = True) -> Tensor:
+    """2D sine-cosine position embedding [1, (1 +) L, dim] (MAE): half the channels encode
+    the row, half the column; the class token position is zeros."""
+    if dim % 4:
+        raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
+    gh, gw = grid
+    ys, xs = torch.meshgrid(torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def encode(pos):
+        angles = pos.reshape(-1, 1) * freqs
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    emb = torch.cat([encode(ys), encode(xs)], dim=1)
+    if cls_token:
+        emb = torch.cat([torch.zeros(1, dim, dtype=emb.dtype), emb], dim=0)
+    return emb.float()[None]
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)  # [B, L, D]
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, seqlens: Tensor | None = None) -> Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = masked_attention(q, k, v, seqlens=seqlens)
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor, seqlens: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm/MAE initialization: truncated normal linears, zero biases, unit LayerNorms; the
+    patch projection like a linear layer (xavier over its flattened weight)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            nn.init.zeros_(m.bias)
+
+
+class ViTEncoder(nn.Module):
+    """ViT over a subset of patch tokens: `keep[B, N]` lists each image's visible patches
+    packed to the front, `seqlens[B]` how many of them are real (the rest is padding)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.patch_size = patch_size
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed sin-cos positions (MAE); a parameter so the name matches timm's.
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        init_weights(self)
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def forward(self, images: Tensor, keep: Tensor | None = None, seqlens: Tensor | None = None) -> Tensor:
+        """[B, C, H, W] -> [B, 1 + N, D] (class token first); all L patches when keep is None."""
+        x = self.patch_embed(images) + self.pos_embed[:, 1:]
+        if keep is not None:
+            x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        lengths = None if seqlens is None else seqlens + 1
+        for block in self.blocks:
+            x = block(x, lengths)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """MAE-style decoder: encoder tokens scattered back to all L positions, a mask token at
+    the others, position embeddings, blocks, and a linear head to each patch's pixels."""
+
+    def __init__(self, grid: tuple[int, int], encoder_dim: int, embed_dim: int = 512, depth: int = 8,
+                 num_heads: int = 16, mlp_ratio: float = 4.0, patch_dim: int = 768):
+        super().__init__()
+        self.num_patches = grid[0] * grid[1]
+        self.embed = nn.Linear(encoder_dim, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
+        self.pred = nn.Linear(embed_dim, patch_dim)
+        init_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: Tensor, keep: Tensor, seqlens: Tensor) -> Tensor:
+        """latent [B, 1 + N, De] from the encoder -> pixels [B, L, patch_dim]."""
+        x = self.embed(latent)
+        b, n, d = x.shape[0], keep.shape[1], x.shape[-1]
+        real = torch.arange(n, device=keep.device)[None] < seqlens[:, None]
+        # Padding goes to a spare slot L that is dropped: real tokens land on their patches.
+        slot = torch.where(real, keep, self.num_patches)
+        full = x.new_zeros(b, self.num_patches + 1, d).scatter(1, slot[..., None].expand(-1, -1, d), x[:, 1:])
+        filled = torch.zeros(b, self.num_patches + 1, dtype=torch.bool, device=x.device).scatter(1, slot, True)
+        tokens = torch.where(filled[:, :-1, None], full[:, :-1], self.mask_token.to(x.dtype))
+        x = torch.cat([x[:, :1], tokens], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]
+
+
+def visible_index(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(keep[B, N], seqlens[B]): visible patch indices packed to the front in ascending order,
+    N the largest visible count of the batch."""
+    seqlens = (~mask).sum(1)
+    order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
+    return order[:, : int(seqlens.max())], seqlens
+
+
+__all__ = ["ViTEncoder", "Decoder", "Block", "Attention", "Mlp", "PatchEmbed", "sincos_pos_embed", "visible_index"]
