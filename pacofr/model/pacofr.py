@@ -60,7 +60,7 @@ class PaCoFR(nn.Module):
 
         is_replaced = masks.replace[rows]
         l_commit = ((mixed - src.detach().float()) ** 2).mean(-1)[is_replaced]
-        full = patches.float().index_put((rows.nonzero(as_tuple=True)), mixed)
+        full = patches.float().masked_scatter(rows[..., None].expand_as(patches), mixed)
         out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
         return out, _mean(l_belief), _mean(l_commit)
 

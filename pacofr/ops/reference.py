@@ -10,8 +10,8 @@ import math
 import torch
 from torch import Tensor
 
-# Tile sizes of the codebook search: a 4096 x 1024 fp32 tile is 16 MB.
-TOPK_ROW_TILE = 4096
+# Tile sizes of the codebook search: a 2048 x 1024 fp32 tile is 8 MB.
+TOPK_ROW_TILE = 2048
 TOPK_CODE_TILE = 1024
 
 
@@ -31,16 +31,27 @@ def _scores(x: Tensor, codes: Tensor, metric: str) -> Tensor:
     return (x * x).sum(1, keepdim=True) - 2.0 * dots + (codes * codes).sum(1)
 
 
+def _best_positions(key: Tensor, k: int) -> Tensor:
+    """Column positions of the k largest keys of each row, best first, equal keys in column
+    order. torch.topk gives the k-th value but no tie order, so the ties at that value are
+    resolved explicitly: the lowest columns among them are taken."""
+    kth = key.topk(k, dim=1).values[:, -1:]
+    better, equal = key > kth, key == kth
+    take = better | (equal & (equal.cumsum(1) <= k - better.sum(1, keepdim=True)))
+    pos = take.nonzero()[:, 1].view(-1, k)  # ascending columns
+    order = key.gather(1, pos).argsort(dim=1, descending=True, stable=True)
+    return pos.gather(1, order)
+
+
 def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     """Best k codes per row: l2 = squared distance ascending, ip = inner product descending.
 
-    Ties go to the lower index: tiles are visited in index order and merged with a stable sort,
-    so among equal scores the earlier (lower) index always comes first.
+    Tiles are visited in index order and the running best is kept in front of each new tile,
+    so column order is index order and ties go to the lower index. NaN scores rank last.
     """
     acc = _acc_dtype(x, codebook)
-    descending = metric == "ip"
     n, k_codes = x.shape[0], codebook.shape[0]
-    scores = torch.empty(n, k, dtype=acc if acc == torch.float64 else torch.float32, device=x.device)
+    scores = torch.empty(n, k, dtype=acc, device=x.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
     for r0 in range(0, n, TOPK_ROW_TILE):
         xr = x[r0 : r0 + TOPK_ROW_TILE].to(acc)
@@ -51,8 +62,9 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Ten
             i = torch.arange(c0, c0 + codes.shape[0], device=x.device).expand_as(s)
             if best_s is not None:
                 s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-            s, order = torch.sort(s, dim=1, descending=descending, stable=True)
-            best_s, best_i = s[:, :k], i.gather(1, order[:, :k])
+            key = torch.nan_to_num(s if metric == "ip" else -s, nan=-math.inf)  # higher is better
+            pos = _best_positions(key, min(k, s.shape[1]))
+            best_s, best_i = s.gather(1, pos), i.gather(1, pos)
         scores[r0 : r0 + TOPK_ROW_TILE] = best_s
         idx[r0 : r0 + TOPK_ROW_TILE] = best_i
     return scores, idx
