@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: test install clean
+.PHONY: demo test install clean
 
 $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,11 @@ $(VENV)/.installed: setup.py Makefile
 
 install: $(VENV)/.installed
 
+demo: $(VENV)/.installed
+	$(PY) train.py --config configs/demo.yaml --output runs/demo
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache runs/demo

@@ -8,9 +8,13 @@ setup(
     packages=find_packages(include=["pacofr", "pacofr.*"]),
     # torch is installed first by the Makefile (a CPU build here, a CUDA build on GPU machines);
     # the range only guards against a torch too old for torch.library.custom_op.
-    install_requires=["torch>=2.4,<=2.14.1", "numpy", "pyyaml", "safetensors"],
+    install_requires=[
+        "torch>=2.4,<=2.14.1", "numpy", "pyyaml", "safetensors", "pillow", "webdataset", "tqdm", "tensorboard",
+        "scikit-image",  # the embedded faces of the default dataset and of `make demo`
+    ],
     extras_require={
         # timm is installed with --no-deps by the Makefile: see the comment there.
-        "test": ["pytest", "scikit-image", "huggingface_hub"],
+        "test": ["pytest", "huggingface_hub"],
     },
+    entry_points={"console_scripts": ["pacofr = pacofr.cli:main"]},
 )

@@ -85,10 +85,47 @@ class LossConfig:
 
 
 @dataclass
+class DataConfig:
+    source: str = "faces"  # "faces" (embedded), an image folder, a file list (.txt), or .tar shards
+    landmarks: str = ""  # optional CSV or JSON file: relative path -> 5 (or 68) points
+    min_size: int = 32  # smaller images are skipped (and counted)
+    scale_min: float = 0.85  # random resized crop: area fraction in [scale_min, 1]
+    ratio_max: float = 1.1  # and aspect ratio in [1 / ratio_max, ratio_max]
+    hflip: float = 0.5
+    color_jitter: float = 0.1  # brightness / contrast / saturation strength
+    num_workers: int = 2
+    shuffle_buffer: int = 1000  # WebDataset shards only
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 256  # global batch (all ranks, one optimizer step, accumulation included)
+    accum_steps: int = 1
+    epochs: int = 400
+    max_steps: int = 0  # stop after this many steps (0 = all epochs); the lr schedule still spans all epochs
+    incubation_epochs: int = 1
+    blr: float = 1.5e-4  # lr = blr * batch_size / 256
+    warmup_epochs: float = 40.0
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip_grad: float = 3.0  # 0 = off
+    max_nonfinite: int = 20  # stop after this many non-finite losses in a row
+    seed: int = 0
+    ckpt_every: int = 1000  # steps
+    keep_last: int = 3
+    log_every: int = 10
+    image_every: int = 500
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # Presets are overrides of the defaults; the defaults are the paper-scale ViT-B/16 at 224 px.
@@ -102,6 +139,9 @@ PRESETS: dict[str, dict] = {
             "decoder": {"embed_dim": 64, "depth": 2, "num_heads": 2},
             "codebook": {"num_codes": 128, "belief_dim": 32, "belief_hidden": 128},
         },
+        "data": {"num_workers": 0},
+        "train": {"batch_size": 16, "epochs": 40, "blr": 6.4e-3, "warmup_epochs": 2.0,
+                  "ckpt_every": 100, "log_every": 5, "image_every": 50},
     },
 }
 

@@ -179,3 +179,20 @@ def structured_masks(
     keys = torch.where(mask | (weight <= 0), -torch.inf, torch.log(weight.clamp_min(1e-20)) + gumbel)
     replace = (_rank(keys) < n_replace[:, None]) & ~mask
     return Masks(mask=mask, replace=replace, regions=regions)
+
+
+def sample_masks(seeds: list[int], image_size: tuple[int, int], patch_size: int, cfg: MaskingConfig,
+                 landmarks: Tensor | None = None) -> Masks:
+    """Masks drawn per sample, each from a generator seeded with its own `seeds[i]`: a sample's
+    mask depends only on its seed, not on the batch or the rank it lands in (so data-parallel
+    and resumed runs see the masks of a single uninterrupted process)."""
+    parts = [
+        structured_masks(1, image_size, patch_size, cfg, None if landmarks is None else landmarks[i : i + 1],
+                         torch.Generator().manual_seed(int(seed)))
+        for i, seed in enumerate(seeds)
+    ]
+    if not parts:
+        num_patches = (image_size[0] // patch_size) * (image_size[1] // patch_size)
+        empty = torch.zeros(0, num_patches, dtype=torch.bool)
+        return Masks(empty, empty.clone(), empty.long())
+    return Masks(*(torch.cat([getattr(p, name) for p in parts]) for name in ("mask", "replace", "regions")))

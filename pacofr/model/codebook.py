@@ -34,21 +34,36 @@ class PixelCodebook(nn.Module):
     def num_codes(self) -> int:
         return self.codes.shape[0]
 
-    def _sample(self, patches: Tensor, count: int, generator: torch.Generator | None) -> Tensor:
-        """`count` random patches (same on every rank: rank 0's are broadcast)."""
+    def _sample(self, patches: Tensor, count: int, generator: torch.Generator | None) -> Tensor | None:
+        """`count` random patches of the global batch. With data parallelism every rank draws
+        the same indices into the rank-ordered concatenation of all ranks' patches (the
+        generator is seeded alike on all ranks) and the owners fill them in, so the result
+        equals a single process's draw from the whole batch."""
         device = generator.device if generator is not None else patches.device
-        pick = torch.randint(patches.shape[0], (count,), generator=generator, device=device)
-        new = patches[pick.to(patches.device)].to(self.codes.dtype)
+        offset, total = 0, patches.shape[0]
         if _distributed():
-            dist.broadcast(new, 0)
+            sizes = torch.zeros(dist.get_world_size(), dtype=torch.long, device=patches.device)
+            sizes[dist.get_rank()] = patches.shape[0]
+            dist.all_reduce(sizes)
+            offset, total = int(sizes[: dist.get_rank()].sum()), int(sizes.sum())
+        if total == 0:
+            return None
+        pick = torch.randint(total, (count,), generator=generator, device=device).to(patches.device) - offset
+        mine = (pick >= 0) & (pick < patches.shape[0])
+        new = torch.zeros(count, patches.shape[1], dtype=self.codes.dtype, device=patches.device)
+        new[mine] = patches[pick[mine]].to(self.codes.dtype)
+        if _distributed():
+            dist.all_reduce(new)
         return new
 
     @torch.no_grad()
     def init_from(self, patches: Tensor, generator: torch.Generator | None = None) -> None:
         """Codes start as random data patches (once, before the first incubation step)."""
-        if bool(self.initialized) or patches.shape[0] == 0:
+        patches = patches[torch.isfinite(patches).all(1)]
+        fresh = None if bool(self.initialized) else self._sample(patches, self.num_codes, generator)
+        if fresh is None:
             return
-        self.codes.copy_(self._sample(patches, self.num_codes, generator))
+        self.codes.copy_(fresh)
         self.ema_sum.copy_(self.codes)
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
@@ -57,7 +72,9 @@ class PixelCodebook(nn.Module):
     def ema_update(self, patches: Tensor, assign: Tensor, generator: torch.Generator | None = None) -> int:
         """VQ-style EMA step: each code moves to the running mean of the patches assigned to it;
         codes whose usage count decays below the threshold restart at random patches.
-        Returns the number of restarted codes."""
+        Returns the number of restarted codes. Non-finite patches are left out."""
+        finite = torch.isfinite(patches).all(1)
+        patches, assign = patches[finite], assign[finite]
         counts = torch.bincount(assign, minlength=self.num_codes).to(self.ema_count.dtype)
         sums = torch.zeros_like(self.ema_sum).index_add_(0, assign, patches.to(self.ema_sum.dtype))
         if _distributed():  # every rank sees the codebook of the global batch
@@ -72,8 +89,8 @@ class PixelCodebook(nn.Module):
         smoothed = (self.ema_count + eps) / (n + self.num_codes * eps) * n
         self.codes.copy_(self.ema_sum / smoothed[:, None])
         dead = (self.ema_count < self.dead_code_threshold).nonzero()[:, 0]
-        if dead.numel() and patches.shape[0]:
-            fresh = self._sample(patches, dead.numel(), generator)
+        fresh = self._sample(patches, dead.numel(), generator) if dead.numel() else None
+        if fresh is not None:
             self.codes[dead] = fresh
             self.ema_sum[dead] = fresh
             self.ema_count[dead] = 1.0

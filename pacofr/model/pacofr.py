@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..masking import Masks, structured_masks
-from ..ops import codebook_topk, patch_pixel_loss_terms
+from ..ops import codebook_topk, patch_pixel_loss_normalizers, patch_pixel_loss_terms
 from .codebook import BeliefPredictor, PixelCodebook, belief_loss, mix_candidates, nearest_codes
 from .patches import patchify, unpatchify
 from .vit import Decoder, ViTEncoder, visible_index
@@ -34,8 +34,9 @@ class PaCoFR(nn.Module):
         inputs. After it, codes and predictor learn end to end through the reconstruction."""
         self.incubating = bool(on)
 
-    def replace_patches(self, patches: Tensor, masks: Masks, generator=None) -> tuple[Tensor, Tensor, Tensor]:
-        """(patches with the replace set swapped for codebook mixtures, l_belief, l_commit).
+    def replace_patches(self, patches: Tensor, masks: Masks, generator=None) -> tuple[Tensor, Tensor, Tensor, int, int]:
+        """(patches with the replace set swapped for codebook mixtures, l_belief, l_commit, and
+        the number of rows each loss averages over).
 
         During incubation the predictor is trained on every visible patch; after it, on the
         replaced ones only."""
@@ -62,7 +63,7 @@ class PaCoFR(nn.Module):
         l_commit = ((mixed - src.detach().float()) ** 2).mean(-1)[is_replaced]
         full = patches.float().masked_scatter(rows[..., None].expand_as(patches), mixed)
         out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
-        return out, _mean(l_belief), _mean(l_commit)
+        return out, _mean(l_belief), _mean(l_commit), l_belief.numel(), l_commit.numel()
 
     def patch_weights(self, masks: Masks) -> Tensor:
         lc = self.cfg.loss
@@ -79,7 +80,7 @@ class PaCoFR(nn.Module):
         if masks is None:
             masks = structured_masks(b, (h, w), p, self.cfg.masking, landmarks, generator, images.device)
         patches = patchify(images, p)
-        replaced, l_belief, l_commit = self.replace_patches(patches, masks, generator)
+        replaced, l_belief, l_commit, n_belief, n_commit = self.replace_patches(patches, masks, generator)
         encoder_input = unpatchify(replaced, p, h, w)
 
         keep, seqlens = visible_index(masks.mask)
@@ -87,13 +88,27 @@ class PaCoFR(nn.Module):
         pred = self.decoder(latent, keep, seqlens)
 
         lc = self.cfg.loss
-        l_pix, l_sc = patch_pixel_loss_terms(pred, images, self.patch_weights(masks), p, lc.norm_pix, lc.eps)
-        w_belief = lc.w_belief_incubation if self.incubating else lc.w_belief
-        loss = l_pix + lc.w_sc * l_sc + w_belief * l_belief + lc.w_commit * l_commit
+        weight = self.patch_weights(masks)
+        l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, p, lc.norm_pix, lc.eps)
+        terms = {"l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit}
+        loss = sum(w * terms[name] for name, w in self.loss_weights().items())
         return {
             "loss": loss, "l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit,
             "mask": masks.mask, "replace": masks.replace, "pred": pred, "input": encoder_input,
+            "weights": self.loss_weights(), "norms": self.loss_norms(weight, n_belief, n_commit),
         }
+
+    def loss_weights(self) -> dict[str, float]:
+        lc = self.cfg.loss
+        return {"l_pix": 1.0, "l_sc": lc.w_sc, "l_belief": lc.w_belief_incubation if self.incubating else lc.w_belief,
+                "l_commit": lc.w_commit}
+
+    def loss_norms(self, weight: Tensor, n_belief: int, n_commit: int) -> dict[str, Tensor]:
+        """What each loss term is averaged over in this batch: data-parallel training sums
+        these over ranks so that every term is a mean over the global batch."""
+        sum_w, sum_pairs = patch_pixel_loss_normalizers(weight, self.encoder.grid)
+        counts = torch.tensor([n_belief, n_commit], dtype=torch.float32, device=weight.device)
+        return {"l_pix": sum_w, "l_sc": sum_pairs, "l_belief": counts[0], "l_commit": counts[1]}
 
 
 def _mean(x: Tensor) -> Tensor:

@@ -7,6 +7,6 @@ reference in `reference.py`; `dispatch` picks the backend per call.
 from .codebook_topk import codebook_topk
 from .dispatch import backends, explain
 from .masked_attention import masked_attention
-from .patch_pixel_loss import patch_pixel_loss, patch_pixel_loss_terms
+from .patch_pixel_loss import patch_pixel_loss, patch_pixel_loss_normalizers, patch_pixel_loss_terms
 
-__all__ = ["codebook_topk", "masked_attention", "patch_pixel_loss", "patch_pixel_loss_terms", "backends", "explain"]
+__all__ = ["codebook_topk", "masked_attention", "patch_pixel_loss", "patch_pixel_loss_terms", "patch_pixel_loss_normalizers", "backends", "explain"]

@@ -77,6 +77,14 @@ def patch_pixel_loss_terms(
     return _forward(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p, bool(norm_pix), float(eps))
 
 
+def patch_pixel_loss_normalizers(weight: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The denominators of (l_pix, l_sc): the weight sum and the border-pair weight sum.
+    Data-parallel training sums them over ranks to normalize by the global batch."""
+    w = weight.reshape(weight.shape[0], *grid).float()
+    pwh, pwv = reference._border_pairs(w)
+    return w.sum(), pwh.sum() + pwv.sum()
+
+
 def patch_pixel_loss(
     pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool = True,
     boundary_weight: float = 0.0, eps: float = 1e-6,

@@ -1,0 +1,144 @@
+"""Decoding one image file into RGB, with every problem named (DESIGN.md 6).
+
+A sample is either skipped (no image comes out) or repaired (an RGB image comes out, and the
+repair is reported). The reasons are fixed strings, counted by `collate`:
+
+    skipped:  empty         zero-byte file
+              not_an_image  PIL cannot identify it as an image
+              truncated     identified, but the pixel data fails to decode fully (truncated
+                            or corrupt); PIL raises because LOAD_TRUNCATED_IMAGES stays False
+              too_small     either side < min_size (checked on the original size)
+              unreadable    any other OSError (missing file, broken link, permissions, a
+                            decoder that is not available, a decompression bomb, a broken tar)
+    repaired: gray_converted  1, L, I, I;16*, F, and P whose palette is gray -> RGB. 16-bit
+                              data is scaled by 1/257, 32-bit integers likewise when they exceed
+                              255, floats by 255 when they lie in [0, 1].
+              cmyk_converted  CMYK -> RGB (PIL undoes Adobe's inverted CMYK)
+              rgba_converted  anything with alpha (RGBA, LA, PA, RGBa, La, P or L/RGB with a
+                              transparency key): composited on black, i.e. rgb * alpha
+              landmarks_invalid  landmarks were given but are NaN/inf/outside the image; they
+                              become NaN so the masker uses its template
+
+A P image with a coloured palette is converted to RGB without a report: the conversion is
+lossless and the image was colour already. Other colour modes (YCbCr, LAB, HSV, RGBX) likewise.
+One sample may carry several repairs; `issue` then joins them with "," (see `join_issues`).
+"""
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_small", "unreadable")
+REPAIR_REASONS = ("gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid")
+REASONS = SKIP_REASONS + REPAIR_REASONS
+
+_GRAY_MODES = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def join_issues(issues) -> str | None:
+    issues = [i for i in issues if i]
+    return ",".join(issues) if issues else None
+
+
+def split_issues(issue: str | None) -> list[str]:
+    return issue.split(",") if issue else []
+
+
+def read_bytes(path) -> tuple[bytes | None, str | None]:
+    try:
+        with open(path, "rb") as f:
+            return f.read(), None
+    except OSError:
+        return None, "unreadable"
+
+
+def open_image(raw: bytes, min_size: int) -> tuple[Image.Image | None, str | None]:
+    """Identify the image and check its size; pixel data is not decoded yet (so a JPEG can
+    still be drafted). Returns (image, None) or (None, reason)."""
+    if raw is None:
+        return None, "unreadable"
+    if len(raw) == 0:
+        return None, "empty"
+    try:
+        im = Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError:
+        return None, "not_an_image"
+    except (OSError, Image.DecompressionBombError, MemoryError):
+        return None, "unreadable"
+    except Exception:  # a plugin choking on a malformed header
+        return None, "not_an_image"
+    w, h = im.size
+    if min(w, h) < min_size:
+        return None, "too_small"
+    return im, None
+
+
+def draft(im: Image.Image, size: tuple[int, int]) -> float:
+    """Ask a JPEG to decode at 1/2, 1/4 or 1/8 scale while staying >= size; returns the scale
+    (original pixels per decoded pixel, 1.0 when nothing changed)."""
+    w0 = im.size[0]
+    try:
+        res = im.draft(im.mode, size)
+    except Exception:
+        return 1.0
+    if not res:
+        return 1.0
+    return w0 / res[1][2]
+
+
+def load(im: Image.Image) -> str | None:
+    """Decode the pixel data. Returns None or the skip reason."""
+    try:
+        im.load()
+    except OSError as e:
+        return "unreadable" if "not available" in str(e) else "truncated"
+    except (Image.DecompressionBombError, MemoryError):
+        return "unreadable"
+    except Exception:  # SyntaxError, ValueError, EOFError, struct.error, zlib.error ...
+        return "truncated"
+    return None
+
+
+def _gray_to_l(im: Image.Image) -> Image.Image:
+    if im.mode in ("1", "L"):
+        return im.convert("L")
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = np.nan_to_num(a.astype(np.float32), nan=0.0, posinf=255.0, neginf=0.0)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0
+    else:
+        a = a.astype(np.float64)
+        if im.mode.startswith("I;16") or (a.size and a.max() > 255):
+            a = a / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
+def to_rgb(im: Image.Image) -> tuple[Image.Image | None, str | None]:
+    """Decoded image -> (RGB image, repair reason or None), or (None, skip reason)."""
+    try:
+        mode = im.mode
+        if mode == "RGB" and "transparency" not in im.info:
+            return im, None
+        if mode in _ALPHA_MODES or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            out = Image.new("RGB", rgba.size, (0, 0, 0))
+            out.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+            return out, "rgba_converted"
+        if mode == "CMYK":
+            return im.convert("RGB"), "cmyk_converted"
+        if mode in _GRAY_MODES:
+            return _gray_to_l(im).convert("RGB"), "gray_converted"
+        if mode == "P":
+            pal = np.asarray(im.getpalette() or [], dtype=np.int32).reshape(-1, 3)
+            gray = bool(len(pal)) and bool((pal == pal[:, :1]).all())
+            return im.convert("RGB"), ("gray_converted" if gray else None)
+        return im.convert("RGB"), None
+    except (Image.DecompressionBombError, MemoryError):
+        return None, "unreadable"
+    except OSError as e:
+        return None, "unreadable" if "not available" in str(e) else "truncated"
+    except Exception:
+        return None, "unreadable"

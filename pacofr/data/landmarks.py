@@ -1,0 +1,96 @@
+"""Landmark files and landmark values.
+
+CSV: `relative/path.jpg,x1,y1,...,x5,y5` (10 numbers) or 136 numbers for 68 points; a first
+line whose numbers do not parse is a header and is skipped. JSON:
+`{"relative/path.jpg": [[x, y], ...]}` (5 or 68 points; a flat list of 10/136 numbers or
+`{"landmarks": [...]}` is accepted too). Paths are relative to the source folder (or to the
+folder of the file list). 68 points (iBUG order) become 5 with `pacofr.masking.five_points`.
+
+An entry that cannot be used (wrong count, a value that is not a number, null) is kept as
+all-NaN: the sample then reports "landmarks_invalid", exactly like NaN, infinite or
+out-of-image values, and the masker uses its template.
+"""
+
+import csv
+import json
+import posixpath
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..masking import five_points
+
+NAN5 = np.full((5, 2), np.nan, dtype=np.float32)
+
+
+def norm_key(path: str) -> str:
+    return posixpath.normpath(str(path).replace("\\", "/"))
+
+
+def parse_points(value) -> np.ndarray:
+    """A JSON/CSV value -> [5, 2] float32 (all NaN when it cannot be used)."""
+    if isinstance(value, dict):
+        value = value.get("landmarks")
+    try:
+        a = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        return NAN5.copy()
+    if a.ndim == 0 or a.size not in (10, 136):
+        return NAN5.copy()
+    a = a.reshape(-1, 2)
+    if len(a) == 68:
+        a = five_points(torch.from_numpy(a)[None])[0].numpy()
+    return a.astype(np.float32)
+
+
+def _parse_csv(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    with open(path, newline="") as f:
+        first = True
+        for row in csv.reader(f):
+            row = [c.strip() for c in row]
+            if not row or not any(row) or row[0].startswith("#"):
+                continue
+            key, values = row[0], [c for c in row[1:] if c != ""]
+            try:
+                nums = [float(v) for v in values]
+            except ValueError:
+                if first:  # a header line
+                    first = False
+                    continue
+                nums = None
+            first = False
+            out[norm_key(key)] = parse_points(nums) if nums is not None else NAN5.copy()
+    return out
+
+
+def _parse_json(path: Path) -> dict[str, np.ndarray]:
+    with open(path) as f:
+        data = json.load(f)
+    if not isinstance(data, dict):
+        raise ValueError(f"landmarks file {path} must hold a JSON object {{path: points}}")
+    return {norm_key(k): parse_points(v) for k, v in data.items()}
+
+
+def load_landmarks_file(path: str) -> dict[str, np.ndarray]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data.landmarks '{path}': no such file")
+    suffix = p.suffix.lower()
+    if suffix == ".csv":
+        return _parse_csv(p)
+    if suffix == ".json":
+        return _parse_json(p)
+    raise ValueError(f"data.landmarks '{path}' must be a .csv or .json file")
+
+
+def check_landmarks(points: np.ndarray, width: int, height: int) -> bool:
+    """Given landmarks are usable: finite and inside [0, W) x [0, H) (as the masker)."""
+    x, y = points[:, 0], points[:, 1]
+    with np.errstate(invalid="ignore"):
+        return bool(np.isfinite(points).all() and (x >= 0).all() and (x < width).all()
+                    and (y >= 0).all() and (y < height).all())
+
+
+__all__ = ["NAN5", "norm_key", "parse_points", "load_landmarks_file", "check_landmarks"]

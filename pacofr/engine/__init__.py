@@ -1,0 +1,3 @@
+from .pretrain import NonFiniteLossError, pretrain
+
+__all__ = ["pretrain", "NonFiniteLossError"]

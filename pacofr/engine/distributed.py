@@ -1,0 +1,45 @@
+"""Process-group setup for `torchrun` / `deepspeed` launches (gloo on CPU, nccl on GPU)."""
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init() -> Dist:
+    """Joins the process group when launched with WORLD_SIZE > 1, else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank() if world > 1 else 0, world, device)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (a copy; the input is untouched). Identity in a single process."""
+    t = t.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,305 @@
+"""The pretraining loop: data -> masks -> model -> losses -> optimizer, with checkpoints,
+resume, a non-finite loss guard, and logs."""
+
+import math
+import time
+import zlib
+from collections import Counter
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm import tqdm
+
+from ..config import Config, ConfigError, to_dict
+from ..data import REASONS, build_dataset, collate
+from ..masking import sample_masks
+from ..model import PaCoFR
+from . import checkpoint, distributed
+from .monitor import Monitor
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _check_batch_sizes(cfg: Config, world: int) -> int:
+    t = cfg.train
+    if t.batch_size % (world * t.accum_steps):
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by ranks ({world}) x "
+                          f"train.accum_steps ({t.accum_steps})")
+    return t.batch_size // (world * t.accum_steps)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases, norms, tokens and code tables (1-d or embedding-like)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith(("cls_token", "mask_token")) or name.startswith("codebook.")
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    """Linear warmup, then cosine decay to `min_ratio` of the base lr."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+class Batches:
+    """This rank's share of each global batch, as DataLoader batch indices.
+
+    Epoch e shuffles all samples with seed (seed, e); global batch s is the slice
+    [s*G, (s+1)*G) of that order, micro-batch m the m-th of its `accum` parts, and rank r the
+    r-th part of that, so the union over ranks is exactly a single process's batch."""
+
+    def __init__(self, size: int, global_batch: int, accum: int, rank: int, world: int, seed: int):
+        self.size, self.global_batch, self.accum, self.rank, self.world, self.seed = size, global_batch, accum, rank, world, seed
+        self.epoch, self.start = 0, 0
+
+    def steps(self) -> int:
+        return self.size // self.global_batch
+
+    def __len__(self) -> int:
+        return (self.steps() - self.start) * self.accum
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        micro = self.global_batch // self.accum
+        part = micro // self.world
+        for s in range(self.start, self.steps()):
+            for m in range(self.accum):
+                lo = s * self.global_batch + m * micro + self.rank * part
+                yield order[lo : lo + part].tolist()
+
+
+class MaskingCollate:
+    """Stacks the samples, counts bad ones, and draws each sample's masks from a seed made of
+    the run seed, the epoch and the sample's pixels: the same masks whatever the rank,
+    worker or batch position of the sample."""
+
+    def __init__(self, cfg: Config):
+        self.cfg, self.epoch = cfg, 0
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = collate(items)
+        seeds = [zlib.crc32(img[:, ::7, ::7].contiguous().numpy().tobytes(), self.cfg.train.seed * 1000 + self.epoch)
+                 for img in batch["images"]]
+        m = self.cfg.model
+        batch["masks"] = sample_masks(seeds, (m.img_size, m.img_size), m.patch_size, self.cfg.masking, batch["landmarks"])
+        return batch
+
+
+def _to(masks, device):
+    return type(masks)(*(getattr(masks, n).to(device, non_blocking=True) for n in ("mask", "replace", "regions")))
+
+
+def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None) -> dict:
+    """Runs pretraining; returns the summary it also prints and writes to summary.yaml.
+    `dataset` replaces the one `cfg.data` describes (for tests and custom pipelines)."""
+    d = distributed.init()
+    t = cfg.train
+    output = Path(output)
+    per_rank = _check_batch_sizes(cfg, d.world)
+    dataset = dataset if dataset is not None else build_dataset(cfg.data, cfg.model.img_size, seed=t.seed,
+                                                                 rank=d.rank, world_size=d.world)
+    iterable = isinstance(dataset, IterableDataset)
+    batches = None if iterable else Batches(len(dataset), t.batch_size, t.accum_steps, d.rank, d.world, t.seed)
+    if batches is not None and batches.steps() == 0:
+        raise ConfigError(f"the dataset has {len(dataset)} samples, fewer than one batch of train.batch_size={t.batch_size}")
+    if iterable and not t.max_steps:
+        raise ConfigError("a streamed (.tar shard) dataset has no length: set train.max_steps")
+    # The schedule spans all epochs; max_steps stops early without changing it (streams, whose
+    # epochs have no known length, are scheduled over max_steps).
+    steps_per_epoch = batches.steps() if batches is not None else max(1, t.max_steps // t.epochs)
+    schedule_steps = t.epochs * steps_per_epoch if batches is not None else t.max_steps
+    total_steps = min(schedule_steps, t.max_steps) if t.max_steps else schedule_steps
+    warmup = round(t.warmup_epochs * steps_per_epoch)
+
+    torch.manual_seed(t.seed)
+    model = PaCoFR(cfg).to(d.device)
+    lr = t.blr * t.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(t.beta1, t.beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, warmup, t.min_lr / lr))
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}}
+
+    ckpt_dir = output / "checkpoints"
+    found = checkpoint.resolve(resume, output)
+    if found is not None:
+        saved = checkpoint.load(found, model, d.device)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        state = saved["state"]
+    if d.main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    monitor = Monitor(output, state["step"] if found is not None else None) if d.main else None
+
+    net = model
+    if d.world > 1:  # unused parameters: codes get no gradient during incubation
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    masking_collate = MaskingCollate(cfg)
+    issues = Counter()
+    nonfinite_run = 0
+    last_ckpt = found
+    progress = tqdm(total=total_steps, initial=state["step"], disable=not d.main, dynamic_ncols=True)
+    tick, seen = time.time(), 0
+
+    while state["step"] < total_steps:
+        epoch = state["epoch"]
+        dataset.set_epoch(epoch)
+        masking_collate.epoch = epoch
+        model.set_incubation(epoch < t.incubation_epochs)
+        if batches is not None:
+            batches.epoch, batches.start = epoch, state["epoch_step"]
+            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=masking_collate,
+                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+        else:
+            loader = DataLoader(dataset, batch_size=per_rank, collate_fn=masking_collate, drop_last=True,
+                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+        micro_batches = iter(loader)
+        skip = 0 if batches is not None else state["epoch_step"] * t.accum_steps  # streams: replay
+        for _ in range(skip):
+            next(micro_batches, None)
+
+        epoch_done = False
+        while state["step"] < total_steps:
+            group = [b for _, b in zip(range(t.accum_steps), micro_batches)]
+            if len(group) < t.accum_steps:
+                epoch_done = True
+                break
+            metrics = _train_step(cfg, net, model, optimizer, group, amp, d, state["step"], issues)
+            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+            if finite:
+                optimizer.step()
+                nonfinite_run = 0
+            else:
+                state["skipped_steps"] += 1
+                nonfinite_run += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            state["step"] += 1
+            state["epoch_step"] += 1
+            seen += metrics.pop("images")
+            if nonfinite_run >= t.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"stopping at step {state['step']}: {nonfinite_run} non-finite losses in a row; "
+                    f"last good checkpoint: {last_ckpt or 'none'}")
+            progress.update(1)
+            if d.main and (state["step"] % t.log_every == 0 or state["step"] == total_steps):
+                rate = seen / max(time.time() - tick, 1e-9)
+                tick, seen = time.time(), 0
+                row = {"step": state["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], "images_per_s": rate,
+                       "perplexity": model.codebook.perplexity(), "incubating": int(model.incubating),
+                       "skipped_steps": state["skipped_steps"], **metrics}
+                monitor.log(row)
+                progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
+            if d.main and t.image_every and state["step"] % t.image_every == 0:
+                _grid(cfg, model, group[0], d, monitor, state["step"])
+            # No checkpoint right after a skipped step: the last one stays the last good one.
+            if (state["step"] % t.ckpt_every == 0 or state["step"] == total_steps) and nonfinite_run == 0:
+                _merge_issues(state, issues, d)
+                last_ckpt = _save(ckpt_dir, model, optimizer, scheduler, state, t.keep_last, d)
+        if epoch_done:
+            state["epoch"] += 1
+            state["epoch_step"] = 0
+    progress.close()
+    _merge_issues(state, issues, d)
+
+    summary = {"steps": state["step"], "epochs_started": state["epoch"] + 1, "skipped_steps": state["skipped_steps"],
+               "skipped_or_repaired_samples": dict(sorted(state["issues"].items())),
+               "output": str(output), "last_checkpoint": str(last_ckpt)}
+    if d.main:
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
+                  str(output / "encoder.safetensors"))
+        summary.update(encoder=str(output / "encoder.safetensors"), metrics=str(output / "metrics.csv"),
+                       images=str(output / "images"), tensorboard=str(output / "tensorboard"))
+        (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
+        monitor.close()
+        _print_summary(summary)
+    distributed.shutdown()
+    return summary
+
+
+def _train_step(cfg, net, model, optimizer, group, amp, d, step, issues) -> dict:
+    """One optimizer step's forward and backward over `accum` micro-batches. Each loss term
+    is a mean over the global batch: per-rank terms are rescaled by their share of the
+    global normalizer (mask weights, border pairs, rows), since DDP averages gradients."""
+    t = cfg.train
+    totals, images = Counter(), 0
+    for i, batch in enumerate(group):
+        issues.update(batch["issues"])
+        if batch["images"].shape[0] == 0:  # every sample of this micro-batch was unusable
+            if d.world > 1:  # the other ranks would wait for this one's gradients forever
+                raise RuntimeError(f"rank {d.rank}: a micro-batch with no usable sample at step {step}; "
+                                   f"clean the data or raise the per-rank batch size")
+            continue
+        images += batch["images"].shape[0]
+        gen = torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
+        sync = i == len(group) - 1 or d.world == 1
+        with (nullcontext() if sync else net.no_sync()), amp:
+            out = net(batch["images"].to(d.device, non_blocking=True), masks=_to(batch["masks"], d.device), generator=gen)
+        names = list(out["weights"])  # loss terms, in a fixed order
+        norms = torch.stack([out["norms"][n].float() for n in names])
+        share = norms * d.world / distributed.all_sum(norms)
+        share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
+        loss = sum(out["weights"][n] * out[n].float() * share[j] for j, n in enumerate(names)) / t.accum_steps
+        loss.backward()
+        terms = torch.stack([out[n].detach().float() * share[j] for j, n in enumerate(names)] + [loss.detach()])
+        for j, v in enumerate((distributed.all_sum(terms) / d.world).tolist()):
+            totals[(names + ["loss"])[j]] += v / (1 if j == len(names) else t.accum_steps)
+    params = [p for p in model.parameters() if p.grad is not None]
+    if t.clip_grad > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad))
+    else:
+        grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+    return {**totals, "grad_norm": grad_norm, "images": images}
+
+
+@torch.no_grad()
+def _grid(cfg, model, batch, d, monitor, step):
+    was_training = model.training
+    model.eval()
+    out = model(batch["images"].to(d.device), masks=_to(batch["masks"], d.device))
+    model.train(was_training)
+    monitor.reconstruction_grid(step, batch["images"].to(d.device), out, cfg.model.patch_size,
+                                cfg.loss.norm_pix, cfg.loss.eps)
+
+
+def _merge_issues(state: dict, issues: Counter, d) -> None:
+    """Adds this rank's new sample issue counts, summed over ranks, to the run's totals."""
+    counts = distributed.all_sum(torch.tensor([float(issues.get(r, 0)) for r in REASONS]))
+    total = Counter(state["issues"]) + Counter({r: int(c) for r, c in zip(REASONS, counts.tolist()) if c})
+    state["issues"] = dict(total)
+    issues.clear()
+
+
+def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d):
+    path = ckpt_dir / f"{checkpoint.PREFIX}{state['step']:08d}"
+    if d.main:
+        path = checkpoint.save(ckpt_dir, state["step"], model, {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "state": dict(state),
+        }, keep_last)
+    if d.world > 1:
+        torch.distributed.barrier()
+    return path
+
+
+def _print_summary(summary: dict) -> None:
+    print("\npretraining finished")
+    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "encoder", "metrics", "images", "tensorboard"):
+        print(f"  {key:<16} {summary[key]}")
+    counts = summary["skipped_or_repaired_samples"]
+    print("  samples skipped or repaired: " + (", ".join(f"{k}={v}" for k, v in counts.items()) if counts else "none"))
