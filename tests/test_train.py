@@ -183,3 +183,14 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert [s for s, _ in one] == [s for s, _ in dp] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(one, dp):
         assert abs(a - b) < 1e-5, (one, dp)
+
+
+def test_gradient_accumulation_runs_micro_batches(tmp_path):
+    cfg = _cfg(**{"train.max_steps": 3, "train.accum_steps": 2})
+    summary = pretrain(cfg, tmp_path / "run")
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv", newline="")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(float(r["loss"])) and float(r["grad_norm"]) > 0 for r in rows)
+    with pytest.raises(Exception, match="divisible"):
+        pretrain(_cfg(**{"train.batch_size": 15, "train.accum_steps": 2}), tmp_path / "bad")
