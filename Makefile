@@ -10,6 +10,8 @@ $(VENV)/.installed: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "numpy<2.4" -e ".[test]"
+	# Triton 3.6 (as on the GPU machines) runs the kernels in its interpreter on CPU.
+	$(PIP) install -q "triton==3.6.0"
 	# timm declares torchvision, but PyPI's torchvision wheels are CUDA builds that cannot load
 	# beside CPU torch; the ViT parity test needs only timm's model code (see tests/conftest.py).
 	$(PIP) install -q --no-deps "timm>=1.0"

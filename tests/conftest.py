@@ -1,9 +1,17 @@
+import os
 import sys
 from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+# Without a GPU the Triton kernels run in the interpreter (set before triton is first imported).
+# Model and training tests use the fast torch references unless a test forces a backend; the
+# op tests run every backend.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("PACOFR_OPS", "reference")
 
 
 def _stub_torchvision_for_timm() -> None:

@@ -372,6 +372,8 @@ print("DELTA_BYTES", delta)
 @pytest.mark.parametrize("metric", ["l2"])  # "ip" takes the same tiling path; one run keeps the file fast
 def test_codebook_topk_never_builds_full_matrix(backend, metric):
     dev = _device(backend)
+    if backend != "reference" and dev == "cpu":
+        pytest.skip("the Triton interpreter's memory use says nothing of the kernel's; measured on CUDA")
     code = _MEM_CODE.format(backend=backend, device=dev, metric=metric)
     # A fixed glibc mmap threshold makes every large buffer its own mapping, returned to the OS
     # when freed: ru_maxrss then tracks the op's live allocations rather than freed-but-retained

@@ -2,8 +2,8 @@
 
 Each op has backends that declare what they support (xformers style): `available()` says why a
 backend cannot run on this machine at all, `supports(**inputs)` why it cannot take these inputs
-(both return None when they can). The choice: `PACOFR_OPS=reference|triton` forces one;
-otherwise CUDA tensors (or CPU tensors under `TRITON_INTERPRET=1`) prefer Triton, everything
+(both return None when they can). The choice: `PACOFR_OPS=reference|triton` forces one
+(for the ops that have it); otherwise CUDA tensors (or CPU tensors under `TRITON_INTERPRET=1`) prefer Triton, everything
 else the torch reference. `explain()` tells which backend an op would use and why the others
 were rejected.
 """
@@ -13,6 +13,22 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> str | None:
+    """Why Triton kernels cannot run here, or None. (Set TRITON_INTERPRET=1 before the first
+    import of triton to run them on CPU.)"""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    if not torch.cuda.is_available() and not triton_interpreting():
+        return "no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU)"
+    return None
 
 
 def _always() -> str | None:
@@ -33,6 +49,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
+KNOWN = ("reference", "triton")
 
 
 def register(op: str, backend: Backend) -> None:
@@ -45,7 +62,7 @@ def backends(op: str) -> list[str]:
 
 
 def _preferred(device: torch.device) -> str:
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or triton_interpreting():
         return "triton"
     return "reference"
 
@@ -53,17 +70,17 @@ def _preferred(device: torch.device) -> str:
 def _choose(op: str, device: torch.device, inputs: dict) -> tuple[Backend | None, list[str]]:
     table = _BACKENDS[op]
     forced = os.environ.get("PACOFR_OPS")
-    if forced:
-        if forced not in table:
-            raise ValueError(f"PACOFR_OPS={forced!r}: {op} has the backends {sorted(table)}")
+    if forced and forced not in KNOWN:
+        raise ValueError(f"PACOFR_OPS={forced!r}: known backends are {', '.join(KNOWN)}")
+    if forced in table:
         order = [forced]
-    else:
+    else:  # not forced, or forced to a backend this op does not have yet
         first = _preferred(device)
         order = [first] + [name for name in table if name != first]
     rejected = []
     for name in order:
         backend = table.get(name)
-        reason = "not built yet" if backend is None else (backend.available() or backend.supports(**inputs))
+        reason = "not built yet" if backend is None else (backend.available() or (backend.supports(**inputs) if inputs else None))
         if reason is None:
             return backend, rejected
         rejected.append(f"{name}: {reason}")

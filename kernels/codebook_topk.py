@@ -1,0 +1,308 @@
+"""Triton codebook search: the k best codes per row without the N x K score matrix.
+
+Forward: each program owns BLOCK_M rows and one contiguous range of codes (a split of K). It
+computes a BLOCK_M x BLOCK_N tile of scores with `tl.dot` (fp32 accumulation), then merges the
+tile into a running best-k kept on chip: while some row has a tile score better than its
+current worst, that row's best tile entry replaces its worst slot. Rows stop merging as soon
+as nothing in the tile beats them, so late tiles cost little. Only N x k (per split) leaves
+the chip; when N is too small to fill the GPU, K is split and the partial lists are merged.
+
+No tl.sort / tl.topk: the selection is built from max/min reductions, which also keeps the
+interpreter (TRITON_INTERPRET=1, CPU) fast.
+
+Order and ties: scores become keys where higher is better (ip: score, l2: -distance). Among
+equal keys the lower code index wins: tiles are visited in index order, a tile entry must be
+strictly better than the worst slot to enter, the slot evicted among equal worst ones is the
+one with the highest index, and within a tile the lowest column is taken first. NaN scores
+rank below every number (their rows still get indices inside [0, K)) and are returned as NaN.
+
+Backward: grad_x gathers the selected codes per row; grad_codebook scatters into the codes,
+either with fp32 atomics (fast) or, deterministic, by sorting the (code, row) pairs and letting
+one program sum each code's segment in a fixed order.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+FLT_MAX = 3.4028234663852886e38
+# Scores of NaN (and -inf) rank as this: below every finite score, above the "never" marker.
+NAN_KEY = -FLT_MAX
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _topk_fwd_kernel(
+    X, C, XN, CN, OUT_S, OUT_I,
+    N, K, D, SPLIT_LEN,
+    stride_xn, stride_cn, stride_os, stride_on, stride_is, stride_in,
+    METRIC_L2: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    k_lo = pid_s * SPLIT_LEN
+    k_hi = tl.minimum(K, k_lo + SPLIT_LEN)
+
+    slots = tl.arange(0, KP)
+    # Empty slots hold key -inf (beaten by anything, NaN included); padding slots beyond TOPK
+    # hold +inf so they are never the worst and never evicted. Indices are distinct negatives.
+    best_key = tl.where(slots[None, :] < TOPK, -float("inf"), float("inf")) + tl.zeros((BLOCK_M, KP), tl.float32)
+    best_idx = (-1 - slots[None, :]) + tl.zeros((BLOCK_M, KP), tl.int32)
+    best_raw = tl.zeros((BLOCK_M, KP), tl.float32)
+    if METRIC_L2:
+        xn = tl.load(XN + rows, mask=row_ok, other=0.0)
+
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < k_hi
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            xt = tl.load(X + rows[:, None] * stride_xn + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+            ct = tl.load(C + cols[:, None] * stride_cn + d[None, :], mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+            if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                xt = xt.to(tl.float32)
+                ct = ct.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(xt, tl.trans(ct), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(ct))
+        if METRIC_L2:
+            cn = tl.load(CN + cols, mask=col_ok, other=0.0)
+            raw = xn[:, None] - 2.0 * acc + cn[None, :]
+            key = -raw
+        else:
+            raw = acc
+            key = acc
+        key = tl.where((key != key) | (key == -float("inf")), NAN_KEY, key)
+        key = tl.where(col_ok[None, :], key, -float("inf"))
+
+        worst = tl.min(best_key, axis=1)
+        top = tl.max(key, axis=1)
+        active = top > worst
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            # the tile's best entry of each row (lowest column among equal keys)
+            pos = tl.min(tl.where(key == top[:, None], cols[None, :], 2147483647), axis=1)
+            picked = cols[None, :] == pos[:, None]
+            top_raw = tl.sum(tl.where(picked, raw, 0.0), axis=1)
+            # replaces the worst slot (the highest index among equal worst ones)
+            is_worst = best_key == worst[:, None]
+            evict_idx = tl.max(tl.where(is_worst, best_idx, -2147483647), axis=1)
+            evict = is_worst & (best_idx == evict_idx[:, None]) & active[:, None]
+            best_key = tl.where(evict, top[:, None], best_key)
+            best_idx = tl.where(evict, pos[:, None], best_idx)
+            best_raw = tl.where(evict, top_raw[:, None], best_raw)
+            key = tl.where(picked & active[:, None], -float("inf"), key)
+            worst = tl.min(best_key, axis=1)
+            top = tl.max(key, axis=1)
+            active = top > worst
+
+    # Write the slots best first (equal keys: lower index first).
+    best_key = tl.where(slots[None, :] < TOPK, best_key, -float("inf"))
+    for j in tl.static_range(TOPK):
+        top = tl.max(best_key, axis=1)
+        is_top = best_key == top[:, None]
+        j_idx = tl.min(tl.where(is_top, best_idx, 2147483647), axis=1)
+        picked = is_top & (best_idx == j_idx[:, None])
+        j_raw = tl.sum(tl.where(picked, best_raw, 0.0), axis=1)
+        tl.store(OUT_S + pid_s * stride_os + rows * stride_on + j, j_raw, mask=row_ok)
+        tl.store(OUT_I + pid_s * stride_is + rows * stride_in + j, j_idx.to(tl.int64), mask=row_ok)
+        best_key = tl.where(picked, -float("inf"), best_key)
+        best_idx = tl.where(picked, 2147483647, best_idx)
+
+
+def _blocks(d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays per block operation, not
+    per element: it gets large blocks."""
+    block_d = min(128 if _interpreting() else 64, max(16, triton.next_power_of_2(d)))
+    if _interpreting():
+        return 64, 256, block_d, 4
+    return 64, 128, block_d, 8
+
+
+def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:
+    """How many K ranges: enough programs to fill the GPU when N alone cannot."""
+    if device.type != "cuda":
+        return 1
+    row_blocks = triton.cdiv(n, block_m)
+    want = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(k_codes, block_n), want // row_blocks))
+
+
+def _common(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(x.dtype, codebook.dtype)
+    return x.to(dtype).contiguous(), codebook.to(dtype).contiguous()
+
+
+def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
+                          splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(scores[N, k] f32, idx[N, k] i64). `splits` forces the number of K ranges (merged after);
+    `out` receives the result (its previous content is never read)."""
+    x, codebook = _common(x, codebook)
+    n, d = x.shape
+    k_codes = codebook.shape[0]
+    block_m, block_n, block_d, warps = _blocks(d)
+    s = splits or _splits(n, k_codes, k, block_m, block_n, x.device)
+    # every split covers whole tiles and at least k codes
+    split_len = max(triton.cdiv(triton.cdiv(k_codes, s), block_n) * block_n, triton.cdiv(k, block_n) * block_n)
+    s = triton.cdiv(k_codes, split_len)
+    part_s = torch.empty(s, n, k, dtype=torch.float32, device=x.device)
+    part_i = torch.empty(s, n, k, dtype=torch.int64, device=x.device)
+    if s == 1 and out is not None:
+        part_s, part_i = out[0][None], out[1][None]
+    if n:
+        xn = (x.float() ** 2).sum(1) if metric == "l2" else x.new_empty(0, dtype=torch.float32)
+        cn = (codebook.float() ** 2).sum(1) if metric == "l2" else xn
+        grid = (triton.cdiv(n, block_m), s)
+        _topk_fwd_kernel[grid](
+            x, codebook, xn, cn, part_s, part_i, n, k_codes, d, split_len,
+            x.stride(0), codebook.stride(0), part_s.stride(0), part_s.stride(1), part_i.stride(0), part_i.stride(1),
+            METRIC_L2=metric == "l2", TOPK=k, KP=max(2, triton.next_power_of_2(k)),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=x.dtype == torch.float32 or _interpreting(),
+            UPCAST=_interpreting(), num_warps=warps,
+        )
+    if s == 1:
+        return (part_s[0], part_i[0]) if out is None else out
+    scores, idx = merge_splits(part_s, part_i, k, metric)
+    if out is not None:
+        out[0].copy_(scores)
+        out[1].copy_(idx)
+        return out
+    return scores, idx
+
+
+def merge_splits(part_s: torch.Tensor, part_i: torch.Tensor, k: int, metric: str):
+    """Best k of the per-split lists [S, N, k]. Concatenated in split order, columns are in
+    code order among equal keys, so the column-order tie rule is the index rule."""
+    from pacofr.ops.reference import _best_positions
+
+    s = part_s.permute(1, 0, 2).reshape(part_s.shape[1], -1)
+    i = part_i.permute(1, 0, 2).reshape(part_i.shape[1], -1)
+    key = torch.nan_to_num(s if metric == "ip" else -s, nan=-float("inf"))
+    pos = _best_positions(key, k)
+    return s.gather(1, pos), i.gather(1, pos)
+
+
+# ---------------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _topk_bwd_x_kernel(G, X, C, IDX, GX, N, D, stride_g, stride_x, stride_c, stride_i, stride_gx,
+                       METRIC_L2: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    m2 = row_ok[:, None] & (d[None, :] < D)
+    x = tl.load(X + rows[:, None] * stride_x + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    for j in tl.static_range(TOPK):
+        g = tl.load(G + rows * stride_g + j, mask=row_ok, other=0.0)
+        code = tl.load(IDX + rows * stride_i + j, mask=row_ok, other=0)
+        c = tl.load(C + code[:, None] * stride_c + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        if METRIC_L2:
+            acc += 2.0 * g[:, None] * (x - c)
+        else:
+            acc += g[:, None] * c
+    tl.store(GX + rows[:, None] * stride_gx + d[None, :], acc.to(GX.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _topk_bwd_c_atomic_kernel(G, X, C, IDX, GC, N, D, stride_g, stride_x, stride_c, stride_i,
+                              METRIC_L2: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    m2 = row_ok[:, None] & (d[None, :] < D)
+    x = tl.load(X + rows[:, None] * stride_x + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    for j in tl.static_range(TOPK):
+        g = tl.load(G + rows * stride_g + j, mask=row_ok, other=0.0)
+        code = tl.load(IDX + rows * stride_i + j, mask=row_ok, other=0)
+        if METRIC_L2:
+            c = tl.load(C + code[:, None] * stride_c + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            contrib = 2.0 * g[:, None] * (c - x)
+        else:
+            contrib = g[:, None] * x
+        tl.atomic_add(GC + code[:, None] * D + d[None, :], contrib, mask=m2)
+
+
+@triton.jit
+def _topk_bwd_c_segment_kernel(G, X, C, ROW, OFFSETS, GC, D, stride_x, stride_c,
+                               METRIC_L2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per (code, D block): sums the code's sorted (row, slot) entries in order."""
+    code = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    start = tl.load(OFFSETS + code)
+    end = tl.load(OFFSETS + code + 1)
+    c = tl.load(C + code * stride_c + d, mask=d_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(start, end, BLOCK_S):
+        e = s0 + tl.arange(0, BLOCK_S)
+        e_ok = e < end
+        row = tl.load(ROW + e, mask=e_ok, other=0)
+        g = tl.load(G + e, mask=e_ok, other=0.0)
+        x = tl.load(X + row[:, None] * stride_x + d[None, :], mask=e_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if METRIC_L2:
+            acc += tl.sum(2.0 * g[:, None] * (c[None, :] - x), axis=0)
+        else:
+            acc += tl.sum(g[:, None] * x, axis=0)
+    tl.store(GC + code * D + d, acc, mask=d_ok)
+
+
+def deterministic_default() -> bool:
+    import os
+
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("PACOFR_DETERMINISTIC") == "1"
+
+
+def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor,
+                           metric: str, deterministic: bool | None = None):
+    """(grad_x, grad_codebook) of sum(grad_scores * scores). The codebook gradient is a
+    scatter-add over the selected codes: fp32 atomics, or with `deterministic` (default:
+    torch's deterministic mode or PACOFR_DETERMINISTIC=1) a sorted, atomic-free reduction."""
+    xc, cc = _common(x, codebook)
+    n, d = xc.shape
+    k_codes = cc.shape[0]
+    k = idx.shape[1]
+    g = grad_scores.float().contiguous()
+    idx = idx.contiguous()
+    grad_x = torch.empty(n, d, dtype=xc.dtype, device=x.device)
+    grad_c = torch.zeros(k_codes, d, dtype=torch.float32, device=x.device)
+    block_m = 64
+    block_d = min(128, max(16, triton.next_power_of_2(d)))
+    metric_l2 = metric == "l2"
+    if n:
+        grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
+        _topk_bwd_x_kernel[grid](g, xc, cc, idx, grad_x, n, d, g.stride(0), xc.stride(0), cc.stride(0), idx.stride(0),
+                                 grad_x.stride(0), METRIC_L2=metric_l2, TOPK=k, BLOCK_M=block_m, BLOCK_D=block_d)
+        if deterministic if deterministic is not None else deterministic_default():
+            flat = idx.reshape(-1)
+            order = torch.sort(flat, stable=True).indices  # stable: a fixed order inside each code
+            counts = torch.bincount(flat, minlength=k_codes)
+            offsets = torch.zeros(k_codes + 1, dtype=torch.int64, device=x.device)
+            offsets[1:] = torch.cumsum(counts, 0)
+            rows = (order // k).contiguous()
+            g_sorted = g.reshape(-1)[order].contiguous()
+            _topk_bwd_c_segment_kernel[(k_codes, triton.cdiv(d, block_d))](
+                g_sorted, xc, cc, rows, offsets, grad_c, d, xc.stride(0), cc.stride(0),
+                METRIC_L2=metric_l2, BLOCK_S=64, BLOCK_D=block_d)
+        else:
+            _topk_bwd_c_atomic_kernel[grid](g, xc, cc, idx, grad_c, n, d, g.stride(0), xc.stride(0), cc.stride(0),
+                                            idx.stride(0), METRIC_L2=metric_l2, TOPK=k, BLOCK_M=block_m,
+                                            BLOCK_D=block_d)
+    return grad_x.to(x.dtype), grad_c.to(codebook.dtype)

@@ -1,0 +1,154 @@
+"""The Triton codebook search (interpreter on CPU, the GPU when there is one) against a
+float64 brute force: the issue's shape grid, split-K merging, outputs poisoned before the
+call, ties, NaN rows, and the deterministic backward. tests/test_ops.py runs the op-level
+suite on this backend too."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+kernel = pytest.importorskip("pacofr.kernels.codebook_topk")
+from pacofr.ops import backends  # noqa: E402
+
+pytestmark = pytest.mark.skipif("triton" not in backends("codebook_topk"), reason="Triton cannot run here")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _brute(x, c, metric):
+    x64, c64 = x.double(), c.double()
+    return torch.cdist(x64, c64) ** 2 if metric == "l2" else x64 @ c64.T
+
+
+def _check(x, c, k, metric, scores, idx, rtol):
+    full = _brute(x.cpu(), c.cpu(), metric)
+    key = -full if metric == "l2" else full
+    order = torch.sort(key, dim=1, descending=True, stable=True)
+    ref_s = full.gather(1, order.indices[:, :k])
+    scale = (x.double().cpu() ** 2).sum(1, keepdim=True) + (c.double().cpu() ** 2).sum(1).max()
+    assert ((scores.double().cpu() - ref_s).abs() <= rtol * scale + 1e-6).all(), "scores"
+    # indices must match where the score is separated from its neighbours by more than rounding
+    sorted_key = order.values
+    gap_prev = torch.cat([torch.full_like(sorted_key[:, :1], math.inf), sorted_key[:, :-1] - sorted_key[:, 1:]], 1)
+    gap_next = torch.cat([sorted_key[:, :-1] - sorted_key[:, 1:], torch.full_like(sorted_key[:, :1], math.inf)], 1)
+    clear = (torch.minimum(gap_prev, gap_next)[:, :k] > 4 * rtol * scale)
+    assert torch.equal(idx.cpu()[clear], order.indices[:, :k][clear]), "indices"
+    assert ((idx >= 0) & (idx < c.shape[0])).all()
+
+
+AXES = dict(n=[1, 7, 197, 1000], kc=[1, 5, 1000, 4099], d=[3, 48, 768], k=[1, 4, 5, 32])
+
+
+def _grid():
+    """Every value of every axis at least twice, k <= K, without the slowest corners."""
+    cases = []
+    for n, kc, d, k in itertools.product(*AXES.values()):
+        if k <= kc and n * kc * d <= 197 * 4099 * 48 and n * kc * k <= 1_000_000 and (n + kc + d + k) % 4 == 0:
+            cases.append((n, kc, d, k))
+    return cases
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n, kc, d, k", _grid())
+def test_forward_matches_bruteforce(n, kc, d, k, dtype, metric):
+    gen = torch.Generator().manual_seed(n * 31 + kc * 7 + d + k)
+    x = torch.randn(n, d, generator=gen).to(DEVICE, dtype)
+    c = torch.randn(kc, d, generator=gen).to(DEVICE, dtype)
+    out = (torch.full((n, k), math.nan, device=DEVICE), torch.full((n, k), -7, dtype=torch.int64, device=DEVICE))
+    scores, idx = kernel.codebook_topk_forward(x, c, k, metric, out=out)
+    assert scores is out[0] and idx is out[1]
+    assert not scores.isnan().any() and not (idx == -7).any()  # every element written
+    _check(x.float(), c.float(), k, metric, scores, idx, rtol=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+def test_axes_are_covered():
+    cases = _grid()
+    for pos, values in enumerate(AXES.values()):
+        assert {case[pos] for case in cases} == set(values)
+
+
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_split_k_merge_equals_one_pass(splits, metric):
+    gen = torch.Generator().manual_seed(splits)
+    x = torch.randn(33, 20, generator=gen).to(DEVICE)
+    c = torch.randn(1500, 20, generator=gen).to(DEVICE)
+    c[700:760] = c[10]  # ties across splits: the lowest index must win
+    one = kernel.codebook_topk_forward(x, c, 6, metric, splits=1)
+    split = kernel.codebook_topk_forward(x, c, 6, metric, splits=splits)
+    assert torch.equal(one[1], split[1]) and torch.equal(one[0], split[0])
+    poisoned = (torch.full((33, 6), math.nan, device=DEVICE), torch.full((33, 6), -1, dtype=torch.int64, device=DEVICE))
+    kernel.codebook_topk_forward(x, c, 6, metric, splits=splits, out=poisoned)
+    assert torch.equal(poisoned[1], one[1])
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_many_equal_codes_tie_to_lower_index(metric):
+    # small integers: every score is exact in fp32, so equal codes really tie
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randint(-3, 4, (7, 16), generator=gen).float()
+    c = base.repeat(300, 1).to(DEVICE)  # code j equals code j + 7m
+    x = torch.randint(-3, 4, (50, 16), generator=gen).float().to(DEVICE)
+    scores, idx = kernel.codebook_topk_forward(x, c, 32, metric)
+    full = _brute(x.cpu(), c.cpu(), metric)
+    expected = torch.sort(-full if metric == "l2" else full, dim=1, descending=True, stable=True).indices[:, :32]
+    assert torch.equal(idx.cpu(), expected)
+
+
+def test_nan_row_gives_nan_scores_and_valid_indices():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 8, generator=gen)
+    x[4, 3] = math.nan
+    c = torch.randn(300, 8, generator=gen)
+    for metric in ("l2", "ip"):
+        scores, idx = kernel.codebook_topk_forward(x.to(DEVICE), c.to(DEVICE), 5, metric)
+        assert scores[4].isnan().all() and ((idx[4] >= 0) & (idx[4] < 300)).all()
+        keep = torch.arange(9) != 4
+        _check(x[keep], c, 5, metric, scores[keep.to(DEVICE)], idx[keep.to(DEVICE)], rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_atomic_and_deterministic(metric, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(130, 24, generator=gen).to(DEVICE, dtype)
+    c = torch.randn(40, 24, generator=gen).to(DEVICE, dtype)  # few codes: many rows share each
+    _, idx = kernel.codebook_topk_forward(x, c, 5, metric)
+    g = torch.randn(130, 5, generator=gen).to(DEVICE)
+    # float64 reference of the same selection
+    x64 = x.double().cpu().requires_grad_()
+    c64 = c.double().cpu().requires_grad_()
+    sel = c64[idx.cpu()]
+    s = ((x64[:, None] - sel) ** 2).sum(-1) if metric == "l2" else (x64[:, None] * sel).sum(-1)
+    gx_ref, gc_ref = torch.autograd.grad((s * g.double().cpu()).sum(), (x64, c64))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    runs = [kernel.codebook_topk_backward(g, x, c, idx, metric, deterministic=True) for _ in range(2)]
+    atomic = kernel.codebook_topk_backward(g, x, c, idx, metric, deterministic=False)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])  # bitwise
+    for gx, gc in (runs[0], atomic):
+        assert gx.dtype == dtype and gc.dtype == dtype
+        assert (gx.double().cpu() - gx_ref).abs().max() <= tol * gx_ref.abs().max()
+        assert (gc.double().cpu() - gc_ref).abs().max() <= tol * gc_ref.abs().max()
+
+
+def test_model_uses_the_kernel_for_both_searches(monkeypatch, faces64):
+    from pacofr.config import load_config
+    from pacofr.model import PaCoFR
+
+    calls = []
+    real = kernel.codebook_topk_forward
+
+    def spy(x, codebook, k, metric, **kw):
+        calls.append(metric)
+        return real(x, codebook, k, metric, **kw)
+
+    monkeypatch.setattr(kernel, "codebook_topk_forward", spy)
+    monkeypatch.setenv("PACOFR_OPS", "triton")
+    torch.manual_seed(0)
+    model = PaCoFR(load_config("tiny"))
+    out = model(faces64[:2], generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert "ip" in calls and "l2" in calls  # belief candidates and nearest codes
+    assert torch.isfinite(out["loss"]) and model.belief.fc1.weight.grad.abs().sum() > 0
