@@ -16,7 +16,7 @@ setup(
     extras_require={
         "triton": ["triton"],  # GPU machines ship it with torch; on CPU it runs the interpreter
         # timm is installed with --no-deps by the Makefile: see the comment there.
-        "test": ["pytest", "huggingface_hub"],
+        "test": ["pytest", "pytest-benchmark", "huggingface_hub"],
     },
     entry_points={"console_scripts": ["pacofr = pacofr.cli:main"]},
 )

@@ -1,0 +1,177 @@
+"""One command for a GPU: check every fused op that has a Triton kernel against its reference
+on the device, then time it against its baselines and print a table.
+
+    python benchmarks/gpu_report.py            # about 2-3 minutes on one H100
+    python benchmarks/gpu_report.py --quick    # small shapes, for a smoke run
+
+Timing: CUDA events around each call, median of repeated runs, inputs rotated between calls
+so no run hits a warm L2 with the previous one's data. Ceilings are measured in the same run:
+a large bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s, read + write). The table and
+a JSON file (benchmarks/results/gpu_report_<card>.json) give time, throughput, % of ceiling,
+peak extra memory and the ratio to each baseline. On a machine without CUDA it runs the same
+code on CPU with tiny shapes (set TRITON_INTERPRET=1 to include the Triton kernels), which
+checks the script, not the speed.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_codebook_topk import torch_mm_topk  # noqa: E402
+
+from pacofr.ops import backends  # noqa: E402
+
+
+def timer(device):
+    """Median milliseconds of fn(inputs[i % len]) over `reps` calls after `warmup`."""
+    def run(fn, inputs, reps=20, warmup=3):
+        for i in range(warmup):
+            fn(*inputs[i % len(inputs)])
+        times = []
+        for i in range(reps):
+            args = inputs[i % len(inputs)]
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn(*args)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn(*args)
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    return run
+
+
+def peak_extra_mb(fn, args, device) -> float:
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def ceilings(device, run, quick):
+    n = 2048 if quick or device.type != "cuda" else 8192
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    ms = run(torch.mm, [(a, b)], reps=10)
+    tflops = 2 * n**3 / ms / 1e9
+    size = (256 if quick or device.type != "cuda" else 1024) * 2**20
+    src, dst = torch.empty(size, dtype=torch.uint8, device=device), torch.empty(size, dtype=torch.uint8, device=device)
+    ms = run(lambda s, d: d.copy_(s), [(src, dst)], reps=10)
+    return {"matmul_tflops": tflops, "copy_gbps": 2 * size / ms / 1e6}
+
+
+def check_codebook_topk(device):
+    """Triton vs the reference on this device before any timing."""
+    from pacofr.kernels.codebook_topk import codebook_topk_backward, codebook_topk_forward
+    from pacofr.ops import reference
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(1000, 96, device=device, generator=gen).to(dtype)
+        c = torch.randn(3000, 96, device=device, generator=gen).to(dtype)
+        for metric in ("l2", "ip"):
+            s, i = codebook_topk_forward(x, c, 8, metric)
+            rs, ri = reference.codebook_topk(x, c, 8, metric)
+            scale = rs.abs().max().item()
+            assert (s - rs).abs().max().item() <= 1e-3 * scale, f"codebook_topk {metric} {dtype}: scores differ"
+            assert (i == ri).float().mean().item() > 0.99, f"codebook_topk {metric} {dtype}: indices differ"
+            g = torch.randn_like(s)
+            gx, gc = codebook_topk_backward(g, x, c, i, metric)
+            rgx, rgc = reference.codebook_topk_backward(g, x, c, i, metric)
+            for a, b in ((gx, rgx), (gc, rgc)):
+                err = (a.float() - b.float()).abs().max().item()
+                assert err <= 2e-2 * b.float().abs().max().item() + 1e-6, f"codebook_topk backward {metric} {dtype}"
+
+
+def bench_codebook_topk(device, run, ceil, quick):
+    from pacofr.kernels.codebook_topk import codebook_topk_forward
+    from pacofr.ops import reference
+
+    if device.type == "cuda":
+        shapes = [(4096, 8192, 768, 8), (256, 8192, 768, 4)] if quick else \
+                 [(65536, 8192, 768, 8), (16384, 8192, 768, 8), (256, 8192, 768, 4)]
+        dtype = torch.bfloat16
+    else:
+        shapes, dtype = [(256, 512, 32, 4)], torch.float32
+    rows = []
+    for n, kc, d, k in shapes:
+        gen = torch.Generator(device=device).manual_seed(1)
+        inputs = [(torch.randn(n, d, device=device, generator=gen).to(dtype),
+                   torch.randn(kc, d, device=device, generator=gen).to(dtype)) for _ in range(2)]
+        flops = 2 * n * kc * d
+        impls = {
+            "triton": lambda x, c: codebook_topk_forward(x, c, k, "ip"),
+            "torch mm+topk": lambda x, c: torch_mm_topk(x, c, k, "ip"),
+            "reference": lambda x, c: reference.codebook_topk(x, c, k, "ip"),
+            "bare GEMM": lambda x, c: x @ c.T,
+        }
+        times = {}
+        for name, fn in impls.items():
+            reps = 5 if name == "reference" else 20
+            times[name] = run(fn, inputs, reps=reps, warmup=2)
+            rows.append({
+                "op": "codebook_topk fwd (ip)", "shape": f"N={n} K={kc} D={d} k={k}", "impl": name,
+                "dtype": str(dtype).replace("torch.", ""), "ms": times[name],
+                "tflops": flops / times[name] / 1e9, "pct_matmul_ceiling": 100 * flops / times[name] / 1e9 / ceil["matmul_tflops"],
+                "peak_extra_mb": peak_extra_mb(fn, inputs[0], device),
+            })
+        for row in rows[-len(impls):]:
+            row["triton_speedup"] = row["ms"] / times["triton"]  # > 1: Triton is faster
+    return rows
+
+
+BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    run = timer(device)
+    t0 = time.time()
+    ceil = ceilings(device, run, args.quick)
+    print(f"device: {card}; matmul ceiling {ceil['matmul_tflops']:.1f} TFLOP/s, copy ceiling {ceil['copy_gbps']:.0f} GB/s")
+    rows, skipped = [], []
+    for op, (check, bench) in BENCHES.items():
+        if "triton" not in backends(op):
+            skipped.append(f"{op}: no Triton backend can run here")
+            continue
+        check(device)
+        print(f"{op}: matches the reference on {card}")
+        rows += bench(device, run, ceil, args.quick)
+    header = f"{'op':<24}{'shape':<28}{'impl':<16}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'extra MB':>10}{'speedup':>9}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['op']:<24}{r['shape']:<28}{r['impl']:<16}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+              f"{r['pct_matmul_ceiling']:>8.1f}{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
+    for s in skipped:
+        print("skipped", s)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_report_{card.replace(' ', '_')}.json"
+    path.write_text(json.dumps({"device": card, "ceilings": ceil, "rows": rows, "skipped": skipped,
+                                "seconds": time.time() - t0}, indent=1))
+    print(f"wrote {path} in {time.time() - t0:.0f} s; speedup = baseline time / Triton time")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
