@@ -103,6 +103,20 @@ def _to(masks, device):
     return type(masks)(*(getattr(masks, n).to(device, non_blocking=True) for n in ("mask", "replace", "regions")))
 
 
+def _micro_batches(cfg, dataset, batches, collate_fn, per_rank, epoch_step, d):
+    """An iterator over this rank's micro-batches of the current epoch, from `epoch_step` on."""
+    pin = d.device.type == "cuda"
+    if batches is not None:  # map-style: the batch sampler starts at the data position
+        batches.epoch, batches.start = collate_fn.epoch, epoch_step
+        return iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                               num_workers=cfg.data.num_workers, pin_memory=pin))
+    it = iter(DataLoader(dataset, batch_size=per_rank, collate_fn=collate_fn, drop_last=True,
+                         num_workers=cfg.data.num_workers, pin_memory=pin))
+    for _ in range(epoch_step * cfg.train.accum_steps):  # streams: replay up to the data position
+        next(it, None)
+    return it
+
+
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None) -> dict:
     """Runs pretraining; returns the summary it also prints and writes to summary.yaml.
     `dataset` replaces the one `cfg.data` describes (for tests and custom pipelines)."""
@@ -161,18 +175,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         dataset.set_epoch(epoch)
         masking_collate.epoch = epoch
         model.set_incubation(epoch < t.incubation_epochs)
-        if batches is not None:
-            batches.epoch, batches.start = epoch, state["epoch_step"]
-            loader = DataLoader(dataset, batch_sampler=batches, collate_fn=masking_collate,
-                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
-        else:
-            loader = DataLoader(dataset, batch_size=per_rank, collate_fn=masking_collate, drop_last=True,
-                                num_workers=cfg.data.num_workers, pin_memory=d.device.type == "cuda")
-        micro_batches = iter(loader)
-        skip = 0 if batches is not None else state["epoch_step"] * t.accum_steps  # streams: replay
-        for _ in range(skip):
-            next(micro_batches, None)
-
+        micro_batches = _micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d)
         epoch_done = False
         while state["step"] < total_steps:
             group = [b for _, b in zip(range(t.accum_steps), micro_batches)]
@@ -205,7 +208,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
                        "skipped_steps": state["skipped_steps"], **metrics}
                 monitor.log(row)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
-            if d.main and t.image_every and state["step"] % t.image_every == 0:
+            if d.main and t.image_every and state["step"] % t.image_every == 0 and len(group[0]["images"]):
                 _grid(cfg, model, group[0], d, monitor, state["step"])
             # No checkpoint right after a skipped step: the last one stays the last good one.
             if (state["step"] % t.ckpt_every == 0 or state["step"] == total_steps) and nonfinite_run == 0:
