@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_codebook_topk import torch_mm_topk  # noqa: E402
+from test_masked_attention import implementations as attention_impls  # noqa: E402
+from test_masked_attention import ragged_inputs, valid_flops  # noqa: E402
 
 from pacofr.ops import backends  # noqa: E402
 
@@ -134,7 +136,57 @@ def bench_codebook_topk(device, run, ceil, quick):
     return rows
 
 
-BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk)}
+def check_masked_attention(device):
+    from pacofr.kernels.masked_attention import masked_attention_backward, masked_attention_forward
+    from pacofr.ops import reference
+
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        for d in (64, 80, 128):
+            q, k, v, seqlens = (t.detach() if t.is_floating_point() else t for t in ragged_inputs(4, 3, 197, d, dtype))
+            key_mask = torch.rand(4, 197, device=device) > 0.1
+            out, lse = masked_attention_forward(q, k, v, seqlens, key_mask, d**-0.5)
+            ref, ref_lse = reference.masked_attention(q, k, v, seqlens, key_mask, d**-0.5)
+            assert (out.float() - ref.float()).abs().max() <= tol * 10, f"masked_attention fwd d={d} {dtype}"
+            g = torch.randn_like(out)
+            got = masked_attention_backward(g, q, k, v, out, lse, seqlens, key_mask, d**-0.5)
+            want = reference.masked_attention_backward(g, q, k, v, ref, ref_lse, seqlens, key_mask, d**-0.5)
+            for a, b in zip(got, want):
+                assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max(), f"masked_attention bwd d={d}"
+
+
+def bench_masked_attention(device, run, ceil, quick):
+    if device.type == "cuda":
+        shapes = [(64, 12, 197, 64)] if quick else [(256, 12, 197, 64), (16, 12, 1024, 64)]
+        dtype = torch.bfloat16
+    else:
+        shapes, dtype = [(2, 2, 64, 32)], torch.float32
+    impls = attention_impls()
+    rows = []
+    for shape in shapes:
+        q, k, v, seqlens = ragged_inputs(*shape, dtype)
+        for backward in (False, True):
+            def call(fn, backward=backward):
+                out = fn(q, k, v, seqlens)
+                if backward:
+                    out.float().sum().backward()
+            times = {}
+            for name, fn in impls.items():
+                reps = 3 if name == "reference" else 10
+                times[name] = run(lambda fn=fn: call(fn), [()], reps=reps, warmup=2)
+                flops = valid_flops(seqlens, shape[1], shape[3], backward)
+                rows.append({"op": "masked_attention " + ("fwd+bwd" if backward else "fwd"),
+                             "shape": "B={} H={} N={} d={}".format(*shape), "impl": name,
+                             "dtype": str(dtype).replace("torch.", ""), "ms": times[name],
+                             "tflops": flops / times[name] / 1e9,
+                             "pct_matmul_ceiling": 100 * flops / times[name] / 1e9 / ceil["matmul_tflops"],
+                             "peak_extra_mb": peak_extra_mb(lambda fn=fn: call(fn), (), device)})
+            for row in rows[-len(impls):]:
+                row["triton_speedup"] = row["ms"] / times["triton"]
+    return rows
+
+
+BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk),
+           "masked_attention": (check_masked_attention, bench_masked_attention)}
 
 
 def main(argv=None) -> int:
@@ -156,11 +208,11 @@ def main(argv=None) -> int:
         check(device)
         print(f"{op}: matches the reference on {card}")
         rows += bench(device, run, ceil, args.quick)
-    header = f"{'op':<24}{'shape':<28}{'impl':<16}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'extra MB':>10}{'speedup':>9}"
+    header = f"{'op':<26}{'shape':<28}{'impl':<16}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'extra MB':>10}{'speedup':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:<24}{r['shape']:<28}{r['impl']:<16}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+        print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<16}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
               f"{r['pct_matmul_ceiling']:>8.1f}{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
     for s in skipped:
         print("skipped", s)

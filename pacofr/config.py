@@ -54,6 +54,7 @@ class ModelConfig:
     img_size: int = 224
     patch_size: int = 16
     in_chans: int = 3
+    attn_impl: str = "pacofr"  # pacofr (masked_attention) | sdpa (PyTorch, a boolean mask), for comparison
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)
@@ -219,6 +220,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"masking blocks need 1 <= block_min <= block_max, got {mk.block_min}, {mk.block_max}")
     if not 1 <= m.codebook.topk <= min(32, m.codebook.num_codes):
         raise ConfigError(f"model.codebook.topk={m.codebook.topk} must be in [1, min(32, num_codes)]")
+    if m.attn_impl not in ("pacofr", "sdpa"):
+        raise ConfigError(f"model.attn_impl must be 'pacofr' or 'sdpa', got '{m.attn_impl}'")
     if m.codebook.mixing not in ("soft", "gumbel"):
         raise ConfigError(f"model.codebook.mixing must be 'soft' or 'gumbel', got '{m.codebook.mixing}'")
 

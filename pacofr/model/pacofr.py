@@ -20,9 +20,9 @@ class PaCoFR(nn.Module):
         self.patch_size = m.patch_size
         patch_dim = m.patch_size**2 * m.in_chans
         self.encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
-                                  m.encoder.num_heads, m.encoder.mlp_ratio)
+                                  m.encoder.num_heads, m.encoder.mlp_ratio, m.attn_impl)
         self.decoder = Decoder(self.encoder.grid, m.encoder.embed_dim, m.decoder.embed_dim, m.decoder.depth,
-                               m.decoder.num_heads, m.decoder.mlp_ratio, patch_dim)
+                               m.decoder.num_heads, m.decoder.mlp_ratio, patch_dim, m.attn_impl)
         cb = m.codebook
         self.codebook = PixelCodebook(cb.num_codes, patch_dim, cb.belief_dim, cb.ema_decay, cb.dead_code_threshold)
         self.belief = BeliefPredictor(patch_dim, cb.belief_hidden, cb.belief_dim)

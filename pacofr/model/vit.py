@@ -7,6 +7,7 @@ attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.
 
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import masked_attention
@@ -42,17 +43,36 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)  # [B, L, D]
 
 
+ATTN_IMPLS = ("pacofr", "sdpa")
+
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None) -> Tensor:
+    """PyTorch SDPA with the boolean mask equivalent to `seqlens` (for comparison), padded
+    query rows zeroed as `masked_attention` does."""
+    if seqlens is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    valid = torch.arange(q.shape[2], device=q.device)[None, :] < seqlens[:, None]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+    return out * valid[:, None, :, None]
+
+
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_impl: str = "pacofr"):
         super().__init__()
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
         self.num_heads = num_heads
+        self.attn_impl = attn_impl
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor, seqlens: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        x = masked_attention(q, k, v, seqlens=seqlens)
+        if self.attn_impl == "sdpa":
+            x = sdpa_attention(q, k, v, seqlens)
+        else:
+            x = masked_attention(q, k, v, seqlens=seqlens)
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
 
 
@@ -68,10 +88,10 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, attn_impl: str = "pacofr"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, attn_impl=attn_impl)
         self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -101,7 +121,8 @@ class ViTEncoder(nn.Module):
     packed to the front, `seqlens[B]` how many of them are real (the rest is padding)."""
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0):
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 attn_impl: str = "pacofr"):
         super().__init__()
         self.patch_size = patch_size
         self.grid = (img_size // patch_size, img_size // patch_size)
@@ -110,7 +131,7 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed sin-cos positions (MAE); a parameter so the name matches timm's.
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, self.grid), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn_impl) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
@@ -133,13 +154,13 @@ class Decoder(nn.Module):
     the others, position embeddings, blocks, and a linear head to each patch's pixels."""
 
     def __init__(self, grid: tuple[int, int], encoder_dim: int, embed_dim: int = 512, depth: int = 8,
-                 num_heads: int = 16, mlp_ratio: float = 4.0, patch_dim: int = 768):
+                 num_heads: int = 16, mlp_ratio: float = 4.0, patch_dim: int = 768, attn_impl: str = "pacofr"):
         super().__init__()
         self.num_patches = grid[0] * grid[1]
         self.embed = nn.Linear(encoder_dim, embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(sincos_pos_embed(embed_dim, grid), requires_grad=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, attn_impl) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS)
         self.pred = nn.Linear(embed_dim, patch_dim)
         init_weights(self)

@@ -1,0 +1,102 @@
+"""pytest-benchmark: masked_attention (forward, forward+backward) on ragged lengths, Triton
+against SDPA with the equivalent boolean mask, SDPA on unmasked input (its flash path on a
+GPU), the torch reference, and flash-attn's varlen kernel when installed."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from common import DEVICE, skip_unless_gpu
+
+# (B, H, N, d); lengths uniform in 40-100% of N per sample
+SHAPES = [(8, 4, 197, 64), (256, 12, 197, 64), (16, 12, 1024, 64)]
+BIG = {(256, 12, 197, 64), (16, 12, 1024, 64)}
+
+
+def ragged_inputs(b, h, n, d, dtype, seed=0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, device=DEVICE, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    lo = int(0.4 * n)
+    seqlens = torch.randint(lo, n + 1, (b,), device=DEVICE, generator=gen)
+    return q, k, v, seqlens
+
+
+def valid_flops(seqlens, h, d, backward: bool) -> float:
+    """Matmul FLOPs of the valid tokens only: 4 L^2 d per head forward, 2.5x that backward."""
+    fwd = 4.0 * float((seqlens.double() ** 2).sum()) * h * d
+    return fwd * (3.5 if backward else 1.0)
+
+
+def implementations():
+    from pacofr.ops import masked_attention, reference
+
+    def sdpa_masked(q, k, v, seqlens):
+        valid = torch.arange(q.shape[2], device=q.device)[None] < seqlens[:, None]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
+
+    impls = {
+        "triton": lambda q, k, v, s: _forced("triton", masked_attention, q, k, v, s),
+        "sdpa_bool_mask": sdpa_masked,
+        "sdpa_unmasked": lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v),
+        "reference": lambda q, k, v, s: reference.masked_attention(q, k, v, s, None, q.shape[-1] ** -0.5)[0],
+    }
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+
+        impls["flash_attn_varlen"] = _flash_varlen
+    except ImportError:
+        pass
+    return impls
+
+
+def _forced(backend, op, q, k, v, s):
+    import os
+
+    old = os.environ.get("PACOFR_OPS")
+    os.environ["PACOFR_OPS"] = backend
+    try:
+        return op(q, k, v, seqlens=s)
+    finally:
+        if old is None:
+            os.environ.pop("PACOFR_OPS")
+        else:
+            os.environ["PACOFR_OPS"] = old
+
+
+def _flash_varlen(q, k, v, seqlens):
+    from flash_attn import flash_attn_varlen_func
+
+    b, h, n, d = q.shape
+    valid = torch.arange(n, device=q.device)[None] < seqlens[:, None]
+    pack = lambda t: t.transpose(1, 2)[valid]  # noqa: E731  [total, H, d]
+    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    cu[1:] = torch.cumsum(seqlens, 0)
+    m = int(seqlens.max())
+    return flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, m, m)
+
+
+IMPLS = ["triton", "sdpa_bool_mask", "sdpa_unmasked", "reference", "flash_attn_varlen"]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}_H{}_N{}_d{}".format(*s))
+def test_masked_attention(benchmark, shape, impl, backward):
+    skip_unless_gpu(impl, shape in BIG)
+    impls = implementations()
+    if impl not in impls:
+        pytest.skip(f"{impl} is not installed")
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    q, k, v, seqlens = ragged_inputs(*shape, dtype)
+    fn = impls[impl]
+
+    def run():
+        out = fn(q, k, v, seqlens)
+        if backward:
+            out.float().sum().backward()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark(run)
+    benchmark.extra_info["valid_tflops"] = valid_flops(seqlens, shape[1], shape[3], backward) / benchmark.stats["median"] / 1e12

@@ -1,0 +1,215 @@
+"""Triton flash attention over ragged rows: per-sample lengths and/or a boolean key mask.
+
+Forward: one program per (query block, batch x head); online softmax in fp32 over key tiles,
+storing the log-sum-exp. With `seqlens`, a program stops at its sample's length, and query
+blocks that lie wholly past it do no work: padded tiles are skipped, not computed and masked.
+Padded query rows and rows with no valid key store zeros and lse = +inf, so exp(s - lse) is
+exactly 0 for them in the backward too.
+
+Backward: delta = rowsum(dO * O) (torch), then two kernels: one per key block accumulates dk
+and dv over the query blocks, one per query block accumulates dq over the key blocks. No
+program writes another's output, so there are no atomics and the gradients are bitwise
+reproducible.
+
+Head dims that are not powers of two (80, 96) are padded to the next one inside the kernel.
+The CPU interpreter computes bf16/fp16 dots wrongly, so there the tiles are upcast to fp32.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _row_length(SEQ, b, N, HAS_SEQ: tl.constexpr):
+    if HAS_SEQ:
+        return tl.minimum(tl.load(SEQ + b), N)
+    return N
+
+
+@triton.jit
+def _tile(PTR, base, idx, dims, D, limit):
+    """Rows `idx` (those < limit; others 0) of a [N, D] slab at PTR + base, padded to BLOCK_D."""
+    return tl.load(PTR + base + idx[:, None] * D + dims[None, :], mask=(idx[:, None] < limit) & (dims[None, :] < D),
+                   other=0.0)
+
+
+@triton.jit
+def _key_valid(KM, b, N, cols, length, HAS_KM: tl.constexpr):
+    valid = cols < length
+    if HAS_KM:
+        valid = valid & (tl.load(KM + b * N + cols, mask=cols < N, other=0) != 0)
+    return valid
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
+                     HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * N * D
+    length = _row_length(SEQ, b, N, HAS_SEQ)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    q = _tile(Q, base, rows, dims, D, N)
+
+    m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    qk_scale = scale * 1.4426950408889634  # work in base 2
+    hi = tl.where(pid_m * BLOCK_M < length, length, 0)  # a block wholly past the length: no work
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = _tile(K, base, cols, dims, D, length)
+        v = _tile(V, base, cols, dims, D, length)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        s = tl.where(_key_valid(KM, b, N, cols, length, HAS_KM)[None, :], s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no valid key yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+
+    row_ok = (rows < length) & (l_i > 0)
+    out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
+    lse = tl.where(row_ok, (m_i + tl.math.log2(tl.where(row_ok, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    tl.store(O + base + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty),
+             mask=(rows[:, None] < N) & d_ok[None, :])
+    tl.store(LSE + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D,
+                          HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * N * D
+    length = _row_length(SEQ, b, N, HAS_SEQ)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    kv_mask = (cols[:, None] < N) & d_ok[None, :]
+    k = _tile(K, base, cols, dims, D, N)
+    v = _tile(V, base, cols, dims, D, N)
+    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    hi = tl.where(pid_n * BLOCK_N < length, length, 0)
+    for m0 in range(0, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        q = _tile(Q, base, rows, dims, D, length)
+        do = _tile(DO, base, rows, dims, D, length)
+        lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < length, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < length, other=0.0)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+    tl.store(DK + base + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + base + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
+                        HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    base = bh.to(tl.int64) * N * D
+    length = _row_length(SEQ, b, N, HAS_SEQ)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    d_ok = dims < D
+    q_mask = (rows[:, None] < N) & d_ok[None, :]
+    q = _tile(Q, base, rows, dims, D, N)
+    do = _tile(DO, base, rows, dims, D, N)
+    lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    hi = tl.where(pid_m * BLOCK_M < length, length, 0)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = _tile(K, base, cols, dims, D, length)
+        v = _tile(V, base, cols, dims, D, length)
+        valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    tl.store(DQ + base + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _config(n: int, d: int) -> dict:
+    block_d = max(16, triton.next_power_of_2(d))
+    if _interpreting():  # per block-op cost: few, large blocks
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True)
+    big = block_d <= 64
+    return dict(BLOCK_M=128 if big else 64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False)
+
+
+def _masks(q, seqlens, key_mask):
+    seq = seqlens.to(torch.int32).contiguous() if seqlens is not None else q.new_empty(0, dtype=torch.int32)
+    km = key_mask.to(torch.int8).contiguous() if key_mask is not None else q.new_empty(0, dtype=torch.int8)
+    return seq, km, dict(HAS_SEQ=seqlens is not None, HAS_KM=key_mask is not None)
+
+
+def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None):
+    """(out [B, H, N, d] in q's dtype, lse [B, H, N] f32). `out` receives the result."""
+    b, h, n, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    out = torch.empty_like(q) if out is None else out
+    lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
+    if out.numel():
+        seq, km, flags = _masks(q, seqlens, key_mask)
+        cfg = _config(n, d)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, **flags, **cfg,
+                               IEEE=q.dtype == torch.float32 or cfg["UPCAST"])
+    return out, lse
+
+
+def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
+    """(dq, dk, dv): atomic-free, so bitwise reproducible."""
+    b, h, n, d = q.shape
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel():
+        seq, km, flags = _masks(q, seqlens, key_mask)
+        cfg = _config(n, d)
+        ieee = q.dtype == torch.float32 or cfg["UPCAST"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
+            q, k, v, grad_out, lse, delta, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg, IEEE=ieee)
+        _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+            q, k, v, grad_out, lse, delta, dq, seq, km, float(scale), h, n, d, **flags, **cfg, IEEE=ieee)
+    return dq, dk, dv
+
+
