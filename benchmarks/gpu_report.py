@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_codebook_topk import torch_mm_topk  # noqa: E402
 from test_masked_attention import implementations as attention_impls  # noqa: E402
 from test_masked_attention import ragged_inputs, valid_flops  # noqa: E402
+from test_patch_pixel_loss import implementations as loss_impls  # noqa: E402
+from test_patch_pixel_loss import loss_inputs, minimal_bytes  # noqa: E402
 
 from pacofr.ops import backends  # noqa: E402
 
@@ -185,13 +187,54 @@ def bench_masked_attention(device, run, ceil, quick):
     return rows
 
 
+def check_patch_pixel_loss(device):
+    from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_backward, patch_pixel_loss_forward
+    from pacofr.ops import reference
+
+    for size, p in ((224, 16), (112, 14)):
+        pred, images, weight = (t.detach() for t in loss_inputs(4, size, p))
+        got = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6)
+        want = reference.patch_pixel_loss(pred, images, weight, p, True, 1e-6)
+        for a, b in zip(got, want):
+            assert abs(a.item() - b.item()) <= 1e-4 * max(1.0, abs(b.item())), f"patch_pixel_loss fwd {size}/{p}"
+        g = patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, p, True, 1e-6)
+        r = reference.patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, p, True, 1e-6)
+        assert (g - r).abs().max() <= 1e-4 * r.abs().max(), f"patch_pixel_loss bwd {size}/{p}"
+
+
+def bench_patch_pixel_loss(device, run, ceil, quick):
+    shape = (256, 224, 16) if device.type == "cuda" and not quick else (8, 64, 8)
+    pred, images, weight = loss_inputs(*shape)
+    impls = loss_impls(shape[2])
+    rows = []
+    for backward in (False, True):
+        def call(fn, backward=backward):
+            loss = fn(pred, images, weight)
+            if backward:
+                loss.backward()
+        times = {}
+        for name, fn in impls.items():
+            times[name] = run(lambda fn=fn: call(fn), [()], reps=10, warmup=3)
+            gbps = minimal_bytes(pred, images, backward) / times[name] / 1e6
+            rows.append({"op": "patch_pixel_loss " + ("fwd+bwd" if backward else "fwd"),
+                         "shape": "B={} {}px p={}".format(*shape), "impl": name, "dtype": "float32",
+                         "ms": times[name], "gbps": gbps, "pct_copy_ceiling": 100 * gbps / ceil["copy_gbps"],
+                         "tflops": float("nan"), "pct_matmul_ceiling": float("nan"),
+                         "peak_extra_mb": peak_extra_mb(lambda fn=fn: call(fn), (), device)})
+        for row in rows[-len(impls):]:
+            row["triton_speedup"] = row["ms"] / times["triton"]
+    return rows
+
+
 BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk),
+           "patch_pixel_loss": (check_patch_pixel_loss, bench_patch_pixel_loss),
            "masked_attention": (check_masked_attention, bench_masked_attention)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes")
+    parser.add_argument("--ops", nargs="*", default=None, help=f"only these ops (of {', '.join(BENCHES)})")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -202,18 +245,22 @@ def main(argv=None) -> int:
     print(f"device: {card}; matmul ceiling {ceil['matmul_tflops']:.1f} TFLOP/s, copy ceiling {ceil['copy_gbps']:.0f} GB/s")
     rows, skipped = [], []
     for op, (check, bench) in BENCHES.items():
+        if args.ops is not None and op not in args.ops:
+            continue
         if "triton" not in backends(op):
             skipped.append(f"{op}: no Triton backend can run here")
             continue
         check(device)
         print(f"{op}: matches the reference on {card}")
         rows += bench(device, run, ceil, args.quick)
-    header = f"{'op':<26}{'shape':<28}{'impl':<16}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'extra MB':>10}{'speedup':>9}"
+    header = (f"{'op':<26}{'shape':<28}{'impl':<18}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}{'% copy':>8}"
+              f"{'extra MB':>10}{'speedup':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<16}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
-              f"{r['pct_matmul_ceiling']:>8.1f}{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
+        print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<18}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+              f"{r['pct_matmul_ceiling']:>8.1f}{r.get('gbps', float('nan')):>9.0f}{r.get('pct_copy_ceiling', float('nan')):>8.1f}"
+              f"{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
     for s in skipped:
         print("skipped", s)
     out = Path(args.out)
