@@ -21,19 +21,18 @@ either with fp32 atomics (fast) or, deterministic, by sorting the (code, row) pa
 one program sum each code's segment in a fixed order.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreting as _interpreting
 
 FLT_MAX = 3.4028234663852886e38
 # Scores of NaN (and -inf) rank as this: below every finite score, above the "never" marker.
 NAN_KEY = -FLT_MAX
 
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -265,8 +264,6 @@ def _topk_bwd_c_segment_kernel(G, X, C, ROW, OFFSETS, GC, D, stride_x, stride_c,
 
 
 def deterministic_default() -> bool:
-    import os
-
     return torch.are_deterministic_algorithms_enabled() or os.environ.get("PACOFR_DETERMINISTIC") == "1"
 
 

@@ -15,16 +15,13 @@ Head dims that are not powers of two (80, 96) are padded to the next one inside 
 The CPU interpreter computes bf16/fp16 dots wrongly, so there the tiles are upcast to fp32.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import interpreting as _interpreting
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

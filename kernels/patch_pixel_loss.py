@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import interpreting as _interpreting
+
 
 @triton.jit
 def _col(x):
@@ -145,9 +147,7 @@ def _grad_kernel(PRED, IMG, WGT, MEAN, STD, GRAD, g_pix, g_sc, NP, H, W, GH, GW,
 def _block_l(block: int) -> int:
     """Patches per program: many in the interpreter (its cost is per block operation), a few
     on a GPU (BLOCK elements of registers each)."""
-    import os
-
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return 64
     return max(1, 2048 // block)
 
