@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pacofr.config import load_config
-from pacofr.masking import Masks, structured_masks
+from pacofr.masking import structured_masks
 from pacofr.model import PaCoFR, PixelCodebook, ViTEncoder, belief_loss, mix_candidates, patchify, unpatchify, visible_index
 from pacofr.ops import patch_pixel_loss_terms
 
