@@ -16,9 +16,9 @@ strictly better than the worst slot to enter, the slot evicted among equal worst
 one with the highest index, and within a tile the lowest column is taken first. NaN scores
 rank below every number (their rows still get indices inside [0, K)) and are returned as NaN.
 
-Backward: grad_x gathers the selected codes per row; grad_codebook scatters into the codes,
-either with fp32 atomics (fast) or, deterministic, by sorting the (code, row) pairs and letting
-one program sum each code's segment in a fixed order.
+Backward: one kernel gathers the selected codes per row for grad_x and, by default, scatters
+into the codebook gradient with fp32 atomics from the same loads. The deterministic option
+sorts the (code, row) pairs instead and lets one program sum each code's segment in order.
 """
 
 import os
@@ -195,8 +195,11 @@ def merge_splits(part_s: torch.Tensor, part_i: torch.Tensor, k: int, metric: str
 
 
 @triton.jit
-def _topk_bwd_x_kernel(G, X, C, IDX, GX, N, D, stride_g, stride_x, stride_c, stride_i, stride_gx,
-                       METRIC_L2: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _topk_bwd_kernel(G, X, C, IDX, GX, GC, N, D, stride_g, stride_x, stride_c, stride_i, stride_gx,
+                     METRIC_L2: tl.constexpr, TOPK: tl.constexpr, ATOMIC_C: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """grad_x for a block of rows; with ATOMIC_C also their codebook contributions (fp32
+    atomics), from the same loads of g, the indices and the selected codes."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,33 +212,15 @@ def _topk_bwd_x_kernel(G, X, C, IDX, GX, N, D, stride_g, stride_x, stride_c, str
         g = tl.load(G + rows * stride_g + j, mask=row_ok, other=0.0)
         code = tl.load(IDX + rows * stride_i + j, mask=row_ok, other=0)
         c = tl.load(C + code[:, None] * stride_c + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        if METRIC_L2:
+        if METRIC_L2:  # d|x - c|^2 = 2 (x - c) dx - 2 (x - c) dc
             acc += 2.0 * g[:, None] * (x - c)
+            if ATOMIC_C:
+                tl.atomic_add(GC + code[:, None] * D + d[None, :], 2.0 * g[:, None] * (c - x), mask=m2)
         else:
             acc += g[:, None] * c
+            if ATOMIC_C:
+                tl.atomic_add(GC + code[:, None] * D + d[None, :], g[:, None] * x, mask=m2)
     tl.store(GX + rows[:, None] * stride_gx + d[None, :], acc.to(GX.dtype.element_ty), mask=m2)
-
-
-@triton.jit
-def _topk_bwd_c_atomic_kernel(G, X, C, IDX, GC, N, D, stride_g, stride_x, stride_c, stride_i,
-                              METRIC_L2: tl.constexpr, TOPK: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    row_ok = rows < N
-    m2 = row_ok[:, None] & (d[None, :] < D)
-    x = tl.load(X + rows[:, None] * stride_x + d[None, :], mask=m2, other=0.0).to(tl.float32)
-    for j in tl.static_range(TOPK):
-        g = tl.load(G + rows * stride_g + j, mask=row_ok, other=0.0)
-        code = tl.load(IDX + rows * stride_i + j, mask=row_ok, other=0)
-        if METRIC_L2:
-            c = tl.load(C + code[:, None] * stride_c + d[None, :], mask=m2, other=0.0).to(tl.float32)
-            contrib = 2.0 * g[:, None] * (c - x)
-        else:
-            contrib = g[:, None] * x
-        tl.atomic_add(GC + code[:, None] * D + d[None, :], contrib, mask=m2)
 
 
 @triton.jit
@@ -284,10 +269,12 @@ def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook:
     block_d = min(128, max(16, triton.next_power_of_2(d)))
     metric_l2 = metric == "l2"
     if n:
+        atomic = not (deterministic if deterministic is not None else deterministic_default())
         grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
-        _topk_bwd_x_kernel[grid](g, xc, cc, idx, grad_x, n, d, g.stride(0), xc.stride(0), cc.stride(0), idx.stride(0),
-                                 grad_x.stride(0), METRIC_L2=metric_l2, TOPK=k, BLOCK_M=block_m, BLOCK_D=block_d)
-        if deterministic if deterministic is not None else deterministic_default():
+        _topk_bwd_kernel[grid](g, xc, cc, idx, grad_x, grad_c, n, d, g.stride(0), xc.stride(0), cc.stride(0),
+                               idx.stride(0), grad_x.stride(0), METRIC_L2=metric_l2, TOPK=k, ATOMIC_C=atomic,
+                               BLOCK_M=block_m, BLOCK_D=block_d)
+        if not atomic:
             flat = idx.reshape(-1)
             order = torch.sort(flat, stable=True).indices  # stable: a fixed order inside each code
             counts = torch.bincount(flat, minlength=k_codes)
@@ -298,8 +285,4 @@ def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook:
             _topk_bwd_c_segment_kernel[(k_codes, triton.cdiv(d, block_d))](
                 g_sorted, xc, cc, rows, offsets, grad_c, d, xc.stride(0), cc.stride(0),
                 METRIC_L2=metric_l2, BLOCK_S=64, BLOCK_D=block_d)
-        else:
-            _topk_bwd_c_atomic_kernel[grid](g, xc, cc, idx, grad_c, n, d, g.stride(0), xc.stride(0), cc.stride(0),
-                                            idx.stride(0), METRIC_L2=metric_l2, TOPK=k, BLOCK_M=block_m,
-                                            BLOCK_D=block_d)
     return grad_x.to(x.dtype), grad_c.to(codebook.dtype)
