@@ -57,6 +57,23 @@ def _key_valid(KM, b, N, cols, length, HAS_KM: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(LSE, DELTA, bh, N, rows, limit):
+    """lse (+inf past `limit`, so those rows' probabilities are 0) and delta of `rows`."""
+    lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < limit, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < limit, other=0.0)
+    return lse, delta
+
+
+@triton.jit
+def _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The backward's tile: probabilities P from the stored lse and dS = P * (dP - delta)."""
+    s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
+    p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
                      HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -120,13 +137,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N,
         rows = m0 + tl.arange(0, BLOCK_M)
         q = _tile(Q, base, rows, dims, D, length)
         do = _tile(DO, base, rows, dims, D, length)
-        lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < length, other=float("inf"))
-        delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < length, other=0.0)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
-        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+        lse, delta = _row_stats(LSE, DELTA, bh, N, rows, length)
+        p, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, IEEE)
         dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
-        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        ds = p * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
     tl.store(DK + base + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -147,8 +160,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
     q_mask = (rows[:, None] < N) & d_ok[None, :]
     q = _tile(Q, base, rows, dims, D, N)
     do = _tile(DO, base, rows, dims, D, N)
-    lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < N, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < N, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     hi = tl.where(pid_m * BLOCK_M < length, length, 0)
     for n0 in range(0, hi, BLOCK_N):
@@ -156,10 +168,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
         k = _tile(K, base, cols, dims, D, length)
         v = _tile(V, base, cols, dims, D, length)
         valid = _key_valid(KM, b, N, cols, length, HAS_KM)
-        s = _dot(q, tl.trans(k), UPCAST, IEEE) * scale
-        p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-        ds = p * (dp - delta[:, None])
+        _, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, IEEE)
         dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
     tl.store(DQ + base + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
