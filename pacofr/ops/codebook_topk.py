@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, triton_available, triton_interpreting
+from .dispatch import Backend, choose, register, register_triton
 
 MAX_K = 32
 METRICS = ("l2", "ip")
@@ -13,26 +13,12 @@ register("codebook_topk", Backend("reference", reference.codebook_topk, referenc
 
 
 def _triton_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> str | None:
-    if x.device.type == "cpu" and not triton_interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1"
     if torch.float64 in (x.dtype, codebook.dtype):
         return "float64 runs on the reference"
     return None
 
 
-def _triton_forward(x, codebook, k, metric):
-    from pacofr.kernels.codebook_topk import codebook_topk_forward
-
-    return codebook_topk_forward(x, codebook, k, metric)
-
-
-def _triton_backward(grad_scores, x, codebook, idx, metric):
-    from pacofr.kernels.codebook_topk import codebook_topk_backward
-
-    return codebook_topk_backward(grad_scores, x, codebook, idx, metric)
-
-
-register("codebook_topk", Backend("triton", _triton_forward, _triton_backward, triton_available, _triton_supports))
+register_triton("codebook_topk", _triton_supports)
 
 
 def _score_dtype(x: Tensor) -> torch.dtype:

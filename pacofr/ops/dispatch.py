@@ -8,6 +8,7 @@ else the torch reference. `explain()` tells which backend an op would use and wh
 were rejected.
 """
 
+import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -54,6 +55,24 @@ KNOWN = ("reference", "triton")
 
 def register(op: str, backend: Backend) -> None:
     _BACKENDS.setdefault(op, {})[backend.name] = backend
+
+
+def register_triton(op: str, supports: Callable[..., str | None]) -> None:
+    """The Triton backend of `op`: `<op>_forward` / `<op>_backward` of pacofr.kernels.<op>,
+    imported on first call (triton stays optional). `supports` adds the op's own limits to
+    the device rule shared by all kernels."""
+    def kernel(name: str) -> Callable:
+        def call(*args):
+            return getattr(importlib.import_module(f"pacofr.kernels.{op}"), f"{op}_{name}")(*args)
+        return call
+
+    def check(**inputs) -> str | None:
+        device = next(t.device for t in inputs.values() if isinstance(t, torch.Tensor))
+        if device.type == "cpu" and not triton_interpreting():
+            return "CPU tensors need TRITON_INTERPRET=1"
+        return supports(**inputs)
+
+    register(op, Backend("triton", kernel("forward"), kernel("backward"), triton_available, check))
 
 
 def backends(op: str) -> list[str]:

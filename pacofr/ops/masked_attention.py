@@ -4,14 +4,12 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, triton_available, triton_interpreting
+from .dispatch import Backend, choose, register, register_triton
 
 register("masked_attention", Backend("reference", reference.masked_attention, reference.masked_attention_backward))
 
 
 def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> str | None:
-    if q.device.type == "cpu" and not triton_interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"{q.dtype} runs on the reference"
     if q.shape[-1] > 128 or q.shape[-1] % 8:
@@ -19,19 +17,7 @@ def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, ke
     return None
 
 
-def _triton_forward(q, k, v, seqlens, key_mask, scale):
-    from pacofr.kernels.masked_attention import masked_attention_forward
-
-    return masked_attention_forward(q, k, v, seqlens, key_mask, scale)
-
-
-def _triton_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
-    from pacofr.kernels.masked_attention import masked_attention_backward
-
-    return masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
-
-
-register("masked_attention", Backend("triton", _triton_forward, _triton_backward, triton_available, _triton_supports))
+register_triton("masked_attention", _triton_supports)
 
 
 def _acc_dtype(q: Tensor) -> torch.dtype:

@@ -4,32 +4,18 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, triton_available, triton_interpreting
+from .dispatch import Backend, choose, register, register_triton
 
 register("patch_pixel_loss", Backend("reference", reference.patch_pixel_loss, reference.patch_pixel_loss_backward))
 
 
 def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> str | None:
-    if pred.device.type == "cpu" and not triton_interpreting():
-        return "CPU tensors need TRITON_INTERPRET=1"
     if torch.float64 in (pred.dtype, images.dtype):
         return "float64 runs on the reference"
     return None
 
 
-def _triton_forward(pred, images, weight, patch_size, norm_pix, eps):
-    from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_forward
-
-    return patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps)
-
-
-def _triton_backward(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps):
-    from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_backward
-
-    return patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps)
-
-
-register("patch_pixel_loss", Backend("triton", _triton_forward, _triton_backward, triton_available, _triton_supports))
+register_triton("patch_pixel_loss", _triton_supports)
 
 
 @torch.library.custom_op("pacofr::patch_pixel_loss", mutates_args=())
