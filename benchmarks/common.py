@@ -1,3 +1,6 @@
+import os
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -11,3 +14,17 @@ def skip_unless_gpu(impl: str, big: bool) -> None:
         pytest.skip("Triton kernels are timed on a CUDA GPU only (the CPU interpreter's times mean nothing)")
     if DEVICE == "cpu" and big:
         pytest.skip("paper-scale shape: GPU only")
+
+
+@contextmanager
+def forced_backend(name: str):
+    """PACOFR_OPS=name for the calls inside (the fused op's public entry, dispatch included)."""
+    old = os.environ.get("PACOFR_OPS")
+    os.environ["PACOFR_OPS"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PACOFR_OPS")
+        else:
+            os.environ["PACOFR_OPS"] = old

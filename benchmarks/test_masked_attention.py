@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common import DEVICE, skip_unless_gpu
+from common import DEVICE, forced_backend, skip_unless_gpu
 
 # (B, H, N, d); lengths uniform in 40-100% of N per sample
 SHAPES = [(8, 4, 197, 64), (256, 12, 197, 64), (16, 12, 1024, 64)]
@@ -28,14 +28,14 @@ def valid_flops(seqlens, h, d, backward: bool) -> float:
 
 
 def implementations():
-    from pacofr.ops import masked_attention, reference
+    from pacofr.ops import reference
 
     def sdpa_masked(q, k, v, seqlens):
         valid = torch.arange(q.shape[2], device=q.device)[None] < seqlens[:, None]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, None, :])
 
     impls = {
-        "triton": lambda q, k, v, s: _forced("triton", masked_attention, q, k, v, s),
+        "triton": _triton,
         "sdpa_bool_mask": sdpa_masked,
         "sdpa_unmasked": lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v),
         "reference": lambda q, k, v, s: reference.masked_attention(q, k, v, s, None, q.shape[-1] ** -0.5)[0],
@@ -49,18 +49,11 @@ def implementations():
     return impls
 
 
-def _forced(backend, op, q, k, v, s):
-    import os
+def _triton(q, k, v, seqlens):
+    from pacofr.ops import masked_attention
 
-    old = os.environ.get("PACOFR_OPS")
-    os.environ["PACOFR_OPS"] = backend
-    try:
-        return op(q, k, v, seqlens=s)
-    finally:
-        if old is None:
-            os.environ.pop("PACOFR_OPS")
-        else:
-            os.environ["PACOFR_OPS"] = old
+    with forced_backend("triton"):
+        return masked_attention(q, k, v, seqlens=seqlens)
 
 
 def _flash_varlen(q, k, v, seqlens):

@@ -5,7 +5,7 @@ and (with backward) the gradient written."""
 import pytest
 import torch
 
-from common import DEVICE, skip_unless_gpu
+from common import DEVICE, forced_backend, skip_unless_gpu
 
 # (B, image size, patch); boundary weight 0.1 as in training
 SHAPES = [(8, 64, 8), (256, 224, 16)]
@@ -36,14 +36,8 @@ def implementations(p):
     compiled = torch.compile(eager)
 
     def triton(pred, images, weight):
-        import os
-
-        old = os.environ.get("PACOFR_OPS")
-        os.environ["PACOFR_OPS"] = "triton"
-        try:
+        with forced_backend("triton"):
             return patch_pixel_loss(pred, images, weight, p, boundary_weight=0.1)
-        finally:
-            os.environ.pop("PACOFR_OPS") if old is None else os.environ.__setitem__("PACOFR_OPS", old)
 
     return {"triton": triton, "eager": eager, "torch_compile": compiled}
 

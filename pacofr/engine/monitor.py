@@ -74,8 +74,9 @@ def reconstruction_grid(images, model_input, pred, mask, replace, patch_size, no
         mean = target.mean(-1, keepdim=True)
         std = (target.var(-1, keepdim=True, correction=1) + eps).sqrt()
         pred = pred * std + mean
-    shown_input = patchify(model_input.float(), p).masked_fill(mask[..., None], float("nan"))
-    recon = torch.where((mask | replace)[..., None], pred, patchify(model_input.float(), p))
+    seen = patchify(model_input.float(), p)
+    shown_input = seen.masked_fill(mask[..., None], float("nan"))
+    recon = torch.where((mask | replace)[..., None], pred, seen)
     columns = [denormalize(images.float().cpu())]
     for patches in (shown_input, recon):
         columns.append(denormalize(unpatchify(patches, p, h, w).cpu()))
