@@ -1,6 +1,6 @@
 """pytest-benchmark: masked_attention (forward, forward+backward) on ragged lengths, Triton
 against SDPA with the equivalent boolean mask, SDPA on unmasked input (its flash path on a
-GPU), the torch reference, and flash-attn's varlen kernel when installed."""
+GPU), the torch reference, and the varlen kernels of flash-attn and xformers when installed."""
 
 import pytest
 import torch
@@ -46,6 +46,12 @@ def implementations():
         impls["flash_attn_varlen"] = _flash_varlen
     except ImportError:
         pass
+    try:
+        from xformers.ops import fmha  # noqa: F401
+
+        impls["xformers_varlen"] = _xformers_varlen
+    except ImportError:
+        pass
     return impls
 
 
@@ -56,19 +62,29 @@ def _triton(q, k, v, seqlens):
         return masked_attention(q, k, v, seqlens=seqlens)
 
 
+def _packed(q, k, v, seqlens):
+    """The valid tokens of q, k, v packed back to back, [total, H, d] each (varlen layout)."""
+    valid = torch.arange(q.shape[2], device=q.device)[None] < seqlens[:, None]
+    return (t.transpose(1, 2)[valid] for t in (q, k, v))
+
+
 def _flash_varlen(q, k, v, seqlens):
     from flash_attn import flash_attn_varlen_func
 
-    b, h, n, d = q.shape
-    valid = torch.arange(n, device=q.device)[None] < seqlens[:, None]
-    pack = lambda t: t.transpose(1, 2)[valid]  # noqa: E731  [total, H, d]
-    cu = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
+    cu = torch.zeros(q.shape[0] + 1, dtype=torch.int32, device=q.device)
     cu[1:] = torch.cumsum(seqlens, 0)
     m = int(seqlens.max())
-    return flash_attn_varlen_func(pack(q), pack(k), pack(v), cu, cu, m, m)
+    return flash_attn_varlen_func(*_packed(q, k, v, seqlens), cu, cu, m, m)
 
 
-IMPLS = ["triton", "sdpa_bool_mask", "sdpa_unmasked", "reference", "flash_attn_varlen"]
+def _xformers_varlen(q, k, v, seqlens):
+    from xformers.ops import fmha
+
+    bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(seqlens.tolist())
+    return fmha.memory_efficient_attention(*(t[None] for t in _packed(q, k, v, seqlens)), attn_bias=bias)
+
+
+IMPLS = ["triton", "sdpa_bool_mask", "sdpa_unmasked", "reference", "flash_attn_varlen", "xformers_varlen"]
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])

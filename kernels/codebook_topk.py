@@ -29,9 +29,9 @@ import triton.language as tl
 
 from . import interpreting as _interpreting
 
-FLT_MAX = 3.4028234663852886e38
 # Scores of NaN (and -inf) rank as this: below every finite score, above the "never" marker.
-NAN_KEY = -FLT_MAX
+# A constexpr: compiled kernels may read only constexpr globals.
+NAN_KEY = tl.constexpr(-3.4028234663852886e38)
 
 
 
@@ -119,13 +119,15 @@ def _topk_fwd_kernel(
         best_idx = tl.where(picked, 2147483647, best_idx)
 
 
-def _blocks(d: int) -> tuple[int, int, int, int]:
+def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays per block operation, not
-    per element: it gets large blocks."""
-    block_d = min(128 if _interpreting() else 64, max(16, triton.next_power_of_2(d)))
+    per element: it gets large blocks. On a GPU the sizes keep every kernel free of register
+    spills on sm_80 and sm_90 (benchmarks/compile_report.py checks): fp32 (IEEE, no tensor
+    cores) takes thinner D slices, and a long best-k list fewer rows."""
     if _interpreting():
-        return 64, 256, block_d, 4
-    return 64, 128, block_d, 8
+        return 64, 256, min(128, max(16, triton.next_power_of_2(d))), 4
+    block_d = min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d)))
+    return 32 if topk > 16 else 64, 64 if dtype == torch.float32 else 128, block_d, 8
 
 
 def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:
@@ -149,7 +151,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     x, codebook = _common(x, codebook)
     n, d = x.shape
     k_codes = codebook.shape[0]
-    block_m, block_n, block_d, warps = _blocks(d)
+    block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
     s = splits or _splits(n, k_codes, k, block_m, block_n, x.device)
     # every split covers whole tiles and at least k codes
     split_len = max(triton.cdiv(triton.cdiv(k_codes, s), block_n) * block_n, triton.cdiv(k, block_n) * block_n)
@@ -273,7 +275,7 @@ def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook:
         grid = (triton.cdiv(n, block_m), triton.cdiv(d, block_d))
         _topk_bwd_kernel[grid](g, xc, cc, idx, grad_x, grad_c, n, d, g.stride(0), xc.stride(0), cc.stride(0),
                                idx.stride(0), grad_x.stride(0), METRIC_L2=metric_l2, TOPK=k, ATOMIC_C=atomic,
-                               BLOCK_M=block_m, BLOCK_D=block_d)
+                               BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8)
         if not atomic:
             flat = idx.reshape(-1)
             order = torch.sort(flat, stable=True).indices  # stable: a fixed order inside each code

@@ -888,3 +888,40 @@ def test_patch_pixel_loss_gradcheck(use_backend, backend, norm_pix):
 
     assert torch.autograd.gradcheck(fn, (pred,), eps=1e-6, atol=1e-6, rtol=1e-5)
     assert torch.autograd.gradcheck(fn_terms, (pred,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- autocast
+
+
+@pytest.mark.parametrize("backend", CB_BACKENDS)
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_codebook_topk_under_autocast_runs_in_autocast_dtype(use_backend, backend, metric):
+    """Like torch.mm: under bf16 autocast, fp32 inputs are searched as bf16, and the
+    gradients reach the fp32 leaves in fp32."""
+    dev = use_backend(backend)
+    gen = torch.Generator().manual_seed(71)
+    x = torch.randn(37, 24, generator=gen).to(dev).requires_grad_()
+    cb = torch.randn(50, 24, generator=gen).to(dev).requires_grad_()
+    with torch.autocast(dev, dtype=BF16):
+        s, i = codebook_topk(x, cb, 4, metric)
+    s_bf16, i_bf16 = codebook_topk(x.detach().to(BF16), cb.detach().to(BF16), 4, metric)
+    s_fp32, _ = codebook_topk(x.detach(), cb.detach(), 4, metric)
+    assert torch.equal(i, i_bf16) and torch.equal(s, s_bf16)
+    assert not torch.equal(s, s_fp32), "autocast did not change the input precision"
+    s.sum().backward()
+    assert x.grad.dtype == F32 and cb.grad.dtype == F32
+    assert torch.isfinite(x.grad).all() and (cb.grad != 0).any()
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_masked_attention_under_autocast_runs_in_autocast_dtype(use_backend, backend):
+    dev = use_backend(backend)
+    gen = torch.Generator().manual_seed(73)
+    q, k, v = (torch.randn(2, 3, 19, 32, generator=gen).to(dev).requires_grad_() for _ in range(3))
+    seqlens = torch.tensor([19, 7], device=dev)
+    with torch.autocast(dev, dtype=BF16):
+        out = masked_attention(q, k, v, seqlens=seqlens)
+    want = masked_attention(*(t.detach().to(BF16) for t in (q, k, v)), seqlens=seqlens)
+    assert out.dtype == BF16 and torch.equal(out, want)
+    out.float().sum().backward()
+    assert all(t.grad.dtype == F32 and torch.isfinite(t.grad).all() for t in (q, k, v))

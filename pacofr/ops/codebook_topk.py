@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, register_triton
+from .dispatch import Backend, autocast_inputs, choose, register, register_triton
 
 MAX_K = 32
 METRICS = ("l2", "ip")
@@ -70,6 +70,8 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tu
     distances ascending, for `"ip"` the inner products descending; ties go to the lower index.
     Differentiable in `x` and `codebook` through `scores`. Never builds the N x K matrix.
     A NaN in a row of `x` gives NaN scores for that row (its indices stay inside [0, K)).
+    Under autocast both inputs are cast to autocast's dtype first (scores still accumulate
+    in fp32).
     """
     if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
         raise ValueError(f"codebook_topk wants x[N, D] and codebook[K, D], got {tuple(x.shape)} and {tuple(codebook.shape)}")
@@ -79,4 +81,5 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tu
         raise ValueError(f"codebook_topk: need 1 <= k <= min({MAX_K}, K={codebook.shape[0]}), got k={k}")
     if x.device != codebook.device:
         raise ValueError(f"codebook_topk: x on {x.device}, codebook on {codebook.device}")
+    x, codebook = autocast_inputs(x.device.type, x, codebook)
     return _forward(x.contiguous(), codebook.contiguous(), int(k), metric)

@@ -8,12 +8,23 @@ else the torch reference. `explain()` tells which backend an op would use and wh
 were rejected.
 """
 
+import functools
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+
+
+def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the floating inputs in autocast's dtype, as torch.mm would take them:
+    a bf16 activation against fp32 parameters then runs the bf16 kernel, not the fp32 one.
+    The cast is differentiable, so gradients reach fp32 parameters in fp32."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
 
 
 def triton_interpreting() -> bool:
@@ -53,7 +64,19 @@ _BACKENDS: dict[str, dict[str, Backend]] = {}
 KNOWN = ("reference", "triton")
 
 
+def _outside_autocast(fn: Callable) -> Callable:
+    """An implementation sets its own precision (fp32 accumulation): torch ops inside it, the
+    reference's matmuls included, must not be autocast. Inputs were cast before the call."""
+    @functools.wraps(fn)
+    def call(*args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args)
+    return call
+
+
 def register(op: str, backend: Backend) -> None:
+    backend = replace(backend, forward=_outside_autocast(backend.forward), backward=_outside_autocast(backend.backward))
     _BACKENDS.setdefault(op, {})[backend.name] = backend
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, register_triton
+from .dispatch import Backend, autocast_inputs, choose, register, register_triton
 
 register("masked_attention", Backend("reference", reference.masked_attention, reference.masked_attention_backward))
 
@@ -77,6 +77,7 @@ def masked_attention(
     `seqlens[B]`: only the first seqlens[b] tokens of sample b are real; queries and keys past
     it are padding, with zero outputs and zero gradients. `key_mask[B, N]` (bool, True = the
     key takes part) restricts keys further. A query with no valid key gets zeros, never NaN.
+    Under autocast q, k, v are cast to autocast's dtype first (softmax stays in fp32).
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"masked_attention wants q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -90,4 +91,5 @@ def masked_attention(
             raise ValueError(f"masked_attention: key_mask must be [B, N]=({b}, {n}), got {tuple(key_mask.shape)}")
         key_mask = key_mask.to(q.device, torch.bool).contiguous()
     scale = float(d**-0.5 if scale is None else scale)
+    q, k, v = autocast_inputs(q.device.type, q, k, v)
     return _forward(q.contiguous(), k.contiguous(), v.contiguous(), seqlens, key_mask, scale)[0]
