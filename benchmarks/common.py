@@ -28,3 +28,8 @@ def forced_backend(name: str):
             os.environ.pop("PACOFR_OPS")
         else:
             os.environ["PACOFR_OPS"] = old
+
+
+def config_name(config: dict) -> str:
+    """A kernel launch configuration in a few characters: BLOCK_M x BLOCK_N, warps, stages."""
+    return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}"

@@ -33,6 +33,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import config_name  # noqa: E402
+
 # Opt-in shared memory per block and registers per SM (CUDA occupancy tables).
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 REGS_PER_SM = 65536
@@ -61,7 +64,7 @@ def _short(dtype: torch.dtype) -> str:
 
 def _codebook_cases(quick):
     """(name, dtype, launch) for each case."""
-    from pacofr.kernels.codebook_topk import codebook_topk_backward, codebook_topk_forward
+    from pacofr.kernels.codebook_topk import SWEEP, codebook_topk_backward, codebook_topk_forward
 
     def case(n, kc, d, k, metric, dtype, splits=None, deterministic=False):
         x, c = torch.randn(n, d).to(dtype), torch.randn(kc, d).to(dtype)
@@ -78,17 +81,21 @@ def _codebook_cases(quick):
     for dtype in (torch.bfloat16, torch.float32):
         yield "codebook_topk N=1000 K=4099 D=3 k=5 ip deterministic", dtype, lambda t=dtype: case(
             1000, 4099, 3, 5, "ip", t, deterministic=True)
+    x, c = torch.randn(4096, 768).bfloat16(), torch.randn(8192, 768).bfloat16()
+    for config in SWEEP:
+        yield f"sweep codebook_topk D=768 k=8 {config_name(config)}", torch.bfloat16, lambda cfg=config: \
+            codebook_topk_forward(x, c, 8, "ip", config=cfg)
 
 
 def _attention_cases(quick):
-    from pacofr.kernels.masked_attention import masked_attention_backward, masked_attention_forward
+    from pacofr.kernels.masked_attention import SWEEP, masked_attention_backward, masked_attention_forward
 
-    def case(n, d, dtype, seq, km):
+    def case(n, d, dtype, seq, km, config=None):
         q, k, v = (torch.randn(2, 3, n, d).to(dtype) for _ in range(3))
         seqlens = torch.tensor([n, n // 2]) if seq else None
         key_mask = torch.rand(2, n) > 0.2 if km else None
-        out, lse = masked_attention_forward(q, k, v, seqlens, key_mask, d**-0.5)
-        masked_attention_backward(torch.randn_like(out), q, k, v, out, lse, seqlens, key_mask, d**-0.5)
+        out, lse = masked_attention_forward(q, k, v, seqlens, key_mask, d**-0.5, config=config)
+        masked_attention_backward(torch.randn_like(out), q, k, v, out, lse, seqlens, key_mask, d**-0.5, config)
 
     for dtype in (torch.bfloat16, torch.float32) if quick else (torch.bfloat16, torch.float16, torch.float32):
         for d in (32, 64, 80, 96, 128):
@@ -96,6 +103,9 @@ def _attention_cases(quick):
     yield "masked_attention N=197 d=64 key_mask", torch.float32, lambda: case(197, 64, torch.float32, False, True)
     yield "masked_attention N=1024 d=64 seqlens+key_mask", torch.bfloat16, lambda: case(
         1024, 64, torch.bfloat16, True, True)
+    for config in SWEEP:
+        yield f"sweep masked_attention d=64 {config_name(config)}", torch.bfloat16, lambda cfg=config: case(
+            197, 64, torch.bfloat16, True, False, cfg)
 
 
 def _loss_cases(quick):

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import config_name  # noqa: E402
 from test_codebook_topk import torch_mm_topk  # noqa: E402
 from test_masked_attention import implementations as attention_impls  # noqa: E402
 from test_masked_attention import ragged_inputs, valid_flops  # noqa: E402
@@ -67,6 +68,22 @@ def peak_extra_mb(fn, args, device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def add_sweep(impls, candidates, make, result, same, failed_rows, row):
+    """impls["triton <config>"] for each candidate launch configuration (kernels' SWEEP) whose
+    result(fn) matches the default configuration's (compared by `same`); a candidate that
+    fails or differs becomes a row with its error instead of a timing."""
+    want = result(make(None))
+    for config in candidates:
+        name = "triton " + config_name(config)
+        try:
+            fn = make(config)
+            if not same(result(fn), want):
+                raise AssertionError("result differs from the default configuration's")
+            impls[name] = fn
+        except Exception as e:
+            failed_rows.append({**row, "impl": name, "error": f"{type(e).__name__}: {e}"[:500]})
+
+
 def ceilings(device, run, quick):
     n = 2048 if quick or device.type != "cuda" else 8192
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -103,7 +120,7 @@ def check_codebook_topk(device):
 
 
 def bench_codebook_topk(device, run, ceil, quick):
-    from pacofr.kernels.codebook_topk import codebook_topk_forward
+    from pacofr.kernels.codebook_topk import SWEEP, codebook_topk_forward
     from pacofr.ops import reference
 
     if device.type == "cuda":
@@ -124,6 +141,12 @@ def bench_codebook_topk(device, run, ceil, quick):
             "reference": lambda x, c: reference.codebook_topk(x, c, k, "ip"),
             "bare GEMM": lambda x, c: x @ c.T,
         }
+        failed = []
+        if (n, kc, d, k) == shapes[0]:  # the launch configurations, at the first (paper) shape
+            add_sweep(impls, SWEEP, lambda cfg: lambda x, c: codebook_topk_forward(x, c, k, "ip", config=cfg),
+                      lambda fn: fn(*inputs[0]),
+                      lambda a, b: (a[1] == b[1]).float().mean() > 0.999 and torch.allclose(a[0], b[0], 1e-3, 1e-3),
+                      failed, {"op": "codebook_topk fwd (ip)", "shape": f"N={n} K={kc} D={d} k={k}"})
         times = {}
         for name, fn in impls.items():
             reps = 5 if name == "reference" else 20
@@ -136,6 +159,7 @@ def bench_codebook_topk(device, run, ceil, quick):
             })
         for row in rows[-len(impls):]:
             row["triton_speedup"] = row["ms"] / times["triton"]  # > 1: Triton is faster
+        rows += failed
     return rows
 
 
@@ -158,15 +182,26 @@ def check_masked_attention(device):
 
 
 def bench_masked_attention(device, run, ceil, quick):
+    from pacofr.kernels.masked_attention import SWEEP
+
     if device.type == "cuda":
         shapes = [(64, 12, 197, 64)] if quick else [(256, 12, 197, 64), (16, 12, 1024, 64)]
         dtype = torch.bfloat16
     else:
         shapes, dtype = [(2, 2, 64, 32)], torch.float32
-    impls = attention_impls()
     rows = []
     for shape in shapes:
+        impls = attention_impls()
         q, k, v, seqlens = ragged_inputs(*shape, dtype)
+        failed = []
+        if shape == shapes[0]:  # the launch configurations, at the first (paper) shape
+            def result(fn):
+                out = fn(q, k, v, seqlens)
+                return (out, *torch.autograd.grad(out.float().sum(), (q, k, v)))
+
+            add_sweep(impls, SWEEP, lambda cfg: lambda q, k, v, s: _Configured.apply(q, k, v, s, cfg), result,
+                      lambda a, b: all(torch.allclose(x.float(), y.float(), 2e-2, 2e-2) for x, y in zip(a, b)),
+                      failed, {"op": "masked_attention", "shape": "B={} H={} N={} d={}".format(*shape)})
         for backward in (False, True):
             def call(fn, backward=backward):
                 out = fn(q, k, v, seqlens)
@@ -185,7 +220,29 @@ def bench_masked_attention(device, run, ceil, quick):
                              "peak_extra_mb": peak_extra_mb(lambda fn=fn: call(fn), (), device)})
             for row in rows[-len(impls):]:
                 row["triton_speedup"] = row["ms"] / times["triton"]
+        rows += failed
     return rows
+
+
+class _Configured(torch.autograd.Function):
+    """masked_attention straight through the kernels with a given launch configuration."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seqlens, config):
+        from pacofr.kernels.masked_attention import masked_attention_forward
+
+        out, lse = masked_attention_forward(q, k, v, seqlens, None, q.shape[-1] ** -0.5, config=config)
+        ctx.save_for_backward(q, k, v, out, lse, seqlens)
+        ctx.config = config
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from pacofr.kernels.masked_attention import masked_attention_backward
+
+        q, k, v, out, lse, seqlens = ctx.saved_tensors
+        grads = masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, None, q.shape[-1] ** -0.5, ctx.config)
+        return (*grads, None, None)
 
 
 def check_patch_pixel_loss(device):
@@ -258,12 +315,15 @@ def main(argv=None) -> int:
         except Exception as e:
             failed.append(f"{op}: {type(e).__name__}: {e}")
             print(f"{op}: FAILED: {traceback.format_exc()}", file=sys.stderr)
-    header = (f"{'op':<26}{'shape':<28}{'impl':<18}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}{'% copy':>8}"
+    header = (f"{'op':<26}{'shape':<28}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}{'% copy':>8}"
               f"{'extra MB':>10}{'speedup':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<18}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+        if "error" in r:
+            print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<22}  FAILED: {r['error']}")
+            continue
+        print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
               f"{r['pct_matmul_ceiling']:>8.1f}{r.get('gbps', float('nan')):>9.0f}{r.get('pct_copy_ceiling', float('nan')):>8.1f}"
               f"{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
     for s in skipped:

@@ -130,6 +130,13 @@ def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return 32 if topk > 16 else 64, 64 if dtype == torch.float32 else 128, block_d, 8
 
 
+# Alternative launch configurations for the low-precision paper-scale search, timed by
+# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all).
+SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
+         dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4),
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4)]
+
+
 def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:
     """How many K ranges: enough programs to fill the GPU when N alone cannot."""
     if device.type != "cuda":
@@ -145,13 +152,17 @@ def _common(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
-                          splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                          splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          config: dict | None = None):
     """(scores[N, k] f32, idx[N, k] i64). `splits` forces the number of K ranges (merged after);
-    `out` receives the result (its previous content is never read)."""
+    `out` receives the result (its previous content is never read); `config` overrides the
+    launch configuration (BLOCK_M, BLOCK_N, num_warps, num_stages; see SWEEP)."""
     x, codebook = _common(x, codebook)
     n, d = x.shape
     k_codes = codebook.shape[0]
     block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
+    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, **(config or {})}
+    block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
     s = splits or _splits(n, k_codes, k, block_m, block_n, x.device)
     # every split covers whole tiles and at least k codes
     split_len = max(triton.cdiv(triton.cdiv(k_codes, s), block_n) * block_n, triton.cdiv(k, block_n) * block_n)
@@ -167,9 +178,8 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
         _topk_fwd_kernel[grid](
             x, codebook, xn, cn, part_s, part_i, n, k_codes, d, split_len,
             x.stride(0), codebook.stride(0), part_s.stride(0), part_s.stride(1), part_i.stride(0), part_i.stride(1),
-            METRIC_L2=metric == "l2", TOPK=k, KP=max(2, triton.next_power_of_2(k)),
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=x.dtype == torch.float32 or _interpreting(),
-            UPCAST=_interpreting(), num_warps=warps,
+            METRIC_L2=metric == "l2", TOPK=k, KP=max(2, triton.next_power_of_2(k)), BLOCK_D=block_d,
+            IEEE=x.dtype == torch.float32 or _interpreting(), UPCAST=_interpreting(), **launch,
         )
     if s == 1:
         return (part_s[0], part_i[0]) if out is None else out

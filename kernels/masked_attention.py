@@ -187,35 +187,44 @@ def _config(d: int, dtype: torch.dtype, backward: bool) -> dict:
                 PRECISION="tf32", num_warps=4 if small else 8)
 
 
+# Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
+# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). They
+# apply to the forward and both backward kernels alike.
+SWEEP = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4),
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)]
+
+
 def _masks(q, seqlens, key_mask):
     seq = seqlens.to(torch.int32).contiguous() if seqlens is not None else q.new_empty(0, dtype=torch.int32)
     km = key_mask.to(torch.int8).contiguous() if key_mask is not None else q.new_empty(0, dtype=torch.int8)
     return seq, km, dict(HAS_SEQ=seqlens is not None, HAS_KM=key_mask is not None)
 
 
-def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None):
-    """(out [B, H, N, d] in q's dtype, lse [B, H, N] f32). `out` receives the result."""
+def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config=None):
+    """(out [B, H, N, d] in q's dtype, lse [B, H, N] f32). `out` receives the result;
+    `config` overrides the launch configuration (see SWEEP)."""
     b, h, n, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     if out.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = _config(d, q.dtype, backward=False)
+        cfg = {**_config(d, q.dtype, backward=False), **(config or {})}
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
         _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, **flags, **cfg)
     return out, lse
 
 
-def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
-    """(dq, dk, dv): atomic-free, so bitwise reproducible."""
+def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None):
+    """(dq, dk, dv): atomic-free, so bitwise reproducible. `config` as in the forward."""
     b, h, n, d = q.shape
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = _config(d, q.dtype, backward=True)
+        cfg = {**_config(d, q.dtype, backward=True), **(config or {})}
         _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
             q, k, v, grad_out, lse, delta, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg)
         _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](

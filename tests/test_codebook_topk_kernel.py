@@ -152,3 +152,16 @@ def test_model_uses_the_kernel_for_both_searches(monkeypatch, faces64):
     out["loss"].backward()
     assert "ip" in calls and "l2" in calls  # belief candidates and nearest codes
     assert torch.isfinite(out["loss"]) and model.belief.fc1.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c))
+def test_every_swept_launch_configuration_is_correct(config):
+    """The alternatives gpu_report.py times: other tile shapes change how tiles are merged,
+    not the result (against the float64 brute force, both metrics, poisoned outputs)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(197, 48, generator=gen).to(DEVICE, torch.bfloat16)
+    c = torch.randn(1000, 48, generator=gen).to(DEVICE, torch.bfloat16)
+    for metric in ("l2", "ip"):
+        out = (torch.full((197, 8), math.nan, device=DEVICE), torch.full((197, 8), -7, dtype=torch.int64, device=DEVICE))
+        scores, idx = kernel.codebook_topk_forward(x, c, 8, metric, out=out, config=config)
+        _check(x.float(), c.float(), 8, metric, scores, idx, rtol=2e-4)

@@ -1,5 +1,5 @@
-"""Every Triton kernel compiles for an H100 (sm_90) through Triton's full pipeline, ptxas
-included, with the launch configurations the wrappers pick on a GPU. The interpreter runs
+"""Every Triton kernel compiles for an H100 (sm_90) and an A100 (sm_80) through Triton's full
+pipeline, ptxas included, with the launch configurations the wrappers pick on a GPU. The interpreter runs
 the kernels' logic but never compiles them: code that only a compiler rejects (a global that
 is not constexpr, shared memory over the per-block limit) and register spills show up here.
 
@@ -30,37 +30,62 @@ def _kernel_names() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def sm90(tmp_path_factory):
+def reports(tmp_path_factory):
+    """{arch: (rows, exit status, printed table)}; the two compiles run side by side (ptxas
+    is single-threaded)."""
     if not CUOBJDUMP.exists():
         pytest.skip("this Triton wheel ships no CUDA binaries (ptxas, cuobjdump)")
-    out = tmp_path_factory.mktemp("compile") / "sm90.json"
-    proc = subprocess.run([sys.executable, str(REPORT), "--arch", "90", "--quick", "--json", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=1200)
-    assert out.exists(), proc.stdout + proc.stderr
-    return json.loads(out.read_text())["rows"], proc
+    out = tmp_path_factory.mktemp("compile")
+    procs = {arch: subprocess.Popen([sys.executable, str(REPORT), "--arch", str(arch), "--quick", "--json",
+                                     str(out / f"sm{arch}.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, cwd=ROOT) for arch in (90, 80)}
+    result = {}
+    for arch, proc in procs.items():
+        text = proc.communicate(timeout=1200)[0]
+        path = out / f"sm{arch}.json"
+        assert path.exists(), text
+        result[arch] = json.loads(path.read_text())["rows"], proc.returncode, text
+    return result
 
 
-def test_every_kernel_compiles_and_fits(sm90):
-    rows, proc = sm90
+@pytest.fixture
+def sm90(reports):
+    return reports[90]
+
+
+@pytest.fixture(params=[90, 80], ids=["sm90", "sm80"])
+def compiled(request, reports):
+    return reports[request.param]
+
+
+def test_every_kernel_compiles_and_fits(compiled):
+    rows, status, text = compiled
     errors = [f"{r['case']}: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n".join(errors)
     unfit = [f"{r['case']} {r['kernel']}: {r['problems']}" for r in rows if r["problems"]]
     assert not unfit, "\n".join(unfit)
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert status == 0, text[-3000:]
     assert {r["kernel"] for r in rows} == _kernel_names()
 
 
 def test_fast_paths_do_not_spill(sm90):
-    """Only fp32 attention (IEEE products on CUDA cores, the exact path) may spill."""
-    rows, _ = sm90
-    spills = [f"{r['case']} {r['kernel']}: {r['spill_bytes']} B" for r in rows
-              if r["spill_bytes"] and not (r["case"].startswith("masked_attention") and r["dtype"] == "fp32")]
+    """On sm_90 the default configurations do not spill, except fp32 attention (IEEE products
+    on CUDA cores, the exact path). The alternatives that gpu_report.py sweeps only have to
+    launch. (On sm_80 the key_mask attention backward spills 8 bytes: not asserted.)"""
+    rows, _, _ = sm90
+
+    def allowed(r):
+        return r["case"].startswith("sweep") or (r["case"].startswith("masked_attention") and r["dtype"] == "fp32")
+
+    spills = [f"{r['case']} {r['kernel']}: {r['spill_bytes']} B" for r in rows if r["spill_bytes"] and not allowed(r)]
     assert not spills, "\n".join(spills)
 
 
-def test_low_precision_products_use_tensor_cores(sm90):
-    rows, _ = sm90
+MATMUL_KERNELS = ("_topk_fwd_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+
+
+def test_low_precision_products_use_tensor_cores(compiled):
+    rows, _, _ = compiled
     for r in rows:
-        if r["dtype"] != "fp32" and r["kernel"] in ("_topk_fwd_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel",
-                                   "_attn_bwd_dq_kernel"):
+        if r["dtype"] != "fp32" and r["kernel"] in MATMUL_KERNELS:
             assert r["tensor_cores"], f"{r['case']} {r['kernel']}: no mma/wgmma in the PTX"

@@ -925,3 +925,17 @@ def test_masked_attention_under_autocast_runs_in_autocast_dtype(use_backend, bac
     assert out.dtype == BF16 and torch.equal(out, want)
     out.float().sum().backward()
     assert all(t.grad.dtype == F32 and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_explain_names_the_choice_and_the_rejections(monkeypatch):
+    """explain() says which backend runs and why each other one was not taken; shapes come
+    from meta tensors, so nothing is allocated."""
+    if "triton" not in ops.backends("codebook_topk"):
+        pytest.skip("no Triton backend here")
+    monkeypatch.delenv("PACOFR_OPS", raising=False)
+    dev = "cuda" if torch.cuda.is_available() else "meta"  # where Triton is preferred
+    small = torch.empty(197, 48, device="meta")
+    assert ops.explain("codebook_topk", dev, x=small, codebook=small, k=4, metric="l2") == "codebook_topk: triton"
+    for x, why in ((small.double(), "float64"), (torch.empty(2**25, 64, device="meta"), "2^31")):
+        line = ops.explain("codebook_topk", dev, x=x, codebook=small, k=4, metric="l2")
+        assert line.startswith("codebook_topk: reference (rejected triton: ") and why in line, line
