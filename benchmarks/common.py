@@ -33,3 +33,24 @@ def forced_backend(name: str):
 def config_name(config: dict) -> str:
     """A kernel launch configuration in a few characters: BLOCK_M x BLOCK_N, warps, stages."""
     return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}"
+
+
+_ONES: dict = {}
+
+
+def grads_of(out: torch.Tensor, inputs) -> tuple:
+    """The gradients of `out` w.r.t. `inputs` for an upstream gradient of ones, returned, not
+    accumulated into .grad: accumulating would add a read-modify-write of every gradient to
+    each timed call, the same for every implementation, and hide their differences."""
+    key = (tuple(out.shape), out.dtype, out.device)
+    if key not in _ONES:
+        _ONES[key] = torch.ones_like(out)
+    return torch.autograd.grad(out, inputs, _ONES[key])
+
+
+def rotated(tensors, copies: int = 2) -> list:
+    """`copies` sets of the same values at different addresses (the first is `tensors`), so
+    consecutive timed calls do not find their inputs in L2."""
+    def clone(t):
+        return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+    return [tuple(tensors)] + [tuple(clone(t) for t in tensors) for _ in range(copies - 1)]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import config_name  # noqa: E402
+from common import config_name, grads_of, rotated  # noqa: E402
 from test_codebook_topk import torch_mm_topk  # noqa: E402
 from test_masked_attention import implementations as attention_impls  # noqa: E402
 from test_masked_attention import ragged_inputs, valid_flops  # noqa: E402
@@ -192,32 +192,33 @@ def bench_masked_attention(device, run, ceil, quick):
     rows = []
     for shape in shapes:
         impls = attention_impls()
-        q, k, v, seqlens = ragged_inputs(*shape, dtype)
+        inputs = rotated(ragged_inputs(*shape, dtype))
+        q, k, v, seqlens = inputs[0]
         failed = []
         if shape == shapes[0]:  # the launch configurations, at the first (paper) shape
             def result(fn):
                 out = fn(q, k, v, seqlens)
-                return (out, *torch.autograd.grad(out.float().sum(), (q, k, v)))
+                return (out, *grads_of(out, (q, k, v)))
 
             add_sweep(impls, SWEEP, lambda cfg: lambda q, k, v, s: _Configured.apply(q, k, v, s, cfg), result,
                       lambda a, b: all(torch.allclose(x.float(), y.float(), 2e-2, 2e-2) for x, y in zip(a, b)),
                       failed, {"op": "masked_attention", "shape": "B={} H={} N={} d={}".format(*shape)})
         for backward in (False, True):
-            def call(fn, backward=backward):
-                out = fn(q, k, v, seqlens)
+            def call(fn, q, k, v, s, backward=backward):
+                out = fn(q, k, v, s)
                 if backward:
-                    out.float().sum().backward()
+                    grads_of(out, (q, k, v))
             times = {}
             for name, fn in impls.items():
                 reps = 3 if name == "reference" else 10
-                times[name] = run(lambda fn=fn: call(fn), [()], reps=reps, warmup=2)
+                times[name] = run(lambda *a, fn=fn: call(fn, *a), inputs, reps=reps, warmup=2)
                 flops = valid_flops(seqlens, shape[1], shape[3], backward)
                 rows.append({"op": "masked_attention " + ("fwd+bwd" if backward else "fwd"),
                              "shape": "B={} H={} N={} d={}".format(*shape), "impl": name,
                              "dtype": str(dtype).replace("torch.", ""), "ms": times[name],
                              "tflops": flops / times[name] / 1e9,
                              "pct_matmul_ceiling": 100 * flops / times[name] / 1e9 / ceil["matmul_tflops"],
-                             "peak_extra_mb": peak_extra_mb(lambda fn=fn: call(fn), (), device)})
+                             "peak_extra_mb": peak_extra_mb(lambda *a, fn=fn: call(fn, *a), inputs[0], device)})
             for row in rows[-len(impls):]:
                 row["triton_speedup"] = row["ms"] / times["triton"]
         rows += failed
@@ -262,23 +263,24 @@ def check_patch_pixel_loss(device):
 
 def bench_patch_pixel_loss(device, run, ceil, quick):
     shape = (256, 224, 16) if device.type == "cuda" and not quick else (8, 64, 8)
-    pred, images, weight = loss_inputs(*shape)
+    inputs = rotated(loss_inputs(*shape))
+    pred, images, _ = inputs[0]
     impls = loss_impls(shape[2])
     rows = []
     for backward in (False, True):
-        def call(fn, backward=backward):
+        def call(fn, pred, images, weight, backward=backward):
             loss = fn(pred, images, weight)
             if backward:
-                loss.backward()
+                grads_of(loss, (pred,))
         times = {}
         for name, fn in impls.items():
-            times[name] = run(lambda fn=fn: call(fn), [()], reps=10, warmup=3)
+            times[name] = run(lambda *a, fn=fn: call(fn, *a), inputs, reps=10, warmup=3)
             gbps = minimal_bytes(pred, images, backward) / times[name] / 1e6
             rows.append({"op": "patch_pixel_loss " + ("fwd+bwd" if backward else "fwd"),
                          "shape": "B={} {}px p={}".format(*shape), "impl": name, "dtype": "float32",
                          "ms": times[name], "gbps": gbps, "pct_copy_ceiling": 100 * gbps / ceil["copy_gbps"],
                          "tflops": float("nan"), "pct_matmul_ceiling": float("nan"),
-                         "peak_extra_mb": peak_extra_mb(lambda fn=fn: call(fn), (), device)})
+                         "peak_extra_mb": peak_extra_mb(lambda *a, fn=fn: call(fn, *a), inputs[0], device)})
         for row in rows[-len(impls):]:
             row["triton_speedup"] = row["ms"] / times["triton"]
     return rows

@@ -5,7 +5,7 @@ and (with backward) the gradient written."""
 import pytest
 import torch
 
-from common import DEVICE, forced_backend, skip_unless_gpu
+from common import DEVICE, forced_backend, grads_of, skip_unless_gpu
 
 # (B, image size, patch); boundary weight 0.1 as in training
 SHAPES = [(8, 64, 8), (256, 224, 16)]
@@ -53,7 +53,7 @@ def test_patch_pixel_loss(benchmark, shape, impl, backward):
     def run():
         loss = fn(pred, images, weight)
         if backward:
-            loss.backward()
+            grads_of(loss, (pred,))
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         return loss
