@@ -119,22 +119,34 @@ def _topk_fwd_kernel(
         best_idx = tl.where(picked, 2147483647, best_idx)
 
 
+def _hopper() -> bool:
+    """The current CUDA target is sm_90 (H100/H200): the compile target Triton reports."""
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and target.arch == 90
+
+
 def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays per block operation, not
     per element: it gets large blocks. On a GPU the sizes keep every kernel free of register
-    spills on sm_80 and sm_90 (benchmarks/compile_report.py checks): fp32 (IEEE, no tensor
-    cores) takes thinner D slices, and a long best-k list fewer rows."""
+    spills (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores) takes
+    thinner D slices, and a long best-k list fewer rows. On an H100, 4 warps on 64 x 128
+    tiles timed fastest of the SWEEP at the paper shape (3.0 ms against 4.3 ms with 8 warps,
+    benchmarks/results/); elsewhere 8 warps, which do not spill on sm_80."""
     if _interpreting():
         return 64, 256, min(128, max(16, triton.next_power_of_2(d))), 4
-    block_d = min(32 if dtype == torch.float32 else 64, max(16, triton.next_power_of_2(d)))
-    return 32 if topk > 16 else 64, 64 if dtype == torch.float32 else 128, block_d, 8
+    low = dtype != torch.float32
+    block_d = min(64 if low else 32, max(16, triton.next_power_of_2(d)))
+    warps = 4 if low and 2 <= topk <= 16 and _hopper() else 8  # k = 1 spills 8 B with 4
+    return 32 if topk > 16 else 64, 128 if low else 64, block_d, warps
 
 
 # Alternative launch configurations for the low-precision paper-scale search, timed by
 # benchmarks/gpu_report.py beside the default (compile_report.py compiles them all).
 SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
-         dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=4),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=4)]
+         dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=8),
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)]
 
 
 def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:
@@ -161,7 +173,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     n, d = x.shape
     k_codes = codebook.shape[0]
     block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
-    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": warps, **(config or {})}
+    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, **(config or {})}
     block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
     s = splits or _splits(n, k_codes, k, block_m, block_n, x.device)
     # every split covers whole tiles and at least k codes
@@ -178,7 +190,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
         _topk_fwd_kernel[grid](
             x, codebook, xn, cn, part_s, part_i, n, k_codes, d, split_len,
             x.stride(0), codebook.stride(0), part_s.stride(0), part_s.stride(1), part_i.stride(0), part_i.stride(1),
-            METRIC_L2=metric == "l2", TOPK=k, KP=max(2, triton.next_power_of_2(k)), BLOCK_D=block_d,
+            METRIC_L2=metric == "l2", TOPK=k, KP=max(2, triton.next_power_of_2(k)),
             IEEE=x.dtype == torch.float32 or _interpreting(), UPCAST=_interpreting(), **launch,
         )
     if s == 1:
@@ -193,12 +205,16 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
 
 def merge_splits(part_s: torch.Tensor, part_i: torch.Tensor, k: int, metric: str):
     """Best k of the per-split lists [S, N, k]. Concatenated in split order, columns are in
-    code order among equal keys, so the column-order tie rule is the index rule."""
+    code order among equal keys, so the column-order tie rule is the index rule. A split
+    shorter than k (the last one can be) leaves slots empty (negative index): they rank
+    below everything, NaN scores just above them, as in the kernel."""
     from pacofr.ops.reference import _best_positions
 
     s = part_s.permute(1, 0, 2).reshape(part_s.shape[1], -1)
     i = part_i.permute(1, 0, 2).reshape(part_i.shape[1], -1)
-    key = torch.nan_to_num(s if metric == "ip" else -s, nan=-float("inf"))
+    key = s if metric == "ip" else -s
+    key = torch.where(torch.isnan(key) | (key == -float("inf")), NAN_KEY.value, key)
+    key = torch.where(i < 0, -float("inf"), key)
     pos = _best_positions(key, k)
     return s.gather(1, pos), i.gather(1, pos)
 

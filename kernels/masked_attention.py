@@ -6,10 +6,10 @@ blocks that lie wholly past it do no work: padded tiles are skipped, not compute
 Padded query rows and rows with no valid key store zeros and lse = +inf, so exp(s - lse) is
 exactly 0 for them in the backward too.
 
-Backward: delta = rowsum(dO * O) (torch), then two kernels: one per key block accumulates dk
-and dv over the query blocks, one per query block accumulates dq over the key blocks. No
-program writes another's output, so there are no atomics and the gradients are bitwise
-reproducible.
+Backward: delta = rowsum(dO * O) in fp32 (a small kernel reading dO and O once), then two
+kernels: one per key block accumulates dk and dv over the query blocks, one per query block
+accumulates dq over the key blocks. No program writes another's output, so there are no
+atomics and the gradients are bitwise reproducible.
 
 Head dims that are not powers of two (80, 96) are padded to the next one inside the kernel.
 The CPU interpreter computes bf16/fp16 dots wrongly, so there the tiles are upcast to fp32.
@@ -113,6 +113,18 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
 
 
 @triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, ROWS, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 over [ROWS, D] (torch would write fp32 copies of both)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < ROWS) & (dims[None, :] < D)
+    offs = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + rows, tl.sum(o * do, axis=1), mask=rows < ROWS)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D,
                           HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -171,26 +183,27 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
     tl.store(DQ + base + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def _config(d: int, dtype: torch.dtype, backward: bool) -> dict:
-    """Tile sizes and dot precision. On a GPU, fp16/bf16 tiles are free of register spills
-    on sm_80 and sm_90 (benchmarks/compile_report.py checks); the backward, with two more
-    tiles live, takes 64-row query blocks. fp32 keeps IEEE products, which run on CUDA cores
-    and need small tiles (head dims above 64 still spill a little: fp32 is the exact path,
-    not the fast one)."""
+def _config(d: int, dtype: torch.dtype) -> dict:
+    """Tile sizes and dot precision, one set for the forward and both backward kernels. On a
+    GPU, fp16/bf16 tiles are free of register spills on sm_90 (benchmarks/compile_report.py
+    reports them). At d=64 on an H100, 64 x 64 tiles with 4 warps were among the fastest of
+    the SWEEP (B=256, N=197, two runs in benchmarks/results/: fwd 0.20-0.25 ms, fwd+bwd
+    1.25-1.47 ms; 128-row tiles 10% slower forward, 10-20% fwd+bwd). fp32 keeps IEEE
+    products, which run on CUDA cores and need small tiles (head dims above 64 still spill a
+    little: fp32 is the exact path, not the fast one)."""
     block_d = max(16, triton.next_power_of_2(d))
     if _interpreting():  # per block-op cost: few, large blocks
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee")
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee", num_warps=8)
-    small = block_d <= 64
-    return dict(BLOCK_M=128 if small and not backward else 64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False,
-                PRECISION="tf32", num_warps=4 if small else 8)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False, PRECISION="tf32",
+                num_warps=4 if block_d <= 64 else 8)
 
 
 # Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
 # benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). They
 # apply to the forward and both backward kernels alike.
-SWEEP = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4),
+SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)]
 
@@ -210,7 +223,7 @@ def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     if out.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = {**_config(d, q.dtype, backward=False), **(config or {})}
+        cfg = {**_config(d, q.dtype), **(config or {})}
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
         _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, **flags, **cfg)
     return out, lse
@@ -220,11 +233,15 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
     """(dq, dk, dv): atomic-free, so bitwise reproducible. `config` as in the forward."""
     b, h, n, d = q.shape
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    out = out.contiguous()
+    delta = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = {**_config(d, q.dtype, backward=True), **(config or {})}
+        cfg = {**_config(d, q.dtype), **(config or {})}
+        block_r = 256 if _interpreting() else 64
+        _attn_bwd_delta_kernel[(triton.cdiv(b * h * n, block_r),)](out, grad_out, delta, b * h * n, d, BLOCK_R=block_r,
+                                                                     BLOCK_D=cfg["BLOCK_D"])
         _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
             q, k, v, grad_out, lse, delta, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg)
         _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](

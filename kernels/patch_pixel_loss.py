@@ -145,7 +145,7 @@ def _grad_kernel(PRED, IMG, WGT, MEAN, STD, GRAD, g_pix, g_sc, NP, H, W, GH, GW,
 
 
 # The gradient pass holds a patch and its four borders: eight warps keep it free of register
-# spills on sm_80 and sm_90 (benchmarks/compile_report.py checks).
+# spills on sm_80 and sm_90 (benchmarks/compile_report.py reports it).
 _GRAD_WARPS = 8
 
 

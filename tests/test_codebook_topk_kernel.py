@@ -147,14 +147,14 @@ def test_model_uses_the_kernel_for_both_searches(monkeypatch, faces64):
     monkeypatch.setattr(kernel, "codebook_topk_forward", spy)
     monkeypatch.setenv("PACOFR_OPS", "triton")
     torch.manual_seed(0)
-    model = PaCoFR(load_config("tiny"))
-    out = model(faces64[:2], generator=torch.Generator().manual_seed(0))
+    model = PaCoFR(load_config("tiny")).to(DEVICE)
+    out = model(faces64[:2].to(DEVICE), generator=torch.Generator(DEVICE).manual_seed(0))
     out["loss"].backward()
     assert "ip" in calls and "l2" in calls  # belief candidates and nearest codes
     assert torch.isfinite(out["loss"]) and model.belief.fc1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c))
+@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}w{num_warps}".format(**c))
 def test_every_swept_launch_configuration_is_correct(config):
     """The alternatives gpu_report.py times: other tile shapes change how tiles are merged,
     not the result (against the float64 brute force, both metrics, poisoned outputs)."""
@@ -165,3 +165,20 @@ def test_every_swept_launch_configuration_is_correct(config):
         out = (torch.full((197, 8), math.nan, device=DEVICE), torch.full((197, 8), -7, dtype=torch.int64, device=DEVICE))
         scores, idx = kernel.codebook_topk_forward(x, c, 8, metric, out=out, config=config)
         _check(x.float(), c.float(), 8, metric, scores, idx, rtol=2e-4)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_split_shorter_than_k_leaves_no_empty_slot(metric):
+    """K = 4099 in 17 splits of 256 codes: the last split holds 3 codes, fewer than k = 5, so
+    its list has empty slots. The merge must never pick them, NaN rows included (a GPU picks
+    this split count on its own for small N)."""
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(9, 8, generator=gen).to(DEVICE)
+    x[4, 2] = math.nan
+    c = torch.randn(4099, 8, generator=gen).to(DEVICE)
+    one = kernel.codebook_topk_forward(x, c, 5, metric, splits=1)
+    split = kernel.codebook_topk_forward(x, c, 5, metric, splits=17)
+    assert ((split[1] >= 0) & (split[1] < 4099)).all()
+    keep = torch.arange(9, device=DEVICE) != 4
+    assert torch.equal(one[1][keep], split[1][keep]) and torch.equal(one[0][keep], split[0][keep])
+    assert split[0][4].isnan().all()

@@ -73,7 +73,7 @@ def test_attn_impl_switch_gives_the_same_model_output(monkeypatch, faces64):
         assert (pred - base).abs().max() < 1e-4, key
 
 
-@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}".format(**c))
+@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}w{num_warps}s{}".format(c.get("num_stages", 3), **c))
 def test_every_swept_launch_configuration_is_correct(config):
     """The alternatives gpu_report.py times give the reference's output and gradients, with
     ragged lengths (0 and full included) and poisoned outputs."""

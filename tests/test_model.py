@@ -196,3 +196,16 @@ def test_torch_compile_training_step(faces64):
     assert torch.allclose(out["loss"], eager_out["loss"], rtol=1e-4, atol=1e-5)
     for name, grad in eager_grads.items():
         assert torch.allclose(model.get_parameter(name).grad, grad, rtol=1e-3, atol=1e-5), name
+
+
+def test_nearest_codes_ignore_autocast():
+    """The nearest-code search keeps fp32 under bf16 autocast: bf16 rounding would flip the
+    assignment of nearly tied patches."""
+    from pacofr.model.codebook import nearest_codes
+
+    gen = torch.Generator().manual_seed(3)
+    patches, codes = torch.randn(4000, 48, generator=gen), torch.randn(512, 48, generator=gen)
+    want = nearest_codes(patches, codes)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = nearest_codes(patches, codes)
+    assert torch.equal(got, want)

@@ -145,5 +145,8 @@ def belief_loss(belief: Tensor, scores: Tensor, idx: Tensor, keys: Tensor, targe
 
 
 def nearest_codes(patches: Tensor, codes: Tensor) -> Tensor:
-    """Index of the nearest code of each patch in pixel space (squared L2)."""
-    return codebook_topk(patches, codes, 1, "l2")[1][:, 0]
+    """Index of the nearest code of each patch in pixel space (squared L2), searched in the
+    inputs' own precision: autocast is off here, since bf16 rounding would flip the nearest
+    code of nearly tied patches (the belief target and the EMA assignment)."""
+    with torch.autocast(patches.device.type, enabled=False):
+        return codebook_topk(patches, codes, 1, "l2")[1][:, 0]

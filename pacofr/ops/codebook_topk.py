@@ -15,8 +15,8 @@ register("codebook_topk", Backend("reference", reference.codebook_topk, referenc
 def _triton_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> str | None:
     if torch.float64 in (x.dtype, codebook.dtype):
         return "float64 runs on the reference"
-    if max(x.numel(), codebook.numel()) >= 2**31:
-        return "an input of 2^31 elements or more (the kernel's offsets are int32)"
+    if max(x.numel(), codebook.numel(), x.shape[0] * k) >= 2**31:
+        return "an input or output of 2^31 elements or more (the kernel's offsets are int32)"
     return None
 
 

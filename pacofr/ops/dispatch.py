@@ -23,8 +23,8 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Ten
     The cast is differentiable, so gradients reach fp32 parameters in fp32."""
     if not torch.is_autocast_enabled(device_type):
         return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    dtype = torch.get_autocast_dtype(device_type)  # float64 is left alone, as autocast does
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
 
 
 def triton_interpreting() -> bool:
