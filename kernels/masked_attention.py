@@ -72,24 +72,32 @@ def _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST: tl.constexpr, P
 
 
 @triton.jit
+def _slab(SEQ, H, N, D, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's share of its (batch x head) slab [N, D]: the slab's index, its sample, its
+    offset, the sample's length, the program's BLOCK positions along N, the (padded) head
+    dims, the in-bounds mask of that tile, and where its loop over the other side stops
+    (0 for a block wholly past the length: no work)."""
+    bh = tl.program_id(1)
+    b = bh // H
+    length = _row_length(SEQ, b, N, HAS_SEQ)
+    first = tl.program_id(0) * BLOCK
+    idx = first + tl.arange(0, BLOCK)
+    dims = tl.arange(0, BLOCK_D)
+    mask = (idx[:, None] < N) & (dims[None, :] < D)
+    return bh, b, bh.to(tl.int64) * N * D, length, idx, dims, mask, tl.where(first < length, length, 0)
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
                      HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * N * D
-    length = _row_length(SEQ, b, N, HAS_SEQ)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
+    bh, b, base, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_M, BLOCK_D)
     q = _tile(Q, base, rows, dims, D, N)
 
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     qk_scale = scale * 1.4426950408889634  # work in base 2
-    hi = tl.where(pid_m * BLOCK_M < length, length, 0)  # a block wholly past the length: no work
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, base, cols, dims, D, length)
@@ -107,8 +115,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
     row_ok = (rows < length) & (l_i > 0)
     out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(row_ok, (m_i + tl.math.log2(tl.where(row_ok, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    tl.store(O + base + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty),
-             mask=(rows[:, None] < N) & d_ok[None, :])
+    tl.store(O + base + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
@@ -128,21 +135,12 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, ROWS, D, BLOCK_R: tl.constexpr, BLOCK_D
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D,
                           HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * N * D
-    length = _row_length(SEQ, b, N, HAS_SEQ)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
-    kv_mask = (cols[:, None] < N) & d_ok[None, :]
+    bh, b, base, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_N, BLOCK_D)
     k = _tile(K, base, cols, dims, D, N)
     v = _tile(V, base, cols, dims, D, N)
     valid = _key_valid(KM, b, N, cols, length, HAS_KM)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    hi = tl.where(pid_n * BLOCK_N < length, length, 0)
     for m0 in range(0, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         q = _tile(Q, base, rows, dims, D, length)
@@ -159,20 +157,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N,
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
                         HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    base = bh.to(tl.int64) * N * D
-    length = _row_length(SEQ, b, N, HAS_SEQ)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    d_ok = dims < D
-    q_mask = (rows[:, None] < N) & d_ok[None, :]
+    bh, b, base, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_M, BLOCK_D)
     q = _tile(Q, base, rows, dims, D, N)
     do = _tile(DO, base, rows, dims, D, N)
     lse, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    hi = tl.where(pid_m * BLOCK_M < length, length, 0)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, base, cols, dims, D, length)
