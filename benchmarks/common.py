@@ -31,7 +31,10 @@ def forced_backend(name: str):
 
 
 def config_name(config: dict) -> str:
-    """A kernel launch configuration in a few characters: BLOCK_M x BLOCK_N, warps, stages."""
+    """A kernel launch configuration in a few characters: BLOCK_M x BLOCK_N (or the elements
+    per program), warps, stages."""
+    if "BLOCK" in config:
+        return f"{config['BLOCK']} w{config['num_warps']}"
     return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}"
 
 

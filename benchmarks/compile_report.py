@@ -109,20 +109,24 @@ def _attention_cases(quick):
 
 
 def _loss_cases(quick):
-    from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_backward, patch_pixel_loss_forward
+    from pacofr.kernels.patch_pixel_loss import SWEEP, patch_pixel_loss_backward, patch_pixel_loss_forward
 
-    def case(h, w, p, c, dtype, norm):
+    def case(h, w, p, c, dtype, norm, config=None):
         gh, gw = h // p, w // p
         pred = torch.randn(2, gh * gw, p * p * c).to(dtype)
         images, weight = torch.rand(2, c, h, w), (torch.rand(2, gh * gw) > 0.5).float()
-        patch_pixel_loss_forward(pred, images, weight, p, norm, 1e-6)
-        patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.5), pred, images, weight, p, norm, 1e-6)
+        *_, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, norm, 1e-6, config=config)
+        patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.5), pred, images, weight, stats, norms, p, norm,
+                                  1e-6, config=config)
 
     for h, w, p, c in ((224, 224, 16, 3), (224, 224, 14, 3), (64, 64, 8, 3), (96, 160, 16, 1)):
         for dtype in (torch.float32, torch.bfloat16):
             yield f"patch_pixel_loss {h}x{w} p={p} C={c}", dtype, lambda a=(h, w, p, c, dtype): case(*a, True)
     yield "patch_pixel_loss 224x224 p=16 C=3 no norm_pix", torch.float32, lambda: case(
         224, 224, 16, 3, torch.float32, False)
+    for config in SWEEP:
+        yield f"sweep patch_pixel_loss p=16 C=3 {config_name(config)}", torch.bfloat16, lambda cfg=config: case(
+            224, 224, 16, 3, torch.bfloat16, True, cfg)
 
 
 def _resources(kernel) -> dict:
@@ -131,10 +135,13 @@ def _resources(kernel) -> dict:
         f.flush()
         text = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK):(\d+)", text))
     # Triton kernels keep no arrays in local memory: a stack frame is register spills.
     return {"regs": int(usage["REG"]), "spill_bytes": int(usage["STACK"]),
             "tensor_cores": bool(re.search(r"\b(wgmma|mma)\.", kernel.asm["ptx"])),
+            # static count: for a kernel without loops, what each thread executes
+            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
             "shared": int(kernel.metadata.shared), "num_warps": kernel.metadata.num_warps,
             "num_stages": kernel.metadata.num_stages}
 
@@ -200,14 +207,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     t0 = time.time()
     rows = compile_all(args.arch, args.quick, args.only)
-    header = f"{'case':<54}{'kernel':<28}{'warps':>6}{'regs':>6}{'spill B':>8}{'smem KB':>9}{'  mma':>5}"
+    header = f"{'case':<54}{'kernel':<28}{'warps':>6}{'regs':>6}{'spill B':>8}{'smem KB':>9}{'  mma':>5}{'instr':>7}"
     print(f"sm_{args.arch}, triton {triton.__version__}\n{header}\n{'-' * len(header)}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<54}COMPILE ERROR: {r['error'].splitlines()[-1]}")
             continue
         print(f"{r['case']:<54}{r['kernel']:<28}{r['num_warps']:>6}{r['regs']:>6}{r['spill_bytes']:>8}"
-              f"{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}" + "".join(f"\n    ! {p}" for p in r["problems"]))
+              f"{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}{r['instructions']:>7}" + "".join(f"\n    ! {p}" for p in r["problems"]))
     spilled = sum(1 for r in rows if r.get("spill_bytes"))
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "rows": rows}, indent=1))

@@ -262,38 +262,78 @@ def check_patch_pixel_loss(device):
 
     for size, p in ((224, 16), (112, 14)):
         pred, images, weight = (t.detach() for t in loss_inputs(4, size, p))
-        got = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6)
+        *got, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6)
         want = reference.patch_pixel_loss(pred, images, weight, p, True, 1e-6)
         for a, b in zip(got, want):
             assert abs(a.item() - b.item()) <= 1e-4 * max(1.0, abs(b.item())), f"patch_pixel_loss fwd {size}/{p}"
-        g = patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, p, True, 1e-6)
+        g = patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, stats, norms, p,
+                                      True, 1e-6)
         r = reference.patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, p, True, 1e-6)
         assert (g - r).abs().max() <= 1e-4 * r.abs().max(), f"patch_pixel_loss bwd {size}/{p}"
 
 
 def bench_patch_pixel_loss(device, run, ceil, quick):
+    from pacofr.kernels.patch_pixel_loss import SWEEP
+
     shape = (256, 224, 16) if device.type == "cuda" and not quick else (8, 64, 8)
-    inputs = rotated(loss_inputs(*shape))
-    pred, images, _ = inputs[0]
-    impls = loss_impls(shape[2])
+    dtypes = (torch.bfloat16, torch.float32) if device.type == "cuda" else (torch.float32,)
     rows = []
-    for backward in (False, True):
-        def call(fn, pred, images, weight, backward=backward):
-            loss = fn(pred, images, weight)
-            if backward:
-                grads_of(loss, (pred,))
-        times = {}
-        for name, fn in impls.items():
-            times[name] = run(lambda *a, fn=fn: call(fn, *a), inputs, reps=10, warmup=3)
-            gbps = minimal_bytes(pred, images, backward) / times[name] / 1e6
-            rows.append({"op": "patch_pixel_loss " + ("fwd+bwd" if backward else "fwd"),
-                         "shape": "B={} {}px p={}".format(*shape), "impl": name, "dtype": "float32",
-                         "ms": times[name], "gbps": gbps, "pct_copy_ceiling": 100 * gbps / ceil["copy_gbps"],
-                         "tflops": float("nan"), "pct_matmul_ceiling": float("nan"),
-                         "peak_extra_mb": peak_extra_mb(lambda *a, fn=fn: call(fn, *a), inputs[0], device)})
-        for row in rows[-len(impls):]:
-            row["triton_speedup"] = row["ms"] / times["triton"]
+    for dtype in dtypes:
+        inputs = rotated(loss_inputs(*shape, dtype=dtype))
+        pred, images, weight = inputs[0]
+        impls = loss_impls(shape[2])
+        failed = []
+        if dtype == dtypes[0]:  # the launch configurations, in the first dtype
+            def result(fn):
+                loss = fn(pred, images, weight)
+                return (loss, *grads_of(loss, (pred,)))
+
+            add_sweep(impls, SWEEP, lambda cfg: lambda pr, im, w: _ConfiguredLoss.apply(pr, im, w, shape[2], cfg),
+                      result, lambda a, b: all(torch.allclose(x.float(), y.float(), 1e-3, 1e-6) for x, y in zip(a, b)),
+                      failed, {"op": "patch_pixel_loss", "shape": "B={} {}px p={}".format(*shape)})
+        for backward in (False, True):
+            def call(fn, pred, images, weight, backward=backward):
+                loss = fn(pred, images, weight)
+                if backward:
+                    grads_of(loss, (pred,))
+            times = {}
+            for name, fn in impls.items():
+                times[name] = run(lambda *a, fn=fn: call(fn, *a), inputs, reps=10, warmup=3)
+                gbps = minimal_bytes(pred, images, backward) / times[name] / 1e6
+                rows.append({"op": "patch_pixel_loss " + ("fwd+bwd" if backward else "fwd"),
+                             "shape": "B={} {}px p={}".format(*shape), "impl": name,
+                             "dtype": str(dtype).replace("torch.", ""),
+                             "ms": times[name], "gbps": gbps, "pct_copy_ceiling": 100 * gbps / ceil["copy_gbps"],
+                             "tflops": float("nan"), "pct_matmul_ceiling": float("nan"),
+                             "peak_extra_mb": peak_extra_mb(lambda *a, fn=fn: call(fn, *a), inputs[0], device)})
+            for row in rows[-len(impls):]:
+                row["triton_speedup"] = row["ms"] / times["triton"]
+        rows += failed
     return rows
+
+
+class _ConfiguredLoss(torch.autograd.Function):
+    """patch_pixel_loss (boundary weight 0.1, as in the suites) straight through the kernels
+    with a given launch configuration."""
+
+    @staticmethod
+    def forward(ctx, pred, images, weight, p, config):
+        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_forward
+
+        l_pix, l_sc, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6, config=config)
+        ctx.save_for_backward(pred, images, weight, stats, norms)
+        ctx.args = (p, config)
+        return l_pix + 0.1 * l_sc
+
+    @staticmethod
+    def backward(ctx, grad):
+        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_backward
+
+        pred, images, weight, stats, norms = ctx.saved_tensors
+        p, config = ctx.args
+        g = patch_pixel_loss_backward(grad, 0.1 * grad, pred, images, weight, stats, norms, p, True, 1e-6,
+                                      config=config)
+        return g, None, None, None, None
 
 
 BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk),
@@ -327,15 +367,15 @@ def main(argv=None) -> int:
         except Exception as e:
             failed.append(f"{op}: {type(e).__name__}: {e}")
             print(f"{op}: FAILED: {traceback.format_exc()}", file=sys.stderr)
-    header = (f"{'op':<26}{'shape':<28}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}{'% copy':>8}"
+    header = (f"{'op':<26}{'shape':<28}{'dtype':<10}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}{'% copy':>8}"
               f"{'extra MB':>10}{'speedup':>9}")
     print(header)
     print("-" * len(header))
     for r in rows:
         if "error" in r:
-            print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<22}  FAILED: {r['error']}")
+            print(f"{r['op']:<26}{r['shape']:<28}{r.get('dtype', ''):<10}{r['impl']:<22}  FAILED: {r['error']}")
             continue
-        print(f"{r['op']:<26}{r['shape']:<28}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+        print(f"{r['op']:<26}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
               f"{r['pct_matmul_ceiling']:>8.1f}{r.get('gbps', float('nan')):>9.0f}{r.get('pct_copy_ceiling', float('nan')):>8.1f}"
               f"{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
     for s in skipped:

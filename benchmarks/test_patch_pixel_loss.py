@@ -12,10 +12,11 @@ SHAPES = [(8, 64, 8), (256, 224, 16)]
 BIG = {(256, 224, 16)}
 
 
-def loss_inputs(b, size, p, seed=0):
+def loss_inputs(b, size, p, seed=0, dtype=torch.float32):
+    """pred [B, L, p*p*3] in `dtype` (a decoder's output under autocast is bf16), fp32 images."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     L = (size // p) ** 2
-    pred = torch.randn(b, L, p * p * 3, device=DEVICE, generator=gen).requires_grad_()
+    pred = torch.randn(b, L, p * p * 3, device=DEVICE, generator=gen).to(dtype).requires_grad_()
     images = torch.randn(b, 3, size, size, device=DEVICE, generator=gen)
     weight = (torch.rand(b, L, device=DEVICE, generator=gen) < 0.6).float()
     return pred, images, weight

@@ -1,14 +1,21 @@
 """Triton patch-pixel alignment loss: norm_pix MSE plus the border (spatial consistency) term,
 reading the prediction and the NCHW image directly (no patchify copy).
 
-Each program takes a block of patches (one patch per row of its tile). Pass 1 writes each patch's target mean and std (B x L floats). Pass 2
-computes the patch's weighted MSE and the border errors of its right and lower pairs (reading
-the neighbour's border and statistics) and writes per-patch partial sums; torch adds them up.
-The backward is one pass: each patch's gradient from its own MSE and from the (up to four)
-borders it shares, recomputed from the same statistics.
+Both terms depend on a patch only through its residual. With the target statistics (m, s) of
+a patch, u = s * pred + m - target is the de-normalized prediction error: the MSE term is
+mean((u / s)^2) and the border error of a pair is u_nb - u on the shared border line.
 
-Inside a patch, element e = (row * p + col) * C + ch, the MAE/timm patchify order; its pixel
-is image[b, ch, gi * p + row, gj * p + col].
+Forward: one pass over pred and image computes each patch's statistics and weighted MSE
+(`_pix_kernel`); a second, small pass reads only the border lines of each patch and its right
+and lower neighbours (`_border_kernel`), since those need the neighbours' statistics. The
+statistics are kept for the backward, a single pass (`_grad_kernel`) that reads pred and
+image once more, plus the four neighbours' border lines, and writes the gradient.
+
+Tiles are [patches, channel, row, column] with the patch size and channel count as
+compile-time constants, so every address is a sum of broadcast parts (no per-element
+division) and image rows are contiguous in the last dimension. pred[b, l] holds a patch in
+(row, column, channel) order, the MAE/timm patchify order: element (c, i, j) of patch
+(gi, gj) is pred[b, gi * GW + gj, (i * p + j) * C + c] and image[b, c, gi * p + i, gj * p + j].
 """
 
 import torch
@@ -19,184 +26,222 @@ from . import interpreting as _interpreting
 
 
 @triton.jit
-def _col(x):
-    """[L, 1] -> [L] (a sum over the single column)."""
-    return tl.sum(x, axis=1)
+def _axes(BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """Channel, row and column index vectors, shaped to broadcast against [L, BC, BR, BP]."""
+    c = tl.arange(0, BC)[None, :, None, None]
+    i = tl.arange(0, BR)[None, None, :, None]
+    j = tl.arange(0, BP)[None, None, None, :]
+    return c, i, j
 
 
 @triton.jit
-def _patch_tile(pid, NP, GH, GW, p, C, W, HW, P, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr):
-    """A program's BLOCK_L patches x BLOCK elements: patch ids [L, 1], element ids [1, E],
-    validity, image offsets (within one image), row and column inside the patch."""
-    ids = (pid * BLOCK_L + tl.arange(0, BLOCK_L))[:, None]
-    e = tl.arange(0, BLOCK)[None, :]
-    ok = (ids < NP) & (e < P)
-    patch = ids % (GH * GW)
-    gi, gj = patch // GW, patch % GW
-    row = e // (p * C)
-    col = (e // C) % p
-    ch = e % C
-    off = ch * HW + (gi * p + row) * W + gj * p + col
-    return ids, e, ok, gi, gj, off, row, col
+def _patches(pid, NP, GW, LPI, BLOCK_L: tl.constexpr):
+    """This program's patch ids [L], whether they exist, and each one's image and grid position."""
+    ids = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+    ok = ids < NP
+    ids = tl.where(ok, ids, 0)  # keeps the address arithmetic of missing patches in range
+    b = ids // LPI
+    g = ids % LPI
+    return ids, ok, b, g // GW, g % GW
 
 
 @triton.jit
-def _stats_kernel(IMG, MEAN, STD, NP, H, W, GH, GW, p, C, P, eps,
-                  NORM: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK: tl.constexpr):
-    ids, e, ok, gi, gj, off, row, col = _patch_tile(tl.program_id(0), NP, GH, GW, p, C, W, H * W, P, BLOCK_L, BLOCK)
-    b = ids // (GH * GW)
-    t = tl.load(IMG + b.to(tl.int64) * C * H * W + off, mask=ok, other=0.0).to(tl.float32)
-    pmask = _col(ids) < NP
+def _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS: tl.constexpr, CH: tl.constexpr):
+    """pred and image offsets of element (c, i, j) of patches `ids` (any broadcastable c, i, j)."""
+    P: tl.constexpr = PS * PS * CH
+    base_x = ids.to(tl.int64) * P
+    base_t = b.to(tl.int64) * CHW + (gi * PS) * W + gj * PS
+    x_off = base_x[:, None, None, None] + (i * PS + j) * CH + c
+    t_off = base_t[:, None, None, None] + c * HW + i * W + j
+    return x_off, t_off
+
+
+@triton.jit
+def _pix_kernel(PRED, IMG, WGT, STATS, PART, NP, GW, LPI, W, HW, CHW, eps,
+                PS: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr,
+                BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """Per patch: target mean and std into STATS[0:2], w * mse into PART[0], w into PART[1]."""
+    P: tl.constexpr = PS * PS * CH
+    ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
+    c, i, j = _axes(BC, BR, BP)
+    x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
+    m = ok[:, None, None, None] & (c < CH) & (i < PS) & (j < PS)
+    t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
     if NORM:
-        mean = tl.sum(t, axis=1) / P
-        diff = tl.where(ok, t - mean[:, None], 0.0)
-        std = tl.sqrt(tl.sum(diff * diff, axis=1) / (P - 1) + eps)
+        mean = tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1) / P
+        d = tl.where(m, t - mean[:, None, None, None], 0.0)
+        std = tl.sqrt(tl.sum(tl.sum(tl.sum(d * d, axis=3), axis=2), axis=1) / (P - 1) + eps)
+        r = tl.where(m, x - d * (1.0 / std)[:, None, None, None], 0.0)
     else:
         mean = tl.zeros((BLOCK_L,), tl.float32)
         std = mean + 1.0
-    tl.store(MEAN + _col(ids), mean, mask=pmask)
-    tl.store(STD + _col(ids), std, mask=pmask)
+        r = x - t
+    w = tl.load(WGT + ids, mask=ok, other=0.0)
+    tl.store(STATS + ids, mean, mask=ok)
+    tl.store(STATS + NP + ids, std, mask=ok)
+    tl.store(PART + ids, w * tl.sum(tl.sum(tl.sum(r * r, axis=3), axis=2), axis=1) / P, mask=ok)
+    tl.store(PART + NP + ids, w, mask=ok)
 
 
 @triton.jit
-def _border_error(PRED, IMG, MEAN, STD, b, nb, e, sel, shift, nb_off, x, t, mean, std, P, CHW):
-    """Errors (d_nb - d_self) - (t_nb - t_self) on the selected border elements, where the
-    neighbour patch `nb` holds element e - shift and pixel `nb_off`."""
-    x_nb = tl.load(PRED + nb.to(tl.int64) * P + e - shift, mask=sel, other=0.0).to(tl.float32)
-    t_nb = tl.load(IMG + b.to(tl.int64) * CHW + nb_off, mask=sel, other=0.0).to(tl.float32)
-    m_nb = tl.load(MEAN + nb, mask=sel, other=0.0)
-    s_nb = tl.load(STD + nb, mask=sel, other=1.0)
-    err = (x_nb * s_nb + m_nb - (x * std + mean)) - (t_nb - t)
-    return tl.where(sel, err, 0.0)
+def _border(PRED, IMG, WGT, STATS, x_off, t_off, m, ids, has, w, mean, std, NP, step, x_shift, t_shift,
+            P: tl.constexpr):
+    """One side's border: the error u_nb - u on a line of this patch (offsets x_off, t_off,
+    mask m) against the touching line of the neighbour patch `ids + step` (its pred elements
+    x_shift further inside a patch, its pixels t_shift further in the image), zero where the
+    pair does not exist; and the pair weight max(w, w_nb) [L]."""
+    nb = tl.where(has, ids + step, ids)
+    m = m & has[:, None, None, None]
+    mean_nb = tl.load(STATS + nb, mask=has, other=0.0)[:, None, None, None]
+    std_nb = tl.load(STATS + NP + nb, mask=has, other=1.0)[:, None, None, None]
+    u = (std[:, None, None, None] * tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
+         + mean[:, None, None, None] - tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32))
+    u_nb = (std_nb * tl.load(PRED + x_off + (step * P + x_shift), mask=m, other=0.0).to(tl.float32) + mean_nb
+            - tl.load(IMG + t_off + t_shift, mask=m, other=0.0).to(tl.float32))
+    pw = tl.where(has, tl.maximum(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
+    return tl.where(m, u_nb - u, 0.0), pw
 
 
 @triton.jit
-def _load_patch(PRED, IMG, WGT, MEAN, STD, ids, ok, off, NP, GH, GW, C, H, W, P, e):
-    b = ids // (GH * GW)
-    CHW = C * H * W
-    t = tl.load(IMG + b.to(tl.int64) * CHW + off, mask=ok, other=0.0).to(tl.float32)
-    x = tl.load(PRED + ids.to(tl.int64) * P + e, mask=ok, other=0.0).to(tl.float32)
-    mean = tl.load(MEAN + ids, mask=ids < NP, other=0.0)
-    std = tl.load(STD + ids, mask=ids < NP, other=1.0)
-    w = tl.load(WGT + ids, mask=ids < NP, other=0.0)
-    return b, CHW, t, x, mean, std, w
+def _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, W, HW, CHW, c, i, j,
+           AFTER: tl.constexpr, PS: tl.constexpr, CH: tl.constexpr):
+    """Border errors and pair weights with the right and lower neighbours (AFTER) or with the
+    left and upper ones: a column line [L, BC, BR, 1] and a row line [L, BC, 1, BP]."""
+    P: tl.constexpr = PS * PS * CH
+    edge: tl.constexpr = (PS - 1) * AFTER  # this patch's border column and row
+    sign: tl.constexpr = 2 * AFTER - 1
+    if AFTER:
+        has_col, has_row = gj + 1 < GW, gi + 1 < GH
+    else:
+        has_col, has_row = gj > 0, gi > 0
+    x_off, t_off = _offsets(ids, b, gi, gj, c, i, edge, HW, W, CHW, PS, CH)
+    line = ok[:, None, None, None] & (c < CH) & (i < PS)
+    e_col, pw_col = _border(PRED, IMG, WGT, STATS, x_off, t_off, line, ids, ok & has_col, w, mean, std, NP,
+                            sign, -sign * (PS - 1) * CH, sign, P)
+    x_off, t_off = _offsets(ids, b, gi, gj, c, edge, j, HW, W, CHW, PS, CH)
+    line = ok[:, None, None, None] & (c < CH) & (j < PS)
+    e_row, pw_row = _border(PRED, IMG, WGT, STATS, x_off, t_off, line, ids, ok & has_row, w, mean, std, NP,
+                            sign * GW, -sign * (PS - 1) * PS * CH, sign * W, P)
+    return e_col, pw_col, e_row, pw_row
 
 
 @triton.jit
-def _loss_kernel(PRED, IMG, WGT, MEAN, STD, PIX, SC, PAIRW, NP, H, W, GH, GW, p, C, P,
-                 BLOCK_L: tl.constexpr, BLOCK: tl.constexpr):
-    ids, e, ok, gi, gj, off, row, col = _patch_tile(tl.program_id(0), NP, GH, GW, p, C, W, H * W, P, BLOCK_L, BLOCK)
-    b, CHW, t, x, mean, std, w = _load_patch(PRED, IMG, WGT, MEAN, STD, ids, ok, off, NP, GH, GW, C, H, W, P, e)
-    pmask = _col(ids) < NP
-    diff = tl.where(ok, x - (t - mean) / std, 0.0)
-    tl.store(PIX + _col(ids), _col(w) * tl.sum(diff * diff, axis=1) / P, mask=pmask)
-
-    # right neighbour: its column 0 against this patch's column p - 1
-    has = (gj + 1 < GW) & (ids < NP)
-    nb = tl.where(has, ids + 1, ids)
-    pw_r = tl.where(has, tl.maximum(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
-    err = _border_error(PRED, IMG, MEAN, STD, b, nb, e, ok & has & (col == p - 1), (p - 1) * C, off + 1,
-                        x, t, mean, std, P, CHW)
-    sc = _col(pw_r) * tl.sum(err * err, axis=1) / (p * C)
-    # lower neighbour: its row 0 against this patch's row p - 1
-    has = (gi + 1 < GH) & (ids < NP)
-    nb = tl.where(has, ids + GW, ids)
-    pw_d = tl.where(has, tl.maximum(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
-    err = _border_error(PRED, IMG, MEAN, STD, b, nb, e, ok & has & (row == p - 1), (p - 1) * p * C, off + W,
-                        x, t, mean, std, P, CHW)
-    sc += _col(pw_d) * tl.sum(err * err, axis=1) / (p * C)
-    tl.store(SC + _col(ids), sc, mask=pmask)
-    tl.store(PAIRW + _col(ids), _col(pw_r) + _col(pw_d), mask=pmask)
+def _sum_line(e):
+    return tl.sum(tl.sum(tl.sum(e * e, axis=3), axis=2), axis=1)
 
 
 @triton.jit
-def _grad_kernel(PRED, IMG, WGT, MEAN, STD, GRAD, g_pix, g_sc, NP, H, W, GH, GW, p, C, P,
-                 BLOCK_L: tl.constexpr, BLOCK: tl.constexpr):
-    """g_pix, g_sc: upstream gradients already divided by their normalizers. Where this patch
-    is the first of a pair (right/lower neighbour) d(err^2)/d(own pixel) = -2 err; where it is
-    the second (left/upper), the error read from its side is the pair's error negated, so the
-    same -2 err holds."""
-    ids, e, ok, gi, gj, off, row, col = _patch_tile(tl.program_id(0), NP, GH, GW, p, C, W, H * W, P, BLOCK_L, BLOCK)
-    b, CHW, t, x, mean, std, w = _load_patch(PRED, IMG, WGT, MEAN, STD, ids, ok, off, NP, GH, GW, C, H, W, P, e)
-    grad = g_pix * w * 2.0 * (x - (t - mean) / std) / P
-    coef = g_sc * 2.0 / (p * C)
-    gd = tl.zeros(x.shape, tl.float32)
-    for side in tl.static_range(4):
-        if side == 0:  # right
-            has = gj + 1 < GW
-            step, sel_line, shift, pix = 1, col == p - 1, (p - 1) * C, 1
-        elif side == 1:  # lower
-            has = gi + 1 < GH
-            step, sel_line, shift, pix = GW, row == p - 1, (p - 1) * p * C, W
-        elif side == 2:  # left
-            has = gj > 0
-            step, sel_line, shift, pix = -1, col == 0, -(p - 1) * C, -1
-        else:  # upper
-            has = gi > 0
-            step, sel_line, shift, pix = -GW, row == 0, -(p - 1) * p * C, -W
-        has = has & (ids < NP)
-        nb = tl.where(has, ids + step, ids)
-        pw = tl.where(has, tl.maximum(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
-        err = _border_error(PRED, IMG, MEAN, STD, b, nb, e, ok & has & sel_line, shift, off + pix,
-                            x, t, mean, std, P, CHW)
-        gd -= coef * pw * err
-    grad += gd * std
-    tl.store(GRAD + ids.to(tl.int64) * P + e, grad.to(GRAD.dtype.element_ty), mask=ok)
+def _border_kernel(PRED, IMG, WGT, STATS, PART, NP, GH, GW, LPI, W, HW, CHW, PS: tl.constexpr, CH: tl.constexpr,
+                   BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """Per patch, over its right and lower pairs: sum of pw * mean(err^2) into PART[2] and the
+    pair weights into PART[3]."""
+    ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
+    c, i, j = _axes(BC, BR, BP)
+    w = tl.load(WGT + ids, mask=ok, other=0.0)
+    mean = tl.load(STATS + ids, mask=ok, other=0.0)
+    std = tl.load(STATS + NP + ids, mask=ok, other=1.0)
+    e_col, pw_col, e_row, pw_row = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
+                                          W, HW, CHW, c, i, j, True, PS, CH)
+    sc = (pw_col * _sum_line(e_col) + pw_row * _sum_line(e_row)) / (PS * CH)
+    tl.store(PART + 2 * NP + ids, sc, mask=ok)
+    tl.store(PART + 3 * NP + ids, pw_col + pw_row, mask=ok)
 
 
-# The gradient pass holds a patch and its four borders: eight warps keep it free of register
-# spills on sm_80 and sm_90 (benchmarks/compile_report.py reports it).
-_GRAD_WARPS = 8
+@triton.jit
+def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, NP, GH, GW, LPI, W, HW, CHW,
+                 PS: tl.constexpr, CH: tl.constexpr,
+                 BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """d/dpred of g_pix * l_pix + g_sc * l_sc. The pixel term gives 2 g_pix w r / (P sum w)
+    with r = u / s; each border this patch shares adds -2 g_sc pw (u_nb - u) s / (p C sum pw)
+    on its line, the same expression from either side of the pair."""
+    P: tl.constexpr = PS * PS * CH
+    ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
+    c, i, j = _axes(BC, BR, BP)
+    w_sum = tl.load(NORMS)
+    pw_sum = tl.load(NORMS + 1)
+    g_pix = tl.where(w_sum > 0, 2.0 * tl.load(G_PIX).to(tl.float32) / (P * tl.where(w_sum > 0, w_sum, 1.0)), 0.0)
+    g_sc = tl.where(pw_sum > 0, 2.0 * tl.load(G_SC).to(tl.float32) / (PS * CH * tl.where(pw_sum > 0, pw_sum, 1.0)),
+                    0.0)
+    x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
+    m = ok[:, None, None, None] & (c < CH) & (i < PS) & (j < PS)
+    w = tl.load(WGT + ids, mask=ok, other=0.0)
+    mean = tl.load(STATS + ids, mask=ok, other=0.0)
+    std = tl.load(STATS + NP + ids, mask=ok, other=1.0)
+    t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
+    x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
+    grad = (g_pix * w)[:, None, None, None] * (x - (t - mean[:, None, None, None]) * (1.0 / std)[:, None, None, None])
+    e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
+                                                W, HW, CHW, c, i, j, True, PS, CH)
+    e_left, pw_left, e_up, pw_up = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
+                                          W, HW, CHW, c, i, j, False, PS, CH)
+    col = (tl.where(j == PS - 1, pw_right[:, None, None, None] * e_right, 0.0)
+           + tl.where(j == 0, pw_left[:, None, None, None] * e_left, 0.0))
+    row = (tl.where(i == PS - 1, pw_down[:, None, None, None] * e_down, 0.0)
+           + tl.where(i == 0, pw_up[:, None, None, None] * e_up, 0.0))
+    grad -= (g_sc * std)[:, None, None, None] * (col + row)
+    tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
 
 
-def _block_l(block: int) -> int:
-    """Patches per program: many in the interpreter (its cost is per block operation), a few
-    on a GPU (BLOCK elements of registers each)."""
-    if _interpreting():
-        return 64
-    return max(1, 2048 // block)
+# Elements of the padded [patches, C, p, p] tile per program and warps, for the two full passes
+# (`_pix_kernel`, `_grad_kernel`); the border pass takes 512 elements of its lines per program.
+# The defaults keep both passes free of register spills on sm_80 and sm_90
+# (benchmarks/compile_report.py); gpu_report.py times the SWEEP on a GPU.
+DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4)
+SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
+         dict(BLOCK=4096, num_warps=8)]
 
 
-def _launch_stats(pred, images, patch_size, norm_pix, eps):
+def _launch(kernel, config, num, tile, *args, **constexprs):
+    """Runs `kernel` over `num` patches, BLOCK_L patches per program: many in the interpreter
+    (its cost is per block operation), config["BLOCK"] elements of the padded tile on a GPU."""
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    block_l = 64 if _interpreting() else max(1, cfg["BLOCK"] // tile)
+    kernel[(triton.cdiv(num, block_l),)](*args, BLOCK_L=block_l, num_warps=cfg["num_warps"], **constexprs)
+
+
+def _geometry(images, patch_size):
+    """Patch count, runtime ints (grid height and width, patches per image, row, plane and
+    image strides) and compile-time constants (patch size, channels, padded tile sides)."""
     b, c, h, w = images.shape
-    gh, gw = h // patch_size, w // patch_size
-    n_pix = patch_size * patch_size * c
-    block = triton.next_power_of_2(n_pix)
-    num = b * gh * gw
-    mean = torch.empty(num, dtype=torch.float32, device=pred.device)
-    std = torch.empty_like(mean)
-    block_l = _block_l(block)
+    p = patch_size
+    gh, gw = h // p, w // p
+    consts = dict(PS=p, CH=c, BC=triton.next_power_of_2(c), BR=triton.next_power_of_2(p),
+                  BP=triton.next_power_of_2(p))
+    return b * gh * gw, (gh, gw, gh * gw, w, h * w, c * h * w), consts
+
+
+def patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps, config=None):
+    """(l_pix, l_sc, stats, norms): the two losses as float32 scalars (each exactly 0 when its
+    weights sum to 0); per-patch target (mean, std) [2, B*L] and the two normalizers (sum of
+    weights, sum of pair weights) [2], which the backward takes. `config` overrides the
+    launch configuration of the full pass (see SWEEP)."""
+    pred, images, weight = pred.contiguous(), images.contiguous(), weight.float().contiguous()
+    num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
+    stats = torch.empty(2, num, dtype=torch.float32, device=pred.device)
+    part = torch.empty(4, num, dtype=torch.float32, device=pred.device)  # w*mse, w, pair err, pair w
     if num:
-        _stats_kernel[(triton.cdiv(num, block_l),)](images, mean, std, num, h, w, gh, gw, patch_size, c, n_pix,
-                                                    float(eps), NORM=bool(norm_pix), BLOCK_L=block_l, BLOCK=block)
-    return mean, std, (num, h, w, gh, gw, patch_size, c, n_pix), block, block_l
+        tile = consts["BC"] * consts["BR"] * consts["BP"]
+        _launch(_pix_kernel, config, num, tile, pred, images, weight, stats, part, num, gw, lpi, w, hw, chw,
+                float(eps), NORM=bool(norm_pix), **consts)
+        _launch(_border_kernel, dict(BLOCK=512, num_warps=4), num, consts["BC"] * consts["BR"], pred, images, weight,
+                stats, part, num, gh, gw, lpi, w, hw, chw, **consts)
+    sums = part.sum(dim=1)
+    l_pix = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1e-30), 0.0)
+    l_sc = torch.where(sums[3] > 0, sums[2] / sums[3].clamp_min(1e-30), 0.0)
+    return l_pix, l_sc, stats, sums[1::2]
 
 
-def patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps):
-    """(l_pix, l_sc) as float32 scalars; each exactly 0 when its weights sum to 0."""
+def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps,
+                              out=None, config=None):
+    """Gradient w.r.t. pred from the forward's `stats` and `norms` (written into `out` when
+    given; its content is never read). norm_pix and eps are already in `stats`; `config` as in
+    the forward."""
     pred, images, weight = pred.contiguous(), images.contiguous(), weight.float().contiguous()
-    mean, std, dims, block, block_l = _launch_stats(pred, images, patch_size, norm_pix, eps)
-    pix, sc, pair_w = torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
-    if mean.numel():
-        _loss_kernel[(triton.cdiv(mean.numel(), block_l),)](pred, images, weight, mean, std, pix, sc, pair_w, *dims,
-                                                            BLOCK_L=block_l, BLOCK=block)
-    w_sum, pw_sum = weight.sum(), pair_w.sum()
-    l_pix = torch.where(w_sum > 0, pix.sum() / w_sum.clamp_min(1e-30), 0.0)
-    l_sc = torch.where(pw_sum > 0, sc.sum() / pw_sum.clamp_min(1e-30), 0.0)
-    return l_pix, l_sc
-
-
-def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps, out=None):
-    """Gradient w.r.t. pred (written into `out` when given; its content is never read)."""
-    pred, images, weight = pred.contiguous(), images.contiguous(), weight.float().contiguous()
-    mean, std, dims, block, block_l = _launch_stats(pred, images, patch_size, norm_pix, eps)
+    num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
     grad = torch.empty_like(pred) if out is None else out
-    if mean.numel():
-        from pacofr.ops.patch_pixel_loss import patch_pixel_loss_normalizers
-
-        w_sum, pw_sum = patch_pixel_loss_normalizers(weight, (dims[3], dims[4]))
-        g_pix = float(grad_pix) / float(w_sum) if float(w_sum) > 0 else 0.0
-        g_sc = float(grad_sc) / float(pw_sum) if float(pw_sum) > 0 else 0.0
-        _grad_kernel[(triton.cdiv(mean.numel(), block_l),)](pred, images, weight, mean, std, grad, g_pix, g_sc, *dims,
-                                                            BLOCK_L=block_l, BLOCK=block, num_warps=_GRAD_WARPS)
+    if num:
+        g_pix, g_sc = (torch.as_tensor(g, device=pred.device) for g in (grad_pix, grad_sc))
+        _launch(_grad_kernel, config, num, consts["BC"] * consts["BR"] * consts["BP"], pred, images, weight, stats,
+                norms.float().contiguous(), g_pix, g_sc, grad, num, gh, gw, lpi, w, hw, chw, **consts)
     return grad

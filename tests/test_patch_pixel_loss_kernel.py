@@ -24,14 +24,16 @@ def test_loss_and_every_gradient_element(h, w, p, c, norm_pix):
     pred = torch.randn(b, L, p * p * c, generator=gen).to(DEVICE)
     images = torch.randn(b, c, h, w, generator=gen).to(DEVICE)
     weight = (torch.rand(b, L, generator=gen) > 0.6).float().to(DEVICE)
-    l_pix, l_sc = kernel.patch_pixel_loss_forward(pred, images, weight, p, norm_pix, 1e-6)
+    l_pix, l_sc, stats, norms = kernel.patch_pixel_loss_forward(pred, images, weight, p, norm_pix, 1e-6)
+    r_stats = reference.patch_stats(images.double().cpu(), p, norm_pix, 1e-6)
+    assert torch.allclose(stats.cpu(), r_stats, rtol=1e-5, atol=1e-6)
     r_pix, r_sc = reference.patch_pixel_loss(pred.double().cpu(), images.double().cpu(), weight.double().cpu(), p,
                                              norm_pix, 1e-6)
     assert abs(l_pix.item() - r_pix.item()) <= 1e-5 * max(1.0, r_pix.item())
     assert abs(l_sc.item() - r_sc.item()) <= 1e-5 * max(1.0, r_sc.item())
     out = torch.full_like(pred, math.nan)
-    grad = kernel.patch_pixel_loss_backward(torch.tensor(0.7), torch.tensor(0.3), pred, images, weight, p, norm_pix,
-                                            1e-6, out=out)
+    grad = kernel.patch_pixel_loss_backward(torch.tensor(0.7), torch.tensor(0.3), pred, images, weight, stats, norms,
+                                            p, norm_pix, 1e-6, out=out)
     assert grad is out and not out.isnan().any()
     ref = reference.patch_pixel_loss_backward(torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64),
                                               pred.double().cpu(), images.double().cpu(), weight.double().cpu(), p,

@@ -6,7 +6,23 @@ from torch import Tensor
 from . import reference
 from .dispatch import Backend, choose, register, register_triton
 
-register("patch_pixel_loss", Backend("reference", reference.patch_pixel_loss, reference.patch_pixel_loss_backward))
+
+
+def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
+    """The reference losses, plus what the op's backward receives: per-patch target (mean,
+    std) [2, B*L] and the normalizers (sum of weights, sum of pair weights)."""
+    l_pix, l_sc = reference.patch_pixel_loss(pred, images, weight, patch_size, norm_pix, eps)
+    grid = (images.shape[2] // patch_size, images.shape[3] // patch_size)
+    norms = torch.stack(patch_pixel_loss_normalizers(weight.to(l_pix.dtype), grid)).to(l_pix.dtype)
+    return l_pix, l_sc, reference.patch_stats(images, patch_size, norm_pix, eps), norms
+
+
+def _reference_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
+    # the ground truth recomputes everything from the inputs
+    return reference.patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps)
+
+
+register("patch_pixel_loss", Backend("reference", _reference_forward, _reference_backward))
 
 
 def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> str | None:
@@ -21,7 +37,8 @@ register_triton("patch_pixel_loss", _triton_supports)
 @torch.library.custom_op("pacofr::patch_pixel_loss", mutates_args=())
 def _forward(
     pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(l_pix, l_sc, stats, norms); the last two are what the backward takes."""
     backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
     return backend.forward(pred, images, weight, patch_size, norm_pix, eps)
 
@@ -29,32 +46,33 @@ def _forward(
 @_forward.register_fake
 def _(pred, images, weight, patch_size, norm_pix, eps):
     dtype = torch.float64 if torch.float64 in (pred.dtype, images.dtype) else torch.float32
-    return pred.new_empty((), dtype=dtype), pred.new_empty((), dtype=dtype)
+    loss = pred.new_empty((), dtype=dtype)
+    return loss, loss.clone(), pred.new_empty((2, pred.shape[0] * pred.shape[1]), dtype=torch.float32), \
+        pred.new_empty((2,), dtype=dtype)
 
 
 @torch.library.custom_op("pacofr::patch_pixel_loss_backward", mutates_args=())
 def _backward_op(
-    grad_pix: Tensor, grad_sc: Tensor, pred: Tensor, images: Tensor, weight: Tensor,
+    grad_pix: Tensor, grad_sc: Tensor, pred: Tensor, images: Tensor, weight: Tensor, stats: Tensor, norms: Tensor,
     patch_size: int, norm_pix: bool, eps: float,
 ) -> Tensor:
     backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
-    return backend.backward(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps)
+    return backend.backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps)
 
 
 @_backward_op.register_fake
-def _(grad_pix, grad_sc, pred, images, weight, patch_size, norm_pix, eps):
+def _(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
     return torch.empty_like(pred)
 
 
 def _setup_context(ctx, inputs, output):
     pred, images, weight, patch_size, norm_pix, eps = inputs
-    ctx.save_for_backward(pred, images, weight)
+    ctx.save_for_backward(pred, images, weight, output[2], output[3])
     ctx.args = (patch_size, norm_pix, eps)
 
 
-def _backward(ctx, grad_pix, grad_sc):
-    pred, images, weight = ctx.saved_tensors
-    grad_pred = _backward_op(grad_pix, grad_sc, pred, images, weight, *ctx.args)
+def _backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
+    grad_pred = _backward_op(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
     return grad_pred, None, None, None, None, None
 
 
@@ -83,7 +101,9 @@ def patch_pixel_loss_terms(
     if weight.shape != (b, num_patches):
         raise ValueError(f"patch_pixel_loss: weight must be [B, L]=({b}, {num_patches}), got {tuple(weight.shape)}")
     weight = weight.to(pred.device, torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-    return _forward(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p, bool(norm_pix), float(eps))
+    l_pix, l_sc, _, _ = _forward(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p,
+                                 bool(norm_pix), float(eps))
+    return l_pix, l_sc
 
 
 def patch_pixel_loss_normalizers(weight: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:

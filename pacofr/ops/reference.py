@@ -170,12 +170,24 @@ def _pixel_loss_parts(pred, images, weight, p, norm_pix, eps):
     t = _patches(images, p).to(acc)
     x = pred.reshape(b, gh, gw, p, p, c).to(acc)
     w = weight.reshape(b, gh, gw).to(acc)
-    if norm_pix:
-        mean = t.mean(dim=(3, 4, 5), keepdim=True)
-        std = torch.sqrt(t.var(dim=(3, 4, 5), keepdim=True, correction=1) + eps)
-    else:
-        mean, std = torch.zeros((), dtype=acc, device=t.device), torch.ones((), dtype=acc, device=t.device)
+    mean, std = _target_stats(t, norm_pix, eps)
     return t, x, w, mean, std
+
+
+def _target_stats(t, norm_pix, eps):
+    """Per-patch target mean and std (unbiased variance + eps) of patches [B, h, w, p, p, C];
+    0 and 1 without norm_pix."""
+    if not norm_pix:
+        return torch.zeros((), dtype=t.dtype, device=t.device), torch.ones((), dtype=t.dtype, device=t.device)
+    mean = t.mean(dim=(3, 4, 5), keepdim=True)
+    return mean, torch.sqrt(t.var(dim=(3, 4, 5), keepdim=True, correction=1) + eps)
+
+
+def patch_stats(images: Tensor, patch_size: int, norm_pix: bool, eps: float) -> Tensor:
+    """float32 [2, B*L]: each patch's target mean and std, patches row-major over the grid."""
+    t = _patches(images, patch_size).to(_acc_dtype(images))
+    mean, std = _target_stats(t, norm_pix, eps)
+    return torch.stack([mean.expand(t.shape[:3] + (1, 1, 1)).flatten(), std.expand(t.shape[:3] + (1, 1, 1)).flatten()]).float()
 
 
 def _border_pairs(w):
