@@ -101,6 +101,17 @@ def assert_close_scaled(actual, expected, tol, name="tensor", floor=0.0):
     assert err <= tol * scale, f"{name}: max abs err {err:.3e} > {tol:.1e} * max|ref| ({scale:.3e})"
 
 
+def test_kernels_import_from_a_source_tree():
+    """pacofr.kernels resolves to the top-level kernels/ with only the checkout on sys.path (no
+    site-packages, so no install's mapping): the Triton backends must not depend on how
+    pacofr was installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = f"import sys; sys.path.insert(0, {root!r}); import pacofr.kernels; print(pacofr.kernels.__file__)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == os.path.join(root, "kernels", "__init__.py")
+
+
 def test_backends_listing():
     for op in ("codebook_topk", "masked_attention", "patch_pixel_loss"):
         names = ops.backends(op)
