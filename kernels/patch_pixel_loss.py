@@ -193,10 +193,11 @@ SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOC
 
 
 def _launch(kernel, config, num, tile, *args, **constexprs):
-    """Runs `kernel` over `num` patches, BLOCK_L patches per program: many in the interpreter
-    (its cost is per block operation), config["BLOCK"] elements of the padded tile on a GPU."""
+    """Runs `kernel` over `num` patches, BLOCK_L patches per program: config["BLOCK"] elements
+    of the padded tile, or without a config many patches in the interpreter (its cost is per
+    block operation)."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    block_l = 64 if _interpreting() else max(1, cfg["BLOCK"] // tile)
+    block_l = 64 if _interpreting() and config is None else max(1, cfg["BLOCK"] // tile)
     kernel[(triton.cdiv(num, block_l),)](*args, BLOCK_L=block_l, num_warps=cfg["num_warps"], **constexprs)
 
 
