@@ -78,6 +78,8 @@ def _codebook_cases(quick):
     for k in (1, 32):
         yield f"codebook_topk N=197 K=1000 D=48 k={k} l2 split", torch.bfloat16, lambda k=k: case(
             197, 1000, 48, k, "l2", torch.bfloat16, splits=4)
+    yield "codebook_topk N=197 K=8192 D=48 k=32 ip split 64 (widest merge)", torch.bfloat16, lambda: case(
+        197, 8192, 48, 32, "ip", torch.bfloat16, splits=64)
     for dtype in (torch.bfloat16, torch.float32):
         yield "codebook_topk N=1000 K=4099 D=3 k=5 ip deterministic", dtype, lambda t=dtype: case(
             1000, 4099, 3, 5, "ip", t, deterministic=True)
@@ -141,7 +143,7 @@ def _resources(kernel) -> dict:
     return {"regs": int(usage["REG"]), "spill_bytes": int(usage["STACK"]),
             "tensor_cores": bool(re.search(r"\b(wgmma|mma)\.", kernel.asm["ptx"])),
             # static count: for a kernel without loops, what each thread executes
-            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)),
+            "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
             "shared": int(kernel.metadata.shared), "num_warps": kernel.metadata.num_warps,
             "num_stages": kernel.metadata.num_stages}
 

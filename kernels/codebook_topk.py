@@ -5,7 +5,8 @@ computes a BLOCK_M x BLOCK_N tile of scores with `tl.dot` (fp32 accumulation), t
 tile into a running best-k kept on chip: while some row has a tile score better than its
 current worst, that row's best tile entry replaces its worst slot. Rows stop merging as soon
 as nothing in the tile beats them, so late tiles cost little. Only N x k (per split) leaves
-the chip; when N is too small to fill the GPU, K is split and the partial lists are merged.
+the chip; when N is too small to fill the GPU, K is split and a second small kernel merges the
+partial lists (no host synchronisation, unlike a torch sort-and-select).
 
 No tl.sort / tl.topk: the selection is built from max/min reductions, which also keeps the
 interpreter (TRITON_INTERPRET=1, CPU) fast.
@@ -105,18 +106,44 @@ def _topk_fwd_kernel(
             top = tl.max(key, axis=1)
             active = top > worst
 
-    # Write the slots best first (equal keys: lower index first).
     best_key = tl.where(slots[None, :] < TOPK, best_key, -float("inf"))
+    _store_best_first(best_key, best_idx, best_raw, OUT_S + pid_s * stride_os, OUT_I + pid_s * stride_is, rows,
+                      row_ok, stride_on, stride_in, TOPK)
+
+
+@triton.jit
+def _store_best_first(key, idx, raw, OUT_S, OUT_I, rows, row_ok, stride_on, stride_in, TOPK: tl.constexpr):
+    """Writes the TOPK best entries of each row of [rows, C] candidates (keys: higher is
+    better), best first, equal keys in ascending index order."""
     for j in tl.static_range(TOPK):
-        top = tl.max(best_key, axis=1)
-        is_top = best_key == top[:, None]
-        j_idx = tl.min(tl.where(is_top, best_idx, 2147483647), axis=1)
-        picked = is_top & (best_idx == j_idx[:, None])
-        j_raw = tl.sum(tl.where(picked, best_raw, 0.0), axis=1)
-        tl.store(OUT_S + pid_s * stride_os + rows * stride_on + j, j_raw, mask=row_ok)
-        tl.store(OUT_I + pid_s * stride_is + rows * stride_in + j, j_idx.to(tl.int64), mask=row_ok)
-        best_key = tl.where(picked, -float("inf"), best_key)
-        best_idx = tl.where(picked, 2147483647, best_idx)
+        top = tl.max(key, axis=1)
+        is_top = key == top[:, None]
+        j_idx = tl.min(tl.where(is_top, idx, 2147483647), axis=1)
+        picked = is_top & (idx == j_idx[:, None])
+        j_raw = tl.sum(tl.where(picked, raw, 0.0), axis=1)
+        tl.store(OUT_S + rows * stride_on + j, j_raw, mask=row_ok)
+        tl.store(OUT_I + rows * stride_in + j, j_idx.to(tl.int64), mask=row_ok)
+        key = tl.where(picked, -float("inf"), key)
+        idx = tl.where(picked, 2147483647, idx)
+
+
+@triton.jit
+def _merge_kernel(PS, PI, OUT_S, OUT_I, N, S, stride_ps, stride_pn, stride_is, stride_in, stride_on, stride_oi,
+                  METRIC_L2: tl.constexpr, TOPK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Best TOPK of each row's S per-split lists [S, N, TOPK]. Keys as in the forward kernel;
+    empty slots (negative index, from a split shorter than TOPK) rank below everything."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    cand = tl.arange(0, BLOCK_C)
+    split, slot = cand // TOPK, cand % TOPK
+    ok = row_ok[:, None] & (cand[None, :] < S * TOPK)
+    raw = tl.load(PS + split[None, :] * stride_ps + rows[:, None] * stride_pn + slot[None, :], mask=ok, other=0.0)
+    idx = tl.load(PI + split[None, :] * stride_is + rows[:, None] * stride_in + slot[None, :], mask=ok, other=-1)
+    idx = idx.to(tl.int32)
+    key = -raw if METRIC_L2 else raw
+    key = tl.where((key != key) | (key == -float("inf")), NAN_KEY, key)
+    key = tl.where(ok & (idx >= 0), key, -float("inf"))
+    _store_best_first(key, idx, raw, OUT_S, OUT_I, rows, row_ok, stride_on, stride_oi, TOPK)
 
 
 def _hopper() -> bool:
@@ -131,7 +158,7 @@ def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays per block operation, not
     per element: it gets large blocks. On a GPU the sizes keep every kernel free of register
     spills (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores) takes
-    thinner D slices, and a long best-k list fewer rows. On an H100, 4 warps on 64 x 128
+    thinner D slices, and a long best-k list (k > 16) 32 x 64 tiles (ip spilled with 128 codes). On an H100, 4 warps on 64 x 128
     tiles timed fastest of the SWEEP at the paper shape (3.0 ms against 4.3 ms with 8 warps,
     benchmarks/results/); elsewhere 8 warps, which do not spill on sm_80."""
     if _interpreting():
@@ -139,7 +166,9 @@ def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     low = dtype != torch.float32
     block_d = min(64 if low else 32, max(16, triton.next_power_of_2(d)))
     warps = 4 if low and 2 <= topk <= 16 and _hopper() else 8  # k = 1 spills 8 B with 4
-    return 32 if topk > 16 else 64, 128 if low else 64, block_d, warps
+    if topk > 16:
+        return 32, 64, block_d, 8
+    return 64, 128 if low else 64, block_d, warps
 
 
 # Alternative launch configurations for the low-precision paper-scale search, timed by
@@ -155,7 +184,7 @@ def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device:
         return 1
     row_blocks = triton.cdiv(n, block_m)
     want = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(k_codes, block_n), want // row_blocks))
+    return max(1, min(triton.cdiv(k_codes, block_n), want // row_blocks, MERGE_WIDTH // topk))
 
 
 def _common(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +204,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
     launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, **(config or {})}
     block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
-    s = splits or _splits(n, k_codes, k, block_m, block_n, x.device)
+    s = min(splits or _splits(n, k_codes, k, block_m, block_n, x.device), max(1, MERGE_WIDTH // k))
     # every split covers whole tiles and at least k codes
     split_len = max(triton.cdiv(triton.cdiv(k_codes, s), block_n) * block_n, triton.cdiv(k, block_n) * block_n)
     s = triton.cdiv(k_codes, split_len)
@@ -195,28 +224,30 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
         )
     if s == 1:
         return (part_s[0], part_i[0]) if out is None else out
-    scores, idx = merge_splits(part_s, part_i, k, metric)
-    if out is not None:
-        out[0].copy_(scores)
-        out[1].copy_(idx)
-        return out
+    return merge_splits(part_s, part_i, k, metric, out)
+
+
+# The merge holds a row's splits x k candidates on chip: the split count is capped so that
+# they fit a MERGE_WIDTH tile.
+MERGE_WIDTH = 2048
+
+
+def merge_splits(part_s: torch.Tensor, part_i: torch.Tensor, k: int, metric: str, out=None):
+    """Best k of the per-split lists [S, N, k], best first, ties to the lower index, in one
+    launch (no host synchronisation). A split shorter than k (the last one can be) leaves
+    slots empty (negative index): they rank below everything, NaN scores just above them."""
+    s, n, _ = part_s.shape
+    scores, idx = out if out is not None else (torch.empty(n, k, dtype=torch.float32, device=part_s.device),
+                                                torch.empty(n, k, dtype=torch.int64, device=part_s.device))
+    block_c = triton.next_power_of_2(s * k)
+    block_r = 16 if _interpreting() else max(1, 1024 // block_c)  # k unrolled rounds over the tile: keep it small
+    if n:
+        _merge_kernel[(triton.cdiv(n, block_r),)](part_s, part_i, scores, idx, n, s, part_s.stride(0),
+                                                  part_s.stride(1), part_i.stride(0), part_i.stride(1),
+                                                  scores.stride(0), idx.stride(0), METRIC_L2=metric == "l2",
+                                                  TOPK=k, BLOCK_R=block_r, BLOCK_C=block_c,
+                                                  num_warps=4)
     return scores, idx
-
-
-def merge_splits(part_s: torch.Tensor, part_i: torch.Tensor, k: int, metric: str):
-    """Best k of the per-split lists [S, N, k]. Concatenated in split order, columns are in
-    code order among equal keys, so the column-order tie rule is the index rule. A split
-    shorter than k (the last one can be) leaves slots empty (negative index): they rank
-    below everything, NaN scores just above them, as in the kernel."""
-    from pacofr.ops.reference import _best_positions
-
-    s = part_s.permute(1, 0, 2).reshape(part_s.shape[1], -1)
-    i = part_i.permute(1, 0, 2).reshape(part_i.shape[1], -1)
-    key = s if metric == "ip" else -s
-    key = torch.where(torch.isnan(key) | (key == -float("inf")), NAN_KEY.value, key)
-    key = torch.where(i < 0, -float("inf"), key)
-    pos = _best_positions(key, k)
-    return s.gather(1, pos), i.gather(1, pos)
 
 
 # ---------------------------------------------------------------------------------- backward
@@ -293,7 +324,7 @@ def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook:
     idx = idx.contiguous()
     grad_x = torch.empty(n, d, dtype=xc.dtype, device=x.device)
     grad_c = torch.zeros(k_codes, d, dtype=torch.float32, device=x.device)
-    block_m = 64
+    block_m = 64 if k <= 16 else 32  # 32 selected codes per row: fewer rows, no register spills
     block_d = min(128, max(16, triton.next_power_of_2(d)))
     metric_l2 = metric == "l2"
     if n:

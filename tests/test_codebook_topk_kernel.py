@@ -182,3 +182,29 @@ def test_split_shorter_than_k_leaves_no_empty_slot(metric):
     keep = torch.arange(9, device=DEVICE) != 4
     assert torch.equal(one[1][keep], split[1][keep]) and torch.equal(one[0][keep], split[0][keep])
     assert split[0][4].isnan().all()
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("splits, k", [(3, 1), (7, 5), (64, 32)])
+def test_merge_splits_against_a_sorted_list(metric, splits, k):
+    """The split merge alone: few distinct scores (many ties across splits, broken by the
+    lower code index), NaN scores (last among real entries) and empty slots (never taken while
+    real entries remain), against a Python sort of each row's candidates."""
+    gen = torch.Generator().manual_seed(splits * 100 + k)
+    n = 13
+    part_s = torch.randint(0, 4, (splits, n, k), generator=gen).float()
+    part_s[torch.rand(splits, n, k, generator=gen) < 0.1] = math.nan
+    part_i = torch.randperm(splits * n * k, generator=gen).reshape(splits, n, k)
+    part_i[-1, :, k // 2:] = -1 - torch.arange(k - k // 2)  # the last split is short
+    out = (torch.full((n, k), math.nan, device=DEVICE), torch.full((n, k), -7, dtype=torch.int64, device=DEVICE))
+    scores, idx = kernel.merge_splits(part_s.to(DEVICE), part_i.to(DEVICE), k, metric, out=out)
+    assert scores is out[0] and idx is out[1]
+    for r in range(n):
+        cands = [(s, i) for s, i in zip(part_s[:, r].flatten().tolist(), part_i[:, r].flatten().tolist()) if i >= 0]
+        def rank(c):
+            s, i = c
+            return (1, 0.0, i) if math.isnan(s) else (0, -s if metric == "ip" else s, i)
+        want = sorted(cands, key=rank)[:k]
+        assert idx[r].tolist() == [i for _, i in want]
+        got = scores[r].tolist()
+        assert all((math.isnan(a) and math.isnan(b)) or a == b for a, (b, _) in zip(got, want))
