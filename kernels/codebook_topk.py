@@ -37,13 +37,63 @@ NAN_KEY = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
+def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw, METRIC_L2: tl.constexpr):
+    """Merges a [BLOCK_M, BLOCK_N] tile of products (codes `cols`) into the running best lists."""
+    if METRIC_L2:
+        cn = tl.load(CN + cols, mask=col_ok, other=0.0)
+        raw = xn[:, None] - 2.0 * acc + cn[None, :]
+        key = -raw
+    else:
+        raw = acc
+        key = acc
+    key = tl.where((key != key) | (key == -float("inf")), NAN_KEY, key)
+    key = tl.where(col_ok[None, :], key, -float("inf"))
+
+    worst = tl.min(best_key, axis=1)
+    top = tl.max(key, axis=1)
+    active = top > worst
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        # the tile's best entry of each row (lowest column among equal keys)
+        pos = tl.min(tl.where(key == top[:, None], cols[None, :], 2147483647), axis=1)
+        picked = cols[None, :] == pos[:, None]
+        top_raw = tl.sum(tl.where(picked, raw, 0.0), axis=1)
+        # replaces the worst slot (the highest index among equal worst ones)
+        is_worst = best_key == worst[:, None]
+        evict_idx = tl.max(tl.where(is_worst, best_idx, -2147483647), axis=1)
+        evict = is_worst & (best_idx == evict_idx[:, None]) & active[:, None]
+        best_key = tl.where(evict, top[:, None], best_key)
+        best_idx = tl.where(evict, pos[:, None], best_idx)
+        best_raw = tl.where(evict, top_raw[:, None], best_raw)
+        key = tl.where(picked & active[:, None], -float("inf"), key)
+        worst = tl.min(best_key, axis=1)
+        top = tl.max(key, axis=1)
+        active = top > worst
+    return best_key, best_idx, best_raw
+
+
+@triton.jit
+def _tile_dot(acc, X, C, rows, row_ok, cols, col_ok, d0, D, stride_xn, stride_cn,
+              BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + x[rows, d0:d0+BLOCK_D] @ codebook[cols, d0:d0+BLOCK_D]^T."""
+    d = d0 + tl.arange(0, BLOCK_D)
+    xt = tl.load(X + rows[:, None] * stride_xn + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
+    ct = tl.load(C + cols[:, None] * stride_cn + d[None, :], mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
+    if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+        xt = xt.to(tl.float32)
+        ct = ct.to(tl.float32)
+    if IEEE:
+        return acc + tl.dot(xt, tl.trans(ct), input_precision="ieee")
+    return acc + tl.dot(xt, tl.trans(ct))
+
+
+@triton.jit
 def _topk_fwd_kernel(
     X, C, XN, CN, OUT_S, OUT_I,
     N, K, D, SPLIT_LEN,
     stride_xn, stride_cn, stride_os, stride_on, stride_is, stride_in,
     METRIC_L2: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, FLAT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -58,53 +108,34 @@ def _topk_fwd_kernel(
     best_key = tl.where(slots[None, :] < TOPK, -float("inf"), float("inf")) + tl.zeros((BLOCK_M, KP), tl.float32)
     best_idx = (-1 - slots[None, :]) + tl.zeros((BLOCK_M, KP), tl.int32)
     best_raw = tl.zeros((BLOCK_M, KP), tl.float32)
-    if METRIC_L2:
-        xn = tl.load(XN + rows, mask=row_ok, other=0.0)
+    xn = tl.load(XN + rows, mask=row_ok & METRIC_L2, other=0.0)
 
-    for n0 in range(k_lo, k_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < k_hi
+    if FLAT:
+        # One loop over (code tile, D slice): the software pipeline then keeps loading the next
+        # tile's first slices while this tile is merged, instead of refilling for each tile.
+        steps = tl.cdiv(D, BLOCK_D)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            xt = tl.load(X + rows[:, None] * stride_xn + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            ct = tl.load(C + cols[:, None] * stride_cn + d[None, :], mask=col_ok[:, None] & (d[None, :] < D), other=0.0)
-            if UPCAST:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
-                xt = xt.to(tl.float32)
-                ct = ct.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(xt, tl.trans(ct), input_precision="ieee")
-            else:
-                acc += tl.dot(xt, tl.trans(ct))
-        if METRIC_L2:
-            cn = tl.load(CN + cols, mask=col_ok, other=0.0)
-            raw = xn[:, None] - 2.0 * acc + cn[None, :]
-            key = -raw
-        else:
-            raw = acc
-            key = acc
-        key = tl.where((key != key) | (key == -float("inf")), NAN_KEY, key)
-        key = tl.where(col_ok[None, :], key, -float("inf"))
-
-        worst = tl.min(best_key, axis=1)
-        top = tl.max(key, axis=1)
-        active = top > worst
-        while tl.max(active.to(tl.int32), axis=0) > 0:
-            # the tile's best entry of each row (lowest column among equal keys)
-            pos = tl.min(tl.where(key == top[:, None], cols[None, :], 2147483647), axis=1)
-            picked = cols[None, :] == pos[:, None]
-            top_raw = tl.sum(tl.where(picked, raw, 0.0), axis=1)
-            # replaces the worst slot (the highest index among equal worst ones)
-            is_worst = best_key == worst[:, None]
-            evict_idx = tl.max(tl.where(is_worst, best_idx, -2147483647), axis=1)
-            evict = is_worst & (best_idx == evict_idx[:, None]) & active[:, None]
-            best_key = tl.where(evict, top[:, None], best_key)
-            best_idx = tl.where(evict, pos[:, None], best_idx)
-            best_raw = tl.where(evict, top_raw[:, None], best_raw)
-            key = tl.where(picked & active[:, None], -float("inf"), key)
-            worst = tl.min(best_key, axis=1)
-            top = tl.max(key, axis=1)
-            active = top > worst
+        for it in range(0, tl.cdiv(k_hi - k_lo, BLOCK_N) * steps):
+            tile = it // steps
+            step = it - tile * steps
+            cols = k_lo + tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < k_hi
+            acc = _tile_dot(acc, X, C, rows, row_ok, cols, col_ok, step * BLOCK_D, D, stride_xn, stride_cn,
+                            BLOCK_D, IEEE, UPCAST)
+            if step == steps - 1:
+                best_key, best_idx, best_raw = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw,
+                                                           METRIC_L2)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    else:
+        for n0 in range(k_lo, k_hi, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < k_hi
+            acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for d0 in range(0, D, BLOCK_D):
+                acc = _tile_dot(acc, X, C, rows, row_ok, cols, col_ok, d0, D, stride_xn, stride_cn, BLOCK_D, IEEE,
+                                UPCAST)
+            best_key, best_idx, best_raw = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw,
+                                                       METRIC_L2)
 
     best_key = tl.where(slots[None, :] < TOPK, best_key, -float("inf"))
     _store_best_first(best_key, best_idx, best_raw, OUT_S + pid_s * stride_os, OUT_I + pid_s * stride_is, rows,
@@ -172,10 +203,12 @@ def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 
 
 # Alternative launch configurations for the low-precision paper-scale search, timed by
-# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all).
+# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). FLAT runs
+# the code tiles and D slices as one loop (see _topk_fwd_kernel).
 SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=8),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4)]
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, FLAT=True), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, FLAT=True)]
 
 
 def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:
@@ -202,7 +235,8 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     n, d = x.shape
     k_codes = codebook.shape[0]
     block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
-    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, **(config or {})}
+    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, "FLAT": False,
+              **(config or {})}
     block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
     s = min(splits or _splits(n, k_codes, k, block_m, block_n, x.device), max(1, MERGE_WIDTH // k))
     # every split covers whole tiles and at least k codes
