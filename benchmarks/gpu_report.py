@@ -289,7 +289,8 @@ def bench_patch_pixel_loss(device, run, ceil, quick):
                 return (loss, *grads_of(loss, (pred,)))
 
             add_sweep(impls, SWEEP, lambda cfg: lambda pr, im, w: _ConfiguredLoss.apply(pr, im, w, shape[2], cfg),
-                      result, lambda a, b: all(torch.allclose(x.float(), y.float(), 1e-3, 1e-6) for x, y in zip(a, b)),
+                      result, lambda a, b: all(torch.allclose(x.float(), y.float(), 1e-2, 1e-5)  # a bf16 ulp
+                                               for x, y in zip(a, b)),
                       failed, {"op": "patch_pixel_loss", "shape": "B={} {}px p={}".format(*shape)})
         for backward in (False, True):
             def call(fn, pred, images, weight, backward=backward):

@@ -189,9 +189,10 @@ def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays per block operation, not
     per element: it gets large blocks. On a GPU the sizes keep every kernel free of register
     spills (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores) takes
-    thinner D slices, and a long best-k list (k > 16) 32 x 64 tiles (ip spilled with 128 codes). On an H100, 4 warps on 64 x 128
-    tiles timed fastest of the SWEEP at the paper shape (3.0 ms against 4.3 ms with 8 warps,
-    benchmarks/results/); elsewhere 8 warps, which do not spill on sm_80."""
+    thinner D slices, and a long best-k list (k > 16) 32 x 64 tiles (ip spilled with 128
+    codes). On an H100, 4 warps on 64 x 128 tiles timed fastest of the SWEEP at the paper
+    shape (3.0 ms against 4.3 ms with 8 warps, benchmarks/results/); elsewhere 8 warps, which
+    do not spill on sm_80."""
     if _interpreting():
         return 64, 256, min(128, max(16, triton.next_power_of_2(d))), 4
     low = dtype != torch.float32
@@ -208,7 +209,8 @@ def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
 SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, FLAT=True), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, FLAT=True)]
+         dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, FLAT=True),
+         dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, FLAT=True)]
 
 
 def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:

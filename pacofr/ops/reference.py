@@ -187,7 +187,8 @@ def patch_stats(images: Tensor, patch_size: int, norm_pix: bool, eps: float) -> 
     """float32 [2, B*L]: each patch's target mean and std, patches row-major over the grid."""
     t = _patches(images, patch_size).to(_acc_dtype(images))
     mean, std = _target_stats(t, norm_pix, eps)
-    return torch.stack([mean.expand(t.shape[:3] + (1, 1, 1)).flatten(), std.expand(t.shape[:3] + (1, 1, 1)).flatten()]).float()
+    shape = t.shape[:3] + (1, 1, 1)
+    return torch.stack([mean.expand(shape).flatten(), std.expand(shape).flatten()]).float()
 
 
 def _border_pairs(w):
