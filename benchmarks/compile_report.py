@@ -216,7 +216,8 @@ def main(argv=None) -> int:
             print(f"{r['case']:<54}COMPILE ERROR: {r['error'].splitlines()[-1]}")
             continue
         print(f"{r['case']:<54}{r['kernel']:<28}{r['num_warps']:>6}{r['regs']:>6}{r['spill_bytes']:>8}"
-              f"{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}{r['instructions']:>7}" + "".join(f"\n    ! {p}" for p in r["problems"]))
+              f"{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}{r['instructions']:>7}"
+              + "".join(f"\n    ! {p}" for p in r["problems"]))
     spilled = sum(1 for r in rows if r.get("spill_bytes"))
     if args.json:
         Path(args.json).write_text(json.dumps({"arch": args.arch, "triton": triton.__version__, "rows": rows}, indent=1))

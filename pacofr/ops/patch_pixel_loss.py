@@ -7,7 +7,6 @@ from . import reference
 from .dispatch import Backend, choose, register, register_triton
 
 
-
 def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
     """The reference losses, plus what the op's backward receives: per-patch target (mean,
     std) [2, B*L] and the normalizers (sum of weights, sum of pair weights)."""
@@ -68,6 +67,7 @@ def _(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pi
 def _setup_context(ctx, inputs, output):
     pred, images, weight, patch_size, norm_pix, eps = inputs
     ctx.save_for_backward(pred, images, weight, output[2], output[3])
+    ctx.mark_non_differentiable(output[2], output[3])
     ctx.args = (patch_size, norm_pix, eps)
 
 
