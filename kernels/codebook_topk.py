@@ -35,7 +35,6 @@ from . import interpreting as _interpreting
 NAN_KEY = tl.constexpr(-3.4028234663852886e38)
 
 
-
 @triton.jit
 def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw, METRIC_L2: tl.constexpr):
     """Merges a [BLOCK_M, BLOCK_N] tile of products (codes `cols`) into the running best lists."""
