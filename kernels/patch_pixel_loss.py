@@ -127,6 +127,18 @@ def _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, 
 
 
 @triton.jit
+def _weight_and_stats(WGT, STATS, ids, ok, NP):
+    return (tl.load(WGT + ids, mask=ok, other=0.0), tl.load(STATS + ids, mask=ok, other=0.0),
+            tl.load(STATS + NP + ids, mask=ok, other=1.0))
+
+
+@triton.jit
+def _twice_per_unit(G, norm, count):
+    """2 g / (count * norm) for the upstream gradient at G; 0 when the normalizer is 0."""
+    return tl.where(norm > 0, 2.0 * tl.load(G).to(tl.float32) / (count * tl.where(norm > 0, norm, 1.0)), 0.0)
+
+
+@triton.jit
 def _sum_line(e):
     return tl.sum(tl.sum(tl.sum(e * e, axis=3), axis=2), axis=1)
 
@@ -138,9 +150,7 @@ def _border_kernel(PRED, IMG, WGT, STATS, PART, NP, GH, GW, LPI, W, HW, CHW, PS:
     pair weights into PART[3]."""
     ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
     c, i, j = _axes(BC, BR, BP)
-    w = tl.load(WGT + ids, mask=ok, other=0.0)
-    mean = tl.load(STATS + ids, mask=ok, other=0.0)
-    std = tl.load(STATS + NP + ids, mask=ok, other=1.0)
+    w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
     e_col, pw_col, e_row, pw_row = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
                                           W, HW, CHW, c, i, j, True, PS, CH)
     sc = (pw_col * _sum_line(e_col) + pw_row * _sum_line(e_row)) / (PS * CH)
@@ -158,16 +168,11 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, NP, GH, GW, LP
     P: tl.constexpr = PS * PS * CH
     ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
     c, i, j = _axes(BC, BR, BP)
-    w_sum = tl.load(NORMS)
-    pw_sum = tl.load(NORMS + 1)
-    g_pix = tl.where(w_sum > 0, 2.0 * tl.load(G_PIX).to(tl.float32) / (P * tl.where(w_sum > 0, w_sum, 1.0)), 0.0)
-    g_sc = tl.where(pw_sum > 0, 2.0 * tl.load(G_SC).to(tl.float32) / (PS * CH * tl.where(pw_sum > 0, pw_sum, 1.0)),
-                    0.0)
+    g_pix = _twice_per_unit(G_PIX, tl.load(NORMS), P)
+    g_sc = _twice_per_unit(G_SC, tl.load(NORMS + 1), PS * CH)
     x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
     m = ok[:, None, None, None] & (c < CH) & (i < PS) & (j < PS)
-    w = tl.load(WGT + ids, mask=ok, other=0.0)
-    mean = tl.load(STATS + ids, mask=ok, other=0.0)
-    std = tl.load(STATS + NP + ids, mask=ok, other=1.0)
+    w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
     t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
     x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
     grad = (g_pix * w)[:, None, None, None] * (x - (t - mean[:, None, None, None]) * (1.0 / std)[:, None, None, None])
