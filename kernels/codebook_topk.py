@@ -212,13 +212,13 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=1
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, FLAT=True)]
 
 
-def _splits(n: int, k_codes: int, topk: int, block_m: int, block_n: int, device: torch.device) -> int:
+def _splits(n: int, k_codes: int, block_m: int, block_n: int, device: torch.device) -> int:
     """How many K ranges: enough programs to fill the GPU when N alone cannot."""
     if device.type != "cuda":
         return 1
     row_blocks = triton.cdiv(n, block_m)
     want = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(k_codes, block_n), want // row_blocks, MERGE_WIDTH // topk))
+    return max(1, min(triton.cdiv(k_codes, block_n), want // row_blocks))
 
 
 def _common(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +239,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, "FLAT": False,
               **(config or {})}
     block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
-    s = min(splits or _splits(n, k_codes, k, block_m, block_n, x.device), max(1, MERGE_WIDTH // k))
+    s = min(splits or _splits(n, k_codes, block_m, block_n, x.device), max(1, MERGE_WIDTH // k))
     # every split covers whole tiles and at least k codes
     split_len = max(triton.cdiv(triton.cdiv(k_codes, s), block_n) * block_n, triton.cdiv(k, block_n) * block_n)
     s = triton.cdiv(k_codes, split_len)
