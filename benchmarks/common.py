@@ -35,8 +35,8 @@ def config_name(config: dict) -> str:
     per program), warps, stages."""
     if "BLOCK" in config:
         return f"{config['BLOCK']} w{config['num_warps']}"
-    flat = " flat" if config.get("FLAT") else ""
-    return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}{flat}"
+    flags = "".join(f" {word}" for key, word in (("FLAT", "flat"), ("FUSED_BWD", "fused")) if config.get(key))
+    return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}{flags}"
 
 
 _ONES: dict = {}

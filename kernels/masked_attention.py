@@ -6,10 +6,14 @@ blocks that lie wholly past it do no work: padded tiles are skipped, not compute
 Padded query rows and rows with no valid key store zeros and lse = +inf, so exp(s - lse) is
 exactly 0 for them in the backward too.
 
-Backward: delta = rowsum(dO * O) in fp32 (a small kernel reading dO and O once), then two
-kernels: one per key block accumulates dk and dv over the query blocks, one per query block
-accumulates dq over the key blocks. No program writes another's output, so there are no
-atomics and the gradients are bitwise reproducible.
+Backward: delta = rowsum(dO * O) in fp32 (a small kernel reading dO and O once), then either
+- split (the default): one kernel per key block accumulates dk and dv over the query blocks,
+  another per query block accumulates dq over the key blocks, recomputing P and dP;
+- fused (config FUSED_BWD): one program per (batch x head) slab walks its key blocks in turn
+  and adds each block's share of dq to fp32 rows that it alone owns, so P and dP are computed
+  once (five tile products instead of seven) and the sums still run in a fixed order.
+No program writes another's output, so there are no atomics and the gradients are bitwise
+reproducible either way.
 
 Head dims that are not powers of two (80, 96) are padded to the next one inside the kernel.
 The CPU interpreter computes bf16/fp16 dots wrongly, so there the tiles are upcast to fp32.
@@ -69,6 +73,20 @@ def _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST: tl.constexpr, P
     p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
     return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
+               BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dk and dv of a key block plus the share of the query block at m0; also its dS and rows."""
+    rows = m0 + tl.arange(0, BLOCK_M)
+    q = _tile(Q, base, rows, dims, D, length)
+    do = _tile(DO, base, rows, dims, D, length)
+    lse, delta = _row_stats(LSE, DELTA, bh, N, rows, length)
+    p, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, PRECISION)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
+    return dk, dv, ds, rows
 
 
 @triton.jit
@@ -142,13 +160,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N,
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for m0 in range(0, hi, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        q = _tile(Q, base, rows, dims, D, length)
-        do = _tile(DO, base, rows, dims, D, length)
-        lse, delta = _row_stats(LSE, DELTA, bh, N, rows, length)
-        p, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, PRECISION)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
+        dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
+                                  BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + base + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -172,6 +185,58 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
     tl.store(DQ + base + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+@triton.jit
+def _store_zero_rows(PTR, base, start, N, D, dims, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zeros into rows [start, N) of a [N, D] slab at PTR + base."""
+    for r0 in range(start, N, BLOCK):
+        rows = r0 + tl.arange(0, BLOCK)
+        tl.store(PTR + base + rows[:, None] * D + dims[None, :], tl.zeros((BLOCK, BLOCK_D), PTR.dtype.element_ty),
+                 mask=(rows[:, None] < N) & (dims[None, :] < D))
+
+
+@triton.jit
+def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, KM, scale, H, N, D,
+                           HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """dq, dk and dv of one (batch x head) slab. For each key block in turn: dk and dv over the
+    query blocks, and each query block's dq share added to its running sum in DQ_ACC (fp32),
+    which the last key block finishes into DQ. Rows past the length get zeros."""
+    bh = tl.program_id(0)
+    b = bh // H
+    length = _row_length(SEQ, b, N, HAS_SEQ)
+    base = bh.to(tl.int64) * N * D
+    dims = tl.arange(0, BLOCK_D)
+    for n0 in range(0, length, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = _tile(K, base, cols, dims, D, length)
+        v = _tile(V, base, cols, dims, D, length)
+        valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        for m0 in range(0, length, BLOCK_M):
+            dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv,
+                                          scale, BLOCK_M, UPCAST, PRECISION)
+            dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+            offs = base + rows[:, None] * D + dims[None, :]
+            q_mask = (rows[:, None] < N) & (dims[None, :] < D)
+            if n0 > 0:
+                dq += tl.load(DQ_ACC + offs, mask=q_mask, other=0.0)
+            if n0 + BLOCK_N >= length:
+                tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+            else:
+                tl.store(DQ_ACC + offs, dq, mask=q_mask)
+        kv_offs = base + cols[:, None] * D + dims[None, :]
+        kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
+        tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        # the next key block reads DQ_ACC rows that other threads of this program wrote
+        tl.debug_barrier()
+    _store_zero_rows(DQ, base, tl.cdiv(length, BLOCK_M) * BLOCK_M, N, D, dims, BLOCK_M, BLOCK_D)
+    _store_zero_rows(DK, base, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
+    _store_zero_rows(DV, base, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
+
+
 def _config(d: int, dtype: torch.dtype) -> dict:
     """Tile sizes and dot precision, one set for the forward and both backward kernels. On a
     GPU, fp16/bf16 tiles are free of register spills on sm_90 (benchmarks/compile_report.py
@@ -190,11 +255,22 @@ def _config(d: int, dtype: torch.dtype) -> dict:
 
 
 # Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
-# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). They
-# apply to the forward and both backward kernels alike.
+# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). Tile sizes
+# apply to the forward and the backward kernels alike; FUSED_BWD picks the fused backward.
 SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
-         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)]
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+         # the fused backward's tiles that do not spill on sm_90 (it holds dq's share as well)
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, FUSED_BWD=True),
+         dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, FUSED_BWD=True),
+         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, FUSED_BWD=True),
+         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True)]
+
+
+def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool]:
+    """(kernel launch arguments, whether the backward is fused): the defaults, then `config`."""
+    cfg = {**_config(d, dtype), **(config or {})}
+    return cfg, bool(cfg.pop("FUSED_BWD", False))
 
 
 def _masks(q, seqlens, key_mask):
@@ -212,29 +288,34 @@ def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     if out.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = {**_config(d, q.dtype), **(config or {})}
+        cfg, _ = _launch_config(d, q.dtype, config)
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
         _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, **flags, **cfg)
     return out, lse
 
 
-def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None):
-    """(dq, dk, dv): atomic-free, so bitwise reproducible. `config` as in the forward."""
+def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None, grads=None):
+    """(dq, dk, dv): atomic-free, so bitwise reproducible. `grads` (dq, dk, dv) receive the
+    result; `config` as in the forward, FUSED_BWD=True for the fused backward."""
     b, h, n, d = q.shape
     q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
     out = out.contiguous()
     delta = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = {**_config(d, q.dtype), **(config or {})}
+        cfg, fused = _launch_config(d, q.dtype, config)
         block_r = 256 if _interpreting() else 64
         _attn_bwd_delta_kernel[(triton.cdiv(b * h * n, block_r),)](out, grad_out, delta, b * h * n, d, BLOCK_R=block_r,
                                                                      BLOCK_D=cfg["BLOCK_D"])
-        _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
-            q, k, v, grad_out, lse, delta, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg)
-        _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-            q, k, v, grad_out, lse, delta, dq, seq, km, float(scale), h, n, d, **flags, **cfg)
+        args = (q, k, v, grad_out, lse, delta)
+        if fused:
+            # dq's running sums, needed only when a slab has more than one key block
+            acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if n > cfg["BLOCK_N"] else dq
+            _attn_bwd_fused_kernel[(b * h,)](*args, dq, dk, dv, acc, seq, km, float(scale), h, n, d, **flags, **cfg)
+        else:
+            _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
+                *args, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg)
+            _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+                *args, dq, seq, km, float(scale), h, n, d, **flags, **cfg)
     return dq, dk, dv
-
-

@@ -73,19 +73,52 @@ def test_attn_impl_switch_gives_the_same_model_output(monkeypatch, faces64):
         assert (pred - base).abs().max() < 1e-4, key
 
 
-@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}w{num_warps}s{}".format(c.get("num_stages", 3), **c))
+def _config_id(config):
+    fused = " fused" if config.get("FUSED_BWD") else ""
+    return "{BLOCK_M}x{BLOCK_N}w{num_warps}s{}".format(config.get("num_stages", 3), **config) + fused
+
+
+def _check_config(config, d, dtype, seqlens, key_mask=None, n=131, tol=3e-2):
+    """Forward and gradients of a launch configuration against the reference, with every
+    output poisoned before the call and padded rows exactly zero."""
+    q, k, v, g = _inputs(len(seqlens), 2, n, d, dtype, seed=5 + d)
+    seqlens = torch.tensor(seqlens, device=DEVICE)
+    out = torch.full_like(q, math.nan)
+    grads = tuple(torch.full_like(q, math.nan) for _ in range(3))
+    got, lse = kernel.masked_attention_forward(q, k, v, seqlens, key_mask, 0.125, out=out, config=config)
+    back = kernel.masked_attention_backward(g, q, k, v, got, lse, seqlens, key_mask, 0.125, config=config, grads=grads)
+    assert all(a is b for a, b in zip(back, grads))
+    km = None if key_mask is None else key_mask.cpu()
+    ref, ref_lse = reference.masked_attention(q.cpu(), k.cpu(), v.cpu(), seqlens.cpu(), km, 0.125)
+    ref_grads = reference.masked_attention_backward(g.cpu(), q.cpu(), k.cpu(), v.cpu(), ref, ref_lse, seqlens.cpu(),
+                                                    km, 0.125)
+    assert not out.isnan().any() and (got.float().cpu() - ref.float()).abs().max() <= tol
+    for a, b in zip(grads, ref_grads):
+        assert not a.isnan().any()
+        assert (a.float().cpu() - b.float()).abs().max() <= tol * b.float().abs().max()
+    for i, length in enumerate(seqlens.tolist()):
+        assert all((t[i, :, length:] == 0).all() for t in (got, *grads))
+    return grads
+
+
+@pytest.mark.parametrize("config", kernel.SWEEP, ids=_config_id)
 def test_every_swept_launch_configuration_is_correct(config):
     """The alternatives gpu_report.py times give the reference's output and gradients, with
     ragged lengths (0 and full included) and poisoned outputs."""
-    q, k, v, g = _inputs(3, 2, 131, 64, torch.bfloat16, seed=5)
-    seqlens = torch.tensor([0, 77, 131], device=DEVICE)
-    out = torch.full_like(q, math.nan)
-    got, lse = kernel.masked_attention_forward(q, k, v, seqlens, None, 0.125, out=out, config=config)
-    grads = kernel.masked_attention_backward(g, q, k, v, got, lse, seqlens, None, 0.125, config=config)
-    ref, ref_lse = reference.masked_attention(q.cpu(), k.cpu(), v.cpu(), seqlens.cpu(), None, 0.125)
-    ref_grads = reference.masked_attention_backward(g.cpu(), q.cpu(), k.cpu(), v.cpu(), ref, ref_lse, seqlens.cpu(),
-                                                    None, 0.125)
-    assert not out.isnan().any() and (got.float().cpu() - ref.float()).abs().max() <= 2e-2
-    for a, b in zip(grads, ref_grads):
-        assert (a.float().cpu() - b.float()).abs().max() <= 3e-2 * b.float().abs().max()
-    assert all((t[0] == 0).all() for t in (got, *grads))
+    _check_config(config, 64, torch.bfloat16, [0, 77, 131])
+
+
+@pytest.mark.parametrize("d", [32, 80, 128])
+def test_fused_backward_matches_the_split_one(d):
+    """The fused backward in fp32 over one to five key blocks of 32 (first, middle and last
+    blocks of dq's running sum), with a key mask: the reference's gradients, and the split
+    backward's to within fp32 summation order; bitwise reproducible."""
+    key_mask = torch.rand(4, 131, generator=torch.Generator().manual_seed(d)).to(DEVICE) > 0.3
+    seqlens = [1, 33, 100, 131]
+    config = dict(BLOCK_M=32, BLOCK_N=32, FUSED_BWD=True)
+    fused = _check_config(config, d, torch.float32, seqlens, key_mask, tol=1e-5)
+    again = _check_config(config, d, torch.float32, seqlens, key_mask, tol=1e-5)
+    split = _check_config(dict(BLOCK_M=32, BLOCK_N=32), d, torch.float32, seqlens, key_mask, tol=1e-5)
+    for a, b, c in zip(fused, again, split):
+        assert torch.equal(a, b)
+        assert (a - c).abs().max() <= 1e-5 * c.abs().max()
