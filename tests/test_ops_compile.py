@@ -1,5 +1,6 @@
 """The custom ops trace under torch.compile (fake impls + registered autograd): one graph, no
-breaks, and the same values and gradients as eager."""
+breaks, and the same values and gradients as eager (where the ops run as plain autograd
+Functions, without the custom ops' dispatch)."""
 
 import torch
 
@@ -11,6 +12,15 @@ def _step(x, codebook, q, k, v, seqlens, pred, images, weight):
     out = masked_attention(q, k, v, seqlens=seqlens)
     loss = patch_pixel_loss(pred, images, weight, 4, boundary_weight=0.5)
     return scores.sum() + out.square().sum() + loss
+
+
+_TRACED = set()
+
+
+def _recording_aot_eager(gm, example_inputs):
+    """aot_eager, noting which ops Dynamo's graph calls."""
+    _TRACED.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+    return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
 
 
 def test_ops_compile_fullgraph_forward_and_backward():
@@ -25,7 +35,7 @@ def test_ops_compile_fullgraph_forward_and_backward():
     for mode in ("eager", "compiled"):
         leaves = {n: t.clone().requires_grad_(t.is_floating_point() and n not in ("images", "weight"))
                   for n, t in inputs.items()}
-        fn = _step if mode == "eager" else torch.compile(_step, backend="aot_eager", fullgraph=True)
+        fn = _step if mode == "eager" else torch.compile(_step, backend=_recording_aot_eager, fullgraph=True)
         value = fn(**leaves)
         value.backward()
         grads[mode] = (value.detach(), {n: t.grad for n, t in leaves.items() if t.grad is not None})
@@ -34,3 +44,5 @@ def test_ops_compile_fullgraph_forward_and_backward():
     assert set(g_e) == set(g_c) == {"x", "codebook", "q", "k", "v", "pred"}
     for name in g_e:
         assert torch.allclose(g_e[name], g_c[name], rtol=1e-5, atol=1e-6), name
+    assert {"pacofr.codebook_topk.default", "pacofr.masked_attention.default",
+            "pacofr.patch_pixel_loss.default"} <= _TRACED, "the graph does not call the custom ops"

@@ -1,7 +1,8 @@
 """The fused ops of pacofr, the one door to the kernels.
 
-Each op is a `torch.library.custom_op` (so it works under `torch.compile`) with a torch
-reference in `reference.py`; `dispatch` picks the backend per call.
+Each op is a `torch.library.custom_op` (so it works under `torch.compile`; eager calls take a
+plain autograd.Function with the same forward and backward) with a torch reference in
+`reference.py`; `dispatch` picks the backend per call.
 """
 
 from .codebook_topk import codebook_topk

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, autocast_inputs, choose, register, register_triton
+from .dispatch import Backend, autocast_inputs, choose, register, register_triton, with_eager_path
 
 MAX_K = 32
 METRICS = ("l2", "ip")
@@ -27,10 +27,19 @@ def _score_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-@torch.library.custom_op("pacofr::codebook_topk", mutates_args=())
-def _forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+def _run(x: Tensor, codebook: Tensor, k: int, metric: str):
     backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=k, metric=metric)
     return backend.forward(x, codebook, k, metric)
+
+
+def _run_backward(grad_scores, x, codebook, idx, metric):
+    backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=idx.shape[1], metric=metric)
+    return backend.backward(grad_scores, x, codebook, idx, metric)
+
+
+@torch.library.custom_op("pacofr::codebook_topk", mutates_args=())
+def _forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    return _run(x, codebook, k, metric)
 
 
 @_forward.register_fake
@@ -40,8 +49,7 @@ def _(x, codebook, k, metric):
 
 @torch.library.custom_op("pacofr::codebook_topk_backward", mutates_args=())
 def _backward_op(grad_scores: Tensor, x: Tensor, codebook: Tensor, idx: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=idx.shape[1], metric=metric)
-    return backend.backward(grad_scores, x, codebook, idx, metric)
+    return _run_backward(grad_scores, x, codebook, idx, metric)
 
 
 @_backward_op.register_fake
@@ -56,13 +64,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward(ctx, grad_scores, _grad_idx):
-    x, codebook, idx = ctx.saved_tensors
-    grad_x, grad_codebook = _backward_op(grad_scores.contiguous(), x, codebook, idx, ctx.metric)
-    return grad_x, grad_codebook, None, None
+def _backward_with(run_backward):
+    def backward(ctx, grad_scores, _grad_idx):
+        x, codebook, idx = ctx.saved_tensors
+        grad_x, grad_codebook = run_backward(grad_scores.contiguous(), x, codebook, idx, ctx.metric)
+        return grad_x, grad_codebook, None, None
+    return backward
 
 
-_forward.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
+_op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
 
 
 def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tuple[Tensor, Tensor]:
@@ -84,4 +95,4 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tu
     if x.device != codebook.device:
         raise ValueError(f"codebook_topk: x on {x.device}, codebook on {codebook.device}")
     x, codebook = autocast_inputs(x.device.type, x, codebook)
-    return _forward(x.contiguous(), codebook.contiguous(), int(k), metric)
+    return _op(x.contiguous(), codebook.contiguous(), int(k), metric)

@@ -70,6 +70,8 @@ def _outside_autocast(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(*args):
         device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        if not torch.is_autocast_enabled(device):
+            return fn(*args)
         with torch.autocast(device, enabled=False):
             return fn(*args)
     return call
@@ -78,6 +80,7 @@ def _outside_autocast(fn: Callable) -> Callable:
 def register(op: str, backend: Backend) -> None:
     backend = replace(backend, forward=_outside_autocast(backend.forward), backward=_outside_autocast(backend.backward))
     _BACKENDS.setdefault(op, {})[backend.name] = backend
+    _order.cache_clear()
 
 
 def register_triton(op: str, supports: Callable[..., str | None]) -> None:
@@ -98,31 +101,54 @@ def register_triton(op: str, supports: Callable[..., str | None]) -> None:
     register(op, Backend("triton", kernel("forward"), kernel("backward"), triton_available, check))
 
 
+def with_eager_path(custom_op: Callable, run: Callable, setup_context: Callable, backward: Callable) -> Callable:
+    """`custom_op` under torch.compile, which needs it (fake impl, one graph node); otherwise
+    the same computation `run` with the same autograd as a plain torch.autograd.Function,
+    which skips the custom op's per-call Python dispatch: 0.1-0.2 ms of host time per forward
+    and backward on a 2-core CPU (benchmarks/host_overhead.py), which a GPU spends waiting."""
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = run(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*inputs):
+        return custom_op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
+    return call
+
+
 def backends(op: str) -> list[str]:
     """Names of the backends of `op` that can run on this machine."""
     return [name for name, b in _BACKENDS[op].items() if b.available() is None]
 
 
-def _preferred(device: torch.device) -> str:
-    if device.type == "cuda" or triton_interpreting():
-        return "triton"
-    return "reference"
-
-
-def _choose(op: str, device: torch.device, inputs: dict) -> tuple[Backend | None, list[str]]:
+@functools.cache
+def _order(op: str, device_type: str, forced: str | None, interpreting: bool) -> tuple:
+    """(name, backend or None, why it cannot run here or None) for the backends of `op` in
+    order of preference. Cached: it depends only on the arguments and on what is installed,
+    and a call per op call would cost host time on every step."""
     table = _BACKENDS[op]
-    forced = os.environ.get("PACOFR_OPS")
     if forced and forced not in KNOWN:
         raise ValueError(f"PACOFR_OPS={forced!r}: known backends are {', '.join(KNOWN)}")
     if forced in table:
-        order = [forced]
+        names = [forced]
     else:  # not forced, or forced to a backend this op does not have yet
-        first = _preferred(device)
-        order = [first] + [name for name in table if name != first]
+        first = "triton" if device_type == "cuda" or interpreting else "reference"
+        names = [first] + [name for name in table if name != first]
+    return tuple((name, table.get(name), "not built yet" if name not in table else table[name].available())
+                 for name in names)
+
+
+def _choose(op: str, device: torch.device, inputs: dict) -> tuple[Backend | None, list[str]]:
     rejected = []
-    for name in order:
-        backend = table.get(name)
-        reason = "not built yet" if backend is None else (backend.available() or (backend.supports(**inputs) if inputs else None))
+    for name, backend, reason in _order(op, device.type, os.environ.get("PACOFR_OPS"), triton_interpreting()):
+        if reason is None and inputs:
+            reason = backend.supports(**inputs)
         if reason is None:
             return backend, rejected
         rejected.append(f"{name}: {reason}")

@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, autocast_inputs, choose, register, register_triton
+from .dispatch import Backend, autocast_inputs, choose, register, register_triton, with_eager_path
 
 register("masked_attention", Backend("reference", reference.masked_attention, reference.masked_attention_backward))
 
@@ -24,12 +24,21 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _run(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float):
+    backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
+    return backend.forward(q, k, v, seqlens, key_mask, scale)
+
+
+def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
+    backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
+    return backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
+
+
 @torch.library.custom_op("pacofr::masked_attention", mutates_args=())
 def _forward(
     q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
-    backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
-    return backend.forward(q, k, v, seqlens, key_mask, scale)
+    return _run(q, k, v, seqlens, key_mask, scale)
 
 
 @_forward.register_fake
@@ -42,8 +51,7 @@ def _backward_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     seqlens: Tensor | None, key_mask: Tensor | None, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
-    return backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
+    return _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
 
 
 @_backward_op.register_fake
@@ -59,13 +67,16 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, seqlens, key_mask = ctx.saved_tensors
-    dq, dk, dv = _backward_op(grad_out.contiguous(), q, k, v, out, lse, seqlens, key_mask, ctx.scale)
-    return dq, dk, dv, None, None, None
+def _backward_with(run_backward):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse, seqlens, key_mask = ctx.saved_tensors
+        dq, dk, dv = run_backward(grad_out.contiguous(), q, k, v, out, lse, seqlens, key_mask, ctx.scale)
+        return dq, dk, dv, None, None, None
+    return backward
 
 
-_forward.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
+_op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
 
 
 def masked_attention(
@@ -92,4 +103,4 @@ def masked_attention(
         key_mask = key_mask.to(q.device, torch.bool).contiguous()
     scale = float(d**-0.5 if scale is None else scale)
     q, k, v = autocast_inputs(q.device.type, q, k, v)
-    return _forward(q.contiguous(), k.contiguous(), v.contiguous(), seqlens, key_mask, scale)[0]
+    return _op(q.contiguous(), k.contiguous(), v.contiguous(), seqlens, key_mask, scale)[0]

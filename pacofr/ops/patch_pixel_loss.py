@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, register_triton
+from .dispatch import Backend, choose, register, register_triton, with_eager_path
 
 
 def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
@@ -33,13 +33,22 @@ def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> str | Non
 register_triton("patch_pixel_loss", _triton_supports)
 
 
+def _run(pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float):
+    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+    return backend.forward(pred, images, weight, patch_size, norm_pix, eps)
+
+
+def _run_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
+    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+    return backend.backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps)
+
+
 @torch.library.custom_op("pacofr::patch_pixel_loss", mutates_args=())
 def _forward(
     pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(l_pix, l_sc, stats, norms); the last two are what the backward takes."""
-    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
-    return backend.forward(pred, images, weight, patch_size, norm_pix, eps)
+    return _run(pred, images, weight, patch_size, norm_pix, eps)
 
 
 @_forward.register_fake
@@ -55,8 +64,7 @@ def _backward_op(
     grad_pix: Tensor, grad_sc: Tensor, pred: Tensor, images: Tensor, weight: Tensor, stats: Tensor, norms: Tensor,
     patch_size: int, norm_pix: bool, eps: float,
 ) -> Tensor:
-    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
-    return backend.backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps)
+    return _run_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps)
 
 
 @_backward_op.register_fake
@@ -71,12 +79,15 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (patch_size, norm_pix, eps)
 
 
-def _backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
-    grad_pred = _backward_op(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
-    return grad_pred, None, None, None, None, None
+def _backward_with(run_backward):
+    def backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
+        grad_pred = run_backward(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
+        return grad_pred, None, None, None, None, None
+    return backward
 
 
-_forward.register_autograd(_backward, setup_context=_setup_context)
+_forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
+_op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
 
 
 def patch_pixel_loss_terms(
@@ -101,8 +112,8 @@ def patch_pixel_loss_terms(
     if weight.shape != (b, num_patches):
         raise ValueError(f"patch_pixel_loss: weight must be [B, L]=({b}, {num_patches}), got {tuple(weight.shape)}")
     weight = weight.to(pred.device, torch.float32 if weight.dtype != torch.float64 else weight.dtype)
-    l_pix, l_sc, _, _ = _forward(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p,
-                                 bool(norm_pix), float(eps))
+    l_pix, l_sc, _, _ = _op(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p,
+                            bool(norm_pix), float(eps))
     return l_pix, l_sc
 
 
