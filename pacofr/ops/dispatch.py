@@ -106,16 +106,14 @@ def with_eager_path(custom_op: Callable, run: Callable, setup_context: Callable,
     the same computation `run` with the same autograd as a plain torch.autograd.Function,
     which skips the custom op's per-call Python dispatch: 0.1-0.2 ms of host time per forward
     and backward on a 2-core CPU (benchmarks/host_overhead.py), which a GPU spends waiting."""
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = run(*inputs)
-            setup_context(ctx, inputs, output)
-            return output
+    def forward(ctx, *inputs):
+        output = run(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
 
-        @staticmethod
-        def backward(ctx, *grads):
-            return backward(ctx, *grads)
+    # named after the op's module, so that grad_fn reads e.g. MaskedAttentionBackward
+    name = "".join(word.title() for word in run.__module__.rsplit(".", 1)[-1].split("_"))
+    Eager = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def call(*inputs):
         return custom_op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)
