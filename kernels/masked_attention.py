@@ -6,12 +6,14 @@ blocks that lie wholly past it do no work: padded tiles are skipped, not compute
 Padded query rows and rows with no valid key store zeros and lse = +inf, so exp(s - lse) is
 exactly 0 for them in the backward too.
 
-Backward: delta = rowsum(dO * O) in fp32 (a small kernel reading dO and O once), then either
-- split (the default): one kernel per key block accumulates dk and dv over the query blocks,
-  another per query block accumulates dq over the key blocks, recomputing P and dP;
-- fused (config FUSED_BWD): one program per (batch x head) slab walks its key blocks in turn
-  and adds each block's share of dq to fp32 rows that it alone owns, so P and dP are computed
-  once (five tile products instead of seven) and the sums still run in a fixed order.
+Backward: delta = rowsum(dO * O) in fp32, then dq, dk and dv, either
+- split (the default): a small kernel computes delta (reading dO and O once), one kernel per
+  key block accumulates dk and dv over the query blocks, another per query block accumulates
+  dq over the key blocks, recomputing P and dP;
+- fused (config FUSED_BWD): one launch; one program per (batch x head) slab computes its
+  delta, then walks its key blocks in turn and adds each block's share of dq to fp32 rows
+  that it alone owns, so P and dP are computed once (five tile products instead of seven)
+  and the sums still run in a fixed order.
 No program writes another's output, so there are no atomics and the gradients are bitwise
 reproducible either way.
 
@@ -195,18 +197,26 @@ def _store_zero_rows(PTR, base, start, N, D, dims, BLOCK: tl.constexpr, BLOCK_D:
 
 
 @triton.jit
-def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, KM, scale, H, N, D,
+def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, KM, scale, H, N, D,
                            HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr):
-    """dq, dk and dv of one (batch x head) slab. For each key block in turn: dk and dv over the
-    query blocks, and each query block's dq share added to its running sum in DQ_ACC (fp32),
-    which the last key block finishes into DQ. Rows past the length get zeros."""
+    """dq, dk and dv of one (batch x head) slab, the whole backward in one launch: first the
+    slab's delta, then for each key block in turn dk and dv over the query blocks, and each
+    query block's dq share added to its running sum in DQ_ACC (fp32), which the last key block
+    finishes into DQ. Rows past the length get zeros."""
     bh = tl.program_id(0)
     b = bh // H
     length = _row_length(SEQ, b, N, HAS_SEQ)
     base = bh.to(tl.int64) * N * D
     dims = tl.arange(0, BLOCK_D)
+    for m0 in range(0, length, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        o = _tile(O, base, rows, dims, D, length).to(tl.float32)
+        do = _tile(DO, base, rows, dims, D, length).to(tl.float32)
+        tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, axis=1), mask=rows < N)
+    # DELTA and DQ_ACC rows are read back by other threads of this program than wrote them
+    tl.debug_barrier()
     for n0 in range(0, length, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         k = _tile(K, base, cols, dims, D, length)
@@ -230,7 +240,6 @@ def _attn_bwd_fused_kernel(Q, K, V, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, KM,
         kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
         tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
-        # the next key block reads DQ_ACC rows that other threads of this program wrote
         tl.debug_barrier()
     _store_zero_rows(DQ, base, tl.cdiv(length, BLOCK_M) * BLOCK_M, N, D, dims, BLOCK_M, BLOCK_D)
     _store_zero_rows(DK, base, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
@@ -264,7 +273,7 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=3
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, FUSED_BWD=True),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, FUSED_BWD=True),
          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, FUSED_BWD=True),
-         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True)]
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True)]
 
 
 def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool]:
@@ -305,15 +314,16 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
         cfg, fused = _launch_config(d, q.dtype, config)
-        block_r = 256 if _interpreting() else 64
-        _attn_bwd_delta_kernel[(triton.cdiv(b * h * n, block_r),)](out, grad_out, delta, b * h * n, d, BLOCK_R=block_r,
-                                                                     BLOCK_D=cfg["BLOCK_D"])
-        args = (q, k, v, grad_out, lse, delta)
         if fused:
             # dq's running sums, needed only when a slab has more than one key block
             acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if n > cfg["BLOCK_N"] else dq
-            _attn_bwd_fused_kernel[(b * h,)](*args, dq, dk, dv, acc, seq, km, float(scale), h, n, d, **flags, **cfg)
+            _attn_bwd_fused_kernel[(b * h,)](q, k, v, out, grad_out, lse, delta, dq, dk, dv, acc, seq, km, float(scale),
+                                             h, n, d, **flags, **cfg)
         else:
+            block_r = 256 if _interpreting() else 64
+            _attn_bwd_delta_kernel[(triton.cdiv(b * h * n, block_r),)](out, grad_out, delta, b * h * n, d,
+                                                                         BLOCK_R=block_r, BLOCK_D=cfg["BLOCK_D"])
+            args = (q, k, v, grad_out, lse, delta)
             _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
                 *args, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg)
             _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
