@@ -87,6 +87,8 @@ def _codebook_cases(quick):
     for config in SWEEP:
         yield f"sweep codebook_topk D=768 k=8 {config_name(config)}", torch.bfloat16, lambda cfg=config: \
             codebook_topk_forward(x, c, 8, "ip", config=cfg)
+    yield "codebook_topk D=768 k=8 products only", torch.bfloat16, lambda: codebook_topk_forward(
+        x, c, 8, "ip", config={"SELECT": False})
 
 
 def _attention_cases(quick):

@@ -150,6 +150,9 @@ def bench_codebook_topk(device, run, ceil, quick):
                       lambda fn: fn(*inputs[0]),
                       lambda a, b: (a[1] == b[1]).float().mean() > 0.999 and torch.allclose(a[0], b[0], 1e-3, 1e-3),
                       failed, {"op": "codebook_topk fwd (ip)", "shape": f"N={n} K={kc} D={d} k={k}"})
+            # not a result: the default kernel without its best-k selection, which splits the
+            # kernel's time into products and selection
+            impls["triton products only"] = lambda x, c: codebook_topk_forward(x, c, k, "ip", config={"SELECT": False})
         times = {}
         for name, fn in impls.items():
             reps = 5 if name == "reference" else 20

@@ -36,8 +36,13 @@ NAN_KEY = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
-def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw, METRIC_L2: tl.constexpr):
-    """Merges a [BLOCK_M, BLOCK_N] tile of products (codes `cols`) into the running best lists."""
+def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw, METRIC_L2: tl.constexpr,
+                SELECT: tl.constexpr):
+    """Merges a [BLOCK_M, BLOCK_N] tile of products (codes `cols`) into the running best lists.
+    SELECT=False is a diagnostic for timing the products alone: it keeps only each row's largest
+    product (in best_raw), so the lists it returns are not a result."""
+    if not SELECT:
+        return best_key, best_idx, tl.maximum(best_raw, tl.max(acc, axis=1)[:, None])
     if METRIC_L2:
         cn = tl.load(CN + cols, mask=col_ok, other=0.0)
         raw = xn[:, None] - 2.0 * acc + cn[None, :]
@@ -92,7 +97,7 @@ def _topk_fwd_kernel(
     stride_xn, stride_cn, stride_os, stride_on, stride_is, stride_in,
     METRIC_L2: tl.constexpr, TOPK: tl.constexpr, KP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr, FLAT: tl.constexpr,
+    UPCAST: tl.constexpr, FLAT: tl.constexpr, SELECT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -123,7 +128,7 @@ def _topk_fwd_kernel(
                             BLOCK_D, IEEE, UPCAST)
             if step == steps - 1:
                 best_key, best_idx, best_raw = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw,
-                                                           METRIC_L2)
+                                                           METRIC_L2, SELECT)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     else:
         for n0 in range(k_lo, k_hi, BLOCK_N):
@@ -134,7 +139,7 @@ def _topk_fwd_kernel(
                 acc = _tile_dot(acc, X, C, rows, row_ok, cols, col_ok, d0, D, stride_xn, stride_cn, BLOCK_D, IEEE,
                                 UPCAST)
             best_key, best_idx, best_raw = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw,
-                                                       METRIC_L2)
+                                                       METRIC_L2, SELECT)
 
     best_key = tl.where(slots[None, :] < TOPK, best_key, -float("inf"))
     _store_best_first(best_key, best_idx, best_raw, OUT_S + pid_s * stride_os, OUT_I + pid_s * stride_is, rows,
@@ -237,7 +242,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     k_codes = codebook.shape[0]
     block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
     launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, "FLAT": False,
-              **(config or {})}
+              "SELECT": True, **(config or {})}
     block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
     s = min(splits or _splits(n, k_codes, block_m, block_n, x.device), max(1, MERGE_WIDTH // k))
     # every split covers whole tiles and at least k codes
