@@ -7,7 +7,9 @@ mean((u / s)^2) and the border error of a pair is u_nb - u on the shared border 
 
 Forward: one pass over pred and image computes each patch's statistics and weighted MSE
 (`_pix_kernel`); a second, small pass reads only the border lines of each patch and its right
-and lower neighbours (`_border_kernel`), since those need the neighbours' statistics. The
+and lower neighbours (`_border_kernel`), since those need the neighbours' statistics; one
+small program sums the per-patch parts in a fixed order into the two losses and their
+normalizers (`_finish_kernel`, one launch where torch would take about eight). The
 statistics are kept for the backward, a single pass (`_grad_kernel`) that reads pred and
 image once more, plus the four neighbours' border lines, and writes the gradient.
 
@@ -192,6 +194,26 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, NP, GH, GW, LP
 # (`_pix_kernel`, `_grad_kernel`); the border pass takes 512 elements of its lines per program.
 # The defaults keep both passes free of register spills on sm_80 and sm_90
 # (benchmarks/compile_report.py); gpu_report.py times the SWEEP on a GPU.
+@triton.jit
+def _finish_kernel(PART, L_PIX, L_SC, NORMS, NP, BLOCK: tl.constexpr):
+    """One program: PART's rows (w * mse, w, pair error, pair w) [4, NP] summed in a fixed
+    order, then l_pix and l_sc (each exactly 0 when its weights sum to 0) and the normalizers."""
+    pair = tl.arange(0, 2)  # (l_pix, l_sc): their error rows are 0 and 2, their weight rows 1 and 3
+    err = tl.zeros((2, BLOCK), tl.float32)
+    norm = tl.zeros((2, BLOCK), tl.float32)
+    for start in range(0, NP, BLOCK):
+        ids = start + tl.arange(0, BLOCK)
+        offs = (2 * pair)[:, None] * NP + ids[None, :]
+        err += tl.load(PART + offs, mask=ids[None, :] < NP, other=0.0)
+        norm += tl.load(PART + offs + NP, mask=ids[None, :] < NP, other=0.0)
+    err_sum = tl.sum(err, axis=1)
+    norm_sum = tl.sum(norm, axis=1)
+    loss = tl.where(norm_sum > 0, err_sum / tl.where(norm_sum > 0, norm_sum, 1.0), 0.0)
+    tl.store(L_PIX, tl.sum(tl.where(pair == 0, loss, 0.0)))
+    tl.store(L_SC, tl.sum(tl.where(pair == 1, loss, 0.0)))
+    tl.store(NORMS + pair, norm_sum)
+
+
 DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4)
 SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
          dict(BLOCK=4096, num_warps=8)]
@@ -232,10 +254,10 @@ def patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps, co
                 float(eps), NORM=bool(norm_pix), **consts)
         _launch(_border_kernel, dict(BLOCK=512, num_warps=4), num, consts["BC"] * consts["BR"], pred, images, weight,
                 stats, part, num, gh, gw, lpi, w, hw, chw, **consts)
-    sums = part.sum(dim=1)
-    l_pix = torch.where(sums[1] > 0, sums[0] / sums[1].clamp_min(1e-30), 0.0)
-    l_sc = torch.where(sums[3] > 0, sums[2] / sums[3].clamp_min(1e-30), 0.0)
-    return l_pix, l_sc, stats, sums[1::2]
+    l_pix, l_sc = (torch.empty((), dtype=torch.float32, device=pred.device) for _ in range(2))
+    norms = torch.empty(2, dtype=torch.float32, device=pred.device)
+    _finish_kernel[(1,)](part, l_pix, l_sc, norms, num, BLOCK=4096 if _interpreting() else 1024)
+    return l_pix, l_sc, stats, norms
 
 
 def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps,
