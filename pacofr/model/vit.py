@@ -183,9 +183,10 @@ class Decoder(nn.Module):
 
 
 def visible_index(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """(keep[B, N], seqlens[B]): visible patch indices packed to the front in ascending order,
-    N the largest visible count of the batch."""
-    seqlens = (~mask).sum(1)
+    """(keep[B, N], seqlens[B] int32): visible patch indices packed to the front in ascending
+    order, N the largest visible count of the batch. int32 is what the attention kernel takes,
+    so its lengths need no conversion in every block."""
+    seqlens = (~mask).sum(1, dtype=torch.int32)
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
     return order[:, : int(seqlens.max())], seqlens
 
