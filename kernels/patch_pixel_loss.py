@@ -190,10 +190,6 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, NP, GH, GW, LP
     tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
 
 
-# Elements of the padded [patches, C, p, p] tile per program and warps, for the two full passes
-# (`_pix_kernel`, `_grad_kernel`); the border pass takes 512 elements of its lines per program.
-# The defaults keep both passes free of register spills on sm_80 and sm_90
-# (benchmarks/compile_report.py); gpu_report.py times the SWEEP on a GPU.
 @triton.jit
 def _finish_kernel(PART, L_PIX, L_SC, NORMS, NP, BLOCK: tl.constexpr):
     """One program: PART's rows (w * mse, w, pair error, pair w) [4, NP] summed in a fixed
@@ -214,6 +210,10 @@ def _finish_kernel(PART, L_PIX, L_SC, NORMS, NP, BLOCK: tl.constexpr):
     tl.store(NORMS + pair, norm_sum)
 
 
+# Elements of the padded [patches, C, p, p] tile per program and warps, for the two full passes
+# (`_pix_kernel`, `_grad_kernel`); the border pass takes 512 elements of its lines per program.
+# The defaults keep both passes free of register spills on sm_80 and sm_90
+# (benchmarks/compile_report.py); gpu_report.py times the SWEEP on a GPU.
 DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4)
 SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
          dict(BLOCK=4096, num_warps=8)]
