@@ -78,6 +78,17 @@ def _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST: tl.constexpr, P
 
 
 @triton.jit
+def _key_block(K, V, KM, base, b, N, D, cols, dims, length, HAS_KM: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """A key block's k and v (rows past the length read as 0), which of its keys take part, and
+    zeroed dk and dv accumulators."""
+    k = _tile(K, base, cols, dims, D, length)
+    v = _tile(V, base, cols, dims, D, length)
+    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+    return k, v, valid, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+
+
+@triton.jit
 def _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
                BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of a key block plus the share of the query block at m0; also its dS and rows."""
@@ -156,11 +167,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N,
                           HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     bh, b, base, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_N, BLOCK_D)
-    k = _tile(K, base, cols, dims, D, N)
-    v = _tile(V, base, cols, dims, D, N)
-    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    k, v, valid, dk, dv = _key_block(K, V, KM, base, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
     for m0 in range(0, hi, BLOCK_M):
         dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
                                   BLOCK_M, UPCAST, PRECISION)
@@ -219,11 +226,7 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
     tl.debug_barrier()
     for n0 in range(0, length, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, base, cols, dims, D, length)
-        v = _tile(V, base, cols, dims, D, length)
-        valid = _key_valid(KM, b, N, cols, length, HAS_KM)
-        dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-        dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+        k, v, valid, dk, dv = _key_block(K, V, KM, base, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
         for m0 in range(0, length, BLOCK_M):
             dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv,
                                           scale, BLOCK_M, UPCAST, PRECISION)
