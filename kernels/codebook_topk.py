@@ -15,7 +15,9 @@ Order and ties: scores become keys where higher is better (ip: score, l2: -dista
 equal keys the lower code index wins: tiles are visited in index order, a tile entry must be
 strictly better than the worst slot to enter, the slot evicted among equal worst ones is the
 one with the highest index, and within a tile the lowest column is taken first. NaN scores
-rank below every number (their rows still get indices inside [0, K)) and are returned as NaN.
+rank below every number (their rows still get indices inside [0, K)) and are returned as NaN;
+infinitely bad scores (ip -inf, l2 +inf) rank just above NaN. Only keys and indices are kept:
+the scores are recovered from the keys.
 
 Backward: one kernel gathers the selected codes per row for grad_x and, by default, scatters
 into the codebook gradient with fp32 atomics from the same loads. The deterministic option
@@ -30,28 +32,43 @@ import triton.language as tl
 
 from . import interpreting as _interpreting
 
-# Scores of NaN (and -inf) rank as this: below every finite score, above the "never" marker.
-# A constexpr: compiled kernels may read only constexpr globals.
+# Keys (higher is better) that stand for a score of NaN and for a key of -inf: the lowest two
+# finite floats, so both rank below every other number and above the empty slot's -inf, NaN
+# last. Keys are scores or their negation, so the score comes back from the key exactly (a
+# finite key equal to a sentinel comes back as what it stands for). Constexprs: compiled
+# kernels may read only constexpr globals.
 NAN_KEY = tl.constexpr(-3.4028234663852886e38)
+NEG_INF_KEY = tl.constexpr(-3.4028232635611926e38)
 
 
 @triton.jit
-def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw, METRIC_L2: tl.constexpr,
-                SELECT: tl.constexpr):
+def _rank_keys(key):
+    """Scores made keys (higher is better) ranked as documented: NaN and -inf become the two
+    sentinels just above the empty slot's -inf."""
+    key = tl.where(key == -float("inf"), NEG_INF_KEY, key)
+    return tl.where(key != key, NAN_KEY, key)
+
+
+@triton.jit
+def _score_of(key, METRIC_L2: tl.constexpr):
+    """The score a key came from (exact: keys are scores or their negation)."""
+    key = tl.where(key == NAN_KEY, float("nan"), tl.where(key == NEG_INF_KEY, -float("inf"), key))
+    return -key if METRIC_L2 else key
+
+
+@triton.jit
+def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, METRIC_L2: tl.constexpr, SELECT: tl.constexpr):
     """Merges a [BLOCK_M, BLOCK_N] tile of products (codes `cols`) into the running best lists.
     SELECT=False is a diagnostic for timing the products alone: it keeps only each row's largest
-    product (in best_raw), so the lists it returns are not a result."""
+    product (in every slot), so the lists it returns are not a result."""
     if not SELECT:
-        return best_key, best_idx, tl.maximum(best_raw, tl.max(acc, axis=1)[:, None])
+        return tl.maximum(best_key, tl.max(acc, axis=1)[:, None]), best_idx
     if METRIC_L2:
         cn = tl.load(CN + cols, mask=col_ok, other=0.0)
-        raw = xn[:, None] - 2.0 * acc + cn[None, :]
-        key = -raw
+        key = -(xn[:, None] - 2.0 * acc + cn[None, :])
     else:
-        raw = acc
         key = acc
-    key = tl.where((key != key) | (key == -float("inf")), NAN_KEY, key)
-    key = tl.where(col_ok[None, :], key, -float("inf"))
+    key = tl.where(col_ok[None, :], _rank_keys(key), -float("inf"))
 
     worst = tl.min(best_key, axis=1)
     top = tl.max(key, axis=1)
@@ -59,20 +76,17 @@ def _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw, METRIC_
     while tl.max(active.to(tl.int32), axis=0) > 0:
         # the tile's best entry of each row (lowest column among equal keys)
         pos = tl.min(tl.where(key == top[:, None], cols[None, :], 2147483647), axis=1)
-        picked = cols[None, :] == pos[:, None]
-        top_raw = tl.sum(tl.where(picked, raw, 0.0), axis=1)
         # replaces the worst slot (the highest index among equal worst ones)
         is_worst = best_key == worst[:, None]
         evict_idx = tl.max(tl.where(is_worst, best_idx, -2147483647), axis=1)
         evict = is_worst & (best_idx == evict_idx[:, None]) & active[:, None]
         best_key = tl.where(evict, top[:, None], best_key)
         best_idx = tl.where(evict, pos[:, None], best_idx)
-        best_raw = tl.where(evict, top_raw[:, None], best_raw)
-        key = tl.where(picked & active[:, None], -float("inf"), key)
+        key = tl.where((cols[None, :] == pos[:, None]) & active[:, None], -float("inf"), key)
         worst = tl.min(best_key, axis=1)
         top = tl.max(key, axis=1)
         active = top > worst
-    return best_key, best_idx, best_raw
+    return best_key, best_idx
 
 
 @triton.jit
@@ -111,7 +125,6 @@ def _topk_fwd_kernel(
     # hold +inf so they are never the worst and never evicted. Indices are distinct negatives.
     best_key = tl.where(slots[None, :] < TOPK, -float("inf"), float("inf")) + tl.zeros((BLOCK_M, KP), tl.float32)
     best_idx = (-1 - slots[None, :]) + tl.zeros((BLOCK_M, KP), tl.int32)
-    best_raw = tl.zeros((BLOCK_M, KP), tl.float32)
     xn = tl.load(XN + rows, mask=row_ok & METRIC_L2, other=0.0)
 
     if FLAT:
@@ -127,8 +140,7 @@ def _topk_fwd_kernel(
             acc = _tile_dot(acc, X, C, rows, row_ok, cols, col_ok, step * BLOCK_D, D, stride_xn, stride_cn,
                             BLOCK_D, IEEE, UPCAST)
             if step == steps - 1:
-                best_key, best_idx, best_raw = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw,
-                                                           METRIC_L2, SELECT)
+                best_key, best_idx = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, METRIC_L2, SELECT)
                 acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     else:
         for n0 in range(k_lo, k_hi, BLOCK_N):
@@ -138,25 +150,24 @@ def _topk_fwd_kernel(
             for d0 in range(0, D, BLOCK_D):
                 acc = _tile_dot(acc, X, C, rows, row_ok, cols, col_ok, d0, D, stride_xn, stride_cn, BLOCK_D, IEEE,
                                 UPCAST)
-            best_key, best_idx, best_raw = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, best_raw,
-                                                       METRIC_L2, SELECT)
+            best_key, best_idx = _merge_tile(acc, cols, col_ok, xn, CN, best_key, best_idx, METRIC_L2, SELECT)
 
     best_key = tl.where(slots[None, :] < TOPK, best_key, -float("inf"))
-    _store_best_first(best_key, best_idx, best_raw, OUT_S + pid_s * stride_os, OUT_I + pid_s * stride_is, rows,
-                      row_ok, stride_on, stride_in, TOPK)
+    _store_best_first(best_key, best_idx, OUT_S + pid_s * stride_os, OUT_I + pid_s * stride_is, rows, row_ok,
+                      stride_on, stride_in, METRIC_L2, TOPK)
 
 
 @triton.jit
-def _store_best_first(key, idx, raw, OUT_S, OUT_I, rows, row_ok, stride_on, stride_in, TOPK: tl.constexpr):
+def _store_best_first(key, idx, OUT_S, OUT_I, rows, row_ok, stride_on, stride_in, METRIC_L2: tl.constexpr,
+                      TOPK: tl.constexpr):
     """Writes the TOPK best entries of each row of [rows, C] candidates (keys: higher is
-    better), best first, equal keys in ascending index order."""
+    better) as scores and indices, best first, equal keys in ascending index order."""
     for j in tl.static_range(TOPK):
         top = tl.max(key, axis=1)
         is_top = key == top[:, None]
         j_idx = tl.min(tl.where(is_top, idx, 2147483647), axis=1)
         picked = is_top & (idx == j_idx[:, None])
-        j_raw = tl.sum(tl.where(picked, raw, 0.0), axis=1)
-        tl.store(OUT_S + rows * stride_on + j, j_raw, mask=row_ok)
+        tl.store(OUT_S + rows * stride_on + j, _score_of(top, METRIC_L2), mask=row_ok)
         tl.store(OUT_I + rows * stride_in + j, j_idx.to(tl.int64), mask=row_ok)
         key = tl.where(picked, -float("inf"), key)
         idx = tl.where(picked, 2147483647, idx)
@@ -175,10 +186,8 @@ def _merge_kernel(PS, PI, OUT_S, OUT_I, N, S, stride_ps, stride_pn, stride_is, s
     raw = tl.load(PS + split[None, :] * stride_ps + rows[:, None] * stride_pn + slot[None, :], mask=ok, other=0.0)
     idx = tl.load(PI + split[None, :] * stride_is + rows[:, None] * stride_in + slot[None, :], mask=ok, other=-1)
     idx = idx.to(tl.int32)
-    key = -raw if METRIC_L2 else raw
-    key = tl.where((key != key) | (key == -float("inf")), NAN_KEY, key)
-    key = tl.where(ok & (idx >= 0), key, -float("inf"))
-    _store_best_first(key, idx, raw, OUT_S, OUT_I, rows, row_ok, stride_on, stride_oi, TOPK)
+    key = tl.where(ok & (idx >= 0), _rank_keys(-raw if METRIC_L2 else raw), -float("inf"))
+    _store_best_first(key, idx, OUT_S, OUT_I, rows, row_ok, stride_on, stride_oi, METRIC_L2, TOPK)
 
 
 def _hopper() -> bool:
@@ -189,22 +198,24 @@ def _hopper() -> bool:
     return target.backend == "cuda" and target.arch == 90
 
 
-def _blocks(d: int, topk: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps). The interpreter pays per block operation, not
-    per element: it gets large blocks. On a GPU the sizes keep every kernel free of register
-    spills (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores) takes
-    thinner D slices, and a long best-k list (k > 16) 32 x 64 tiles (ip spilled with 128
+def _default_config(d: int, topk: int, dtype: torch.dtype) -> dict:
+    """BLOCK_M, BLOCK_N, BLOCK_D, num_warps (and num_stages where not Triton's default). The
+    interpreter pays per block operation, not per element: it gets large blocks. On a GPU the
+    sizes keep the kernels free of register spills on sm_80 and sm_90 except a 16-byte one at
+    D = 3 on sm_80 (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores) takes thin D
+    slices in two stages, and a long best-k list (k > 16) 32 x 64 tiles (ip spilled with 128
     codes). On an H100, 4 warps on 64 x 128 tiles timed fastest of the SWEEP at the paper
-    shape (3.0 ms against 4.3 ms with 8 warps, benchmarks/results/); elsewhere 8 warps, which
-    do not spill on sm_80."""
+    shape (3.0 ms against 4.3 ms with 8 warps, benchmarks/results/); elsewhere 8 warps (4
+    reach 255 registers on sm_80)."""
+    width = max(16, triton.next_power_of_2(d))
     if _interpreting():
-        return 64, 256, min(128, max(16, triton.next_power_of_2(d))), 4
+        return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_D=min(128, width), num_warps=4)
     low = dtype != torch.float32
-    block_d = min(64 if low else 32, max(16, triton.next_power_of_2(d)))
-    warps = 4 if low and 2 <= topk <= 16 and _hopper() else 8  # k = 1 spills 8 B with 4
     if topk > 16:
-        return 32, 64, block_d, 8
-    return 64, 128 if low else 64, block_d, warps
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_D=min(64 if low else 32, width), num_warps=8)
+    if not low:
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=16, num_warps=8, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=min(64, width), num_warps=4 if _hopper() else 8)
 
 
 # Alternative launch configurations for the low-precision paper-scale search, timed by
@@ -240,9 +251,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     x, codebook = _common(x, codebook)
     n, d = x.shape
     k_codes = codebook.shape[0]
-    block_m, block_n, block_d, warps = _blocks(d, k, x.dtype)
-    launch = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "num_warps": warps, "FLAT": False,
-              "SELECT": True, **(config or {})}
+    launch = {**_default_config(d, k, x.dtype), "FLAT": False, "SELECT": True, **(config or {})}
     block_m, block_n = launch["BLOCK_M"], launch["BLOCK_N"]
     s = min(splits or _splits(n, k_codes, block_m, block_n, x.device), max(1, MERGE_WIDTH // k))
     # every split covers whole tiles and at least k codes

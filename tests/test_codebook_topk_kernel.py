@@ -189,12 +189,16 @@ def test_split_shorter_than_k_leaves_no_empty_slot(metric):
 @pytest.mark.parametrize("splits, k", [(3, 1), (7, 5), (64, 32)])
 def test_merge_splits_against_a_sorted_list(metric, splits, k):
     """The split merge alone: few distinct scores (many ties across splits, broken by the
-    lower code index), NaN scores (last among real entries) and empty slots (never taken while
-    real entries remain), against a Python sort of each row's candidates."""
+    lower code index), infinite scores, NaN scores (last among real entries) and empty slots
+    (never taken while real entries remain), against a Python sort of each row's candidates."""
     gen = torch.Generator().manual_seed(splits * 100 + k)
     n = 13
     part_s = torch.randint(0, 4, (splits, n, k), generator=gen).float()
     part_s[torch.rand(splits, n, k, generator=gen) < 0.1] = math.nan
+    part_s[torch.rand(splits, n, k, generator=gen) < 0.05] = math.inf
+    part_s[torch.rand(splits, n, k, generator=gen) < 0.05] = -math.inf
+    worst = math.inf if metric == "l2" else -math.inf  # row 0 holds only the two lowest ranks
+    part_s[:, 0] = torch.where(torch.rand(splits, k, generator=gen) < 0.5, math.nan, worst)
     part_i = torch.randperm(splits * n * k, generator=gen).reshape(splits, n, k)
     part_i[-1, :, k // 2:] = -1 - torch.arange(k - k // 2)  # the last split is short
     out = (torch.full((n, k), math.nan, device=DEVICE), torch.full((n, k), -7, dtype=torch.int64, device=DEVICE))

@@ -333,6 +333,26 @@ def test_codebook_topk_k_validation(use_backend, backend):
 
 
 @pytest.mark.parametrize("backend", CB_BACKENDS)
+@pytest.mark.parametrize("metric, codes, scores, order", [
+    # ip: -1e38 * 4 overflows to -inf, 1e38 * 4 to +inf
+    ("ip", [[1.0] * 4, [2.0] * 4, [math.nan] * 4, [1e38] * 4, [-1e38] * 4, [0.0] * 4],
+     [math.inf, 8.0, 4.0, 0.0, -math.inf, math.nan], [3, 1, 0, 5, 4, 2]),
+    # l2: the squared norm of 1e20 * ones is +inf; codes 1 and 4 tie at 4 (lower index first)
+    ("l2", [[1.0] * 4, [2.0] * 4, [math.nan] * 4, [1e20] * 4, [0.0] * 4, [3.0] * 4],
+     [0.0, 4.0, 4.0, 16.0, math.inf, math.nan], [0, 1, 4, 5, 3, 2]),
+])
+def test_codebook_topk_infinite_and_nan_scores_rank_last(use_backend, backend, metric, codes, scores, order):
+    """Best first: finite scores, then the infinitely bad one, then NaN; scores returned as
+    computed (the Triton kernel keeps only keys and recovers scores from them)."""
+    dev = use_backend(backend)
+    got_s, got_i = codebook_topk(torch.ones(3, 4, device=dev), torch.tensor(codes, device=dev), 6, metric=metric)
+    want = torch.tensor(scores).expand(3, 6)
+    assert torch.equal(got_i.cpu(), torch.tensor(order).expand(3, 6))
+    assert torch.equal(got_s.cpu().isnan(), want.isnan())
+    assert torch.equal(got_s.cpu().nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("backend", CB_BACKENDS)
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_codebook_topk_nan_row(use_backend, backend, metric):
     dev = use_backend(backend)

@@ -47,7 +47,8 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Ten
     """Best k codes per row: l2 = squared distance ascending, ip = inner product descending.
 
     Tiles are visited in index order and the running best is kept in front of each new tile,
-    so column order is index order and ties go to the lower index. NaN scores rank last.
+    so column order is index order and ties go to the lower index. Infinitely bad scores rank
+    after every finite one, NaN scores last.
     """
     acc = _acc_dtype(x, codebook)
     n, k_codes = x.shape[0], codebook.shape[0]
@@ -62,7 +63,8 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Ten
             i = torch.arange(c0, c0 + codes.shape[0], device=x.device).expand_as(s)
             if best_s is not None:
                 s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-            key = torch.nan_to_num(s if metric == "ip" else -s, nan=-math.inf)  # higher is better
+            key = s if metric == "ip" else -s  # higher is better; -inf above NaN
+            key = torch.nan_to_num(key.masked_fill(key == -math.inf, torch.finfo(key.dtype).min), nan=-math.inf)
             pos = _best_positions(key, min(k, s.shape[1]))
             best_s, best_i = s.gather(1, pos), i.gather(1, pos)
         scores[r0 : r0 + TOPK_ROW_TILE] = best_s
