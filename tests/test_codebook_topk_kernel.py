@@ -154,8 +154,7 @@ def test_model_uses_the_kernel_for_both_searches(monkeypatch, faces64):
     assert torch.isfinite(out["loss"]) and model.belief.fc1.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK_M}x{BLOCK_N}w{num_warps}s{}{}".format(
-    c.get("num_stages", 3), "flat" if c.get("FLAT") else "", **c))
+@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_every_swept_launch_configuration_is_correct(config):
     """The alternatives gpu_report.py times: other tile shapes change how tiles are merged,
     not the result (against the float64 brute force, both metrics, poisoned outputs)."""
