@@ -190,6 +190,31 @@ def _merge_kernel(PS, PI, OUT_S, OUT_I, N, S, stride_ps, stride_pn, stride_is, s
     _store_best_first(key, idx, OUT_S, OUT_I, rows, row_ok, stride_on, stride_oi, METRIC_L2, TOPK)
 
 
+@triton.jit
+def _sq_norms_kernel(X, OUT, N, D, stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Squared L2 norm of each row, accumulated in fp32 from the stored dtype (the l2 search's
+    row and code norms, without the fp32 copy of X that torch would make)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(X + rows[:, None] * stride + d[None, :], mask=(rows[:, None] < N) & (d[None, :] < D),
+                    other=0.0).to(tl.float32)
+        acc += v * v
+    tl.store(OUT + rows, tl.sum(acc, axis=1), mask=rows < N)
+
+
+def _sq_norms(t: torch.Tensor) -> torch.Tensor:
+    n, d = t.shape
+    out = torch.empty(n, dtype=torch.float32, device=t.device)
+    block_r = 64 if _interpreting() else 8
+    if n:
+        _sq_norms_kernel[(triton.cdiv(n, block_r),)](t, out, n, d, t.stride(0), BLOCK_R=block_r,
+                                                     BLOCK_D=min(128, max(16, triton.next_power_of_2(d))),
+                                                     num_warps=4)
+    return out
+
+
 def _hopper() -> bool:
     """The current CUDA target is sm_90 (H100/H200): the compile target Triton reports."""
     from triton.runtime import driver
@@ -267,8 +292,8 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
     if s == 1 and out is not None:
         part_s, part_i = out[0][None], out[1][None]
     if n:
-        xn = (x.float() ** 2).sum(1) if metric == "l2" else x.new_empty(0, dtype=torch.float32)
-        cn = (codebook.float() ** 2).sum(1) if metric == "l2" else xn
+        xn = _sq_norms(x) if metric == "l2" else x.new_empty(0, dtype=torch.float32)
+        cn = _sq_norms(codebook) if metric == "l2" else xn
         grid = (triton.cdiv(n, block_m), s)
         _topk_fwd_kernel[grid](
             x, codebook, xn, cn, part_s, part_i, n, k_codes, d, split_len,
