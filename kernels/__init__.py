@@ -8,3 +8,12 @@ def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (kernels run on CPU in Triton's interpreter, whose cost is
     per block operation: kernels pick large blocks there)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def hopper() -> bool:
+    """The current CUDA target is sm_90 (H100/H200): the compile target Triton reports (also
+    under benchmarks/compile_report.py, which sets it without a GPU)."""
+    from triton.runtime import driver
+
+    target = driver.active.get_current_target()
+    return target.backend == "cuda" and target.arch == 90

@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import hopper as _hopper
 from . import interpreting as _interpreting
 
 # Keys (higher is better) that stand for a score of NaN and for a key of -inf: the lowest two
@@ -213,14 +214,6 @@ def _sq_norms(t: torch.Tensor) -> torch.Tensor:
                                                      BLOCK_D=min(128, max(16, triton.next_power_of_2(d))),
                                                      num_warps=4)
     return out
-
-
-def _hopper() -> bool:
-    """The current CUDA target is sm_90 (H100/H200): the compile target Triton reports."""
-    from triton.runtime import driver
-
-    target = driver.active.get_current_target()
-    return target.backend == "cuda" and target.arch == 90
 
 
 def _default_config(d: int, topk: int, dtype: torch.dtype) -> dict:

@@ -17,6 +17,9 @@ Backward: delta = rowsum(dO * O) in fp32, then dq, dk and dv, either
 No program writes another's output, so there are no atomics and the gradients are bitwise
 reproducible either way.
 
+q, k, v are read through their batch, head and row strides (shared by the three), and out
+and its gradient through theirs, so the views a ViT block splits from one qkv projection and
+the [B, N, H, d] output it reshapes need no copies; the gradients are written contiguous.
 Head dims that are not powers of two (80, 96) are padded to the next one inside the kernel.
 The CPU interpreter computes bf16/fp16 dots wrongly, so there the tiles are upcast to fp32.
 """
@@ -25,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import hopper as _hopper
 from . import interpreting as _interpreting
 
 
@@ -44,9 +48,10 @@ def _row_length(SEQ, b, N, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def _tile(PTR, base, idx, dims, D, limit):
-    """Rows `idx` (those < limit; others 0) of a [N, D] slab at PTR + base, padded to BLOCK_D."""
-    return tl.load(PTR + base + idx[:, None] * D + dims[None, :], mask=(idx[:, None] < limit) & (dims[None, :] < D),
+def _tile(PTR, base, idx, SN, dims, D, limit):
+    """Rows `idx` (those < limit; others 0) of an [N, D] slab at PTR + base with row stride
+    SN, padded to BLOCK_D."""
+    return tl.load(PTR + base + idx[:, None] * SN + dims[None, :], mask=(idx[:, None] < limit) & (dims[None, :] < D),
                    other=0.0)
 
 
@@ -76,23 +81,23 @@ def _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST: tl.constexpr, P
 
 
 @triton.jit
-def _key_block(K, V, KM, base, b, N, D, cols, dims, length, HAS_KM: tl.constexpr, BLOCK_N: tl.constexpr,
+def _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr):
     """A key block's k and v (rows past the length read as 0), which of its keys take part, and
     zeroed dk and dv accumulators."""
-    k = _tile(K, base, cols, dims, D, length)
-    v = _tile(V, base, cols, dims, D, length)
+    k = _tile(K, base, cols, SN, dims, D, length)
+    v = _tile(V, base, cols, SN, dims, D, length)
     valid = _key_valid(KM, b, N, cols, length, HAS_KM)
     return k, v, valid, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
 
 
 @triton.jit
-def _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
+def _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
                BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of a key block plus the share of the query block at m0; also its dS and rows."""
     rows = m0 + tl.arange(0, BLOCK_M)
-    q = _tile(Q, base, rows, dims, D, length)
-    do = _tile(DO, base, rows, dims, D, length)
+    q = _tile(Q, base, rows, SN, dims, D, length)
+    do = _tile(DO, base_o, rows, ON, dims, D, length)
     lse, delta = _row_stats(LSE, DELTA, bh, N, rows, length)
     p, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, PRECISION)
     dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
@@ -101,27 +106,37 @@ def _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid,
 
 
 @triton.jit
-def _slab(SEQ, H, N, D, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A program's share of its (batch x head) slab [N, D]: the slab's index, its sample, its
-    offset, the sample's length, the program's BLOCK positions along N, the (padded) head
-    dims, the in-bounds mask of that tile, and where its loop over the other side stops
-    (0 for a block wholly past the length: no work)."""
+def _offset(b, h, SB, SH):
+    """Where slab (b, h) starts in a tensor with batch and head strides SB, SH."""
+    return b.to(tl.int64) * SB + h.to(tl.int64) * SH
+
+
+@triton.jit
+def _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's share of its (batch x head) slab [N, D]: the slab's index, its sample, the
+    slab's offset in q/k/v, in out/dout and in the (contiguous) gradients, the sample's length,
+    the program's BLOCK positions along N, the (padded) head dims, the in-bounds mask of that
+    tile, and where its loop over the other side stops (0 for a block wholly past the length:
+    no work)."""
     bh = tl.program_id(1)
     b = bh // H
+    h = bh - b * H
     length = _row_length(SEQ, b, N, HAS_SEQ)
     first = tl.program_id(0) * BLOCK
     idx = first + tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     mask = (idx[:, None] < N) & (dims[None, :] < D)
-    return bh, b, bh.to(tl.int64) * N * D, length, idx, dims, mask, tl.where(first < length, length, 0)
+    return (bh, b, _offset(b, h, SB, SH), _offset(b, h, OB, OH), bh.to(tl.int64) * N * D, length, idx, dims, mask,
+            tl.where(first < length, length, 0))
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
+def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                      HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    bh, b, base, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_M, BLOCK_D)
-    q = _tile(Q, base, rows, dims, D, N)
+    bh, b, base, base_o, _, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ, BLOCK_M,
+                                                                    BLOCK_D)
+    q = _tile(Q, base, rows, SN, dims, D, N)
 
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -129,8 +144,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
     qk_scale = scale * 1.4426950408889634  # work in base 2
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, base, cols, dims, D, length)
-        v = _tile(V, base, cols, dims, D, length)
+        k = _tile(K, base, cols, SN, dims, D, length)
+        v = _tile(V, base, cols, SN, dims, D, length)
         s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
         s = tl.where(_key_valid(KM, b, N, cols, length, HAS_KM)[None, :], s, -float("inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -144,57 +159,62 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D,
     row_ok = (rows < length) & (l_i > 0)
     out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
     lse = tl.where(row_ok, (m_i + tl.math.log2(tl.where(row_ok, l_i, 1.0))) * 0.6931471805599453, float("inf"))
-    tl.store(O + base + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty), mask=o_mask)
+    tl.store(O + base_o + rows[:, None] * ON + dims[None, :], out.to(O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, ROWS, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """delta = rowsum(dO * O) in fp32 over [ROWS, D] (torch would write fp32 copies of both)."""
+def _attn_bwd_delta_kernel(O, DO, DELTA, ROWS, H, N, D, OB, OH, ON, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32 for the ROWS = B x H x N rows (torch would write fp32
+    copies of both)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     dims = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < ROWS) & (dims[None, :] < D)
-    offs = rows.to(tl.int64)[:, None] * D + dims[None, :]
+    bh = rows // N
+    b = bh // H
+    offs = (_offset(b, bh - b * H, OB, OH) + (rows - bh * N).to(tl.int64) * ON)[:, None] + dims[None, :]
     o = tl.load(O + offs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + rows, tl.sum(o * do, axis=1), mask=rows < ROWS)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                           HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    bh, b, base, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_N, BLOCK_D)
-    k, v, valid, dk, dv = _key_block(K, V, KM, base, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
+    bh, b, base, base_o, base_g, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ,
+                                                                          BLOCK_N, BLOCK_D)
+    k, v, valid, dk, dv = _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
     for m0 in range(0, hi, BLOCK_M):
-        dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
-                                  BLOCK_M, UPCAST, PRECISION)
-    tl.store(DK + base + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid,
+                                  dk, dv, scale, BLOCK_M, UPCAST, PRECISION)
+    tl.store(DK + base_g + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + base_g + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                         HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    bh, b, base, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, HAS_SEQ, BLOCK_M, BLOCK_D)
-    q = _tile(Q, base, rows, dims, D, N)
-    do = _tile(DO, base, rows, dims, D, N)
+    bh, b, base, base_o, base_g, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ,
+                                                                         BLOCK_M, BLOCK_D)
+    q = _tile(Q, base, rows, SN, dims, D, N)
+    do = _tile(DO, base_o, rows, ON, dims, D, N)
     lse, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for n0 in range(0, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, base, cols, dims, D, length)
-        v = _tile(V, base, cols, dims, D, length)
+        k = _tile(K, base, cols, SN, dims, D, length)
+        v = _tile(V, base, cols, SN, dims, D, length)
         valid = _key_valid(KM, b, N, cols, length, HAS_KM)
         _, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, PRECISION)
         dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-    tl.store(DQ + base + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + base_g + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
 def _store_zero_rows(PTR, base, start, N, D, dims, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zeros into rows [start, N) of a [N, D] slab at PTR + base."""
+    """Zeros into rows [start, N) of a contiguous [N, D] slab at PTR + base."""
     for r0 in range(start, N, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
         tl.store(PTR + base + rows[:, None] * D + dims[None, :], tl.zeros((BLOCK, BLOCK_D), PTR.dtype.element_ty),
@@ -203,6 +223,7 @@ def _store_zero_rows(PTR, base, start, N, D, dims, BLOCK: tl.constexpr, BLOCK_D:
 
 @triton.jit
 def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, KM, scale, H, N, D,
+                           SB, SH, SN, OB, OH, ON,
                            HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr):
@@ -213,23 +234,25 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
     bh = tl.program_id(0)
     b = bh // H
     length = _row_length(SEQ, b, N, HAS_SEQ)
-    base = bh.to(tl.int64) * N * D
+    base = _offset(b, bh - b * H, SB, SH)
+    base_o = _offset(b, bh - b * H, OB, OH)
+    base_g = bh.to(tl.int64) * N * D
     dims = tl.arange(0, BLOCK_D)
     for m0 in range(0, length, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        o = _tile(O, base, rows, dims, D, length).to(tl.float32)
-        do = _tile(DO, base, rows, dims, D, length).to(tl.float32)
+        o = _tile(O, base_o, rows, ON, dims, D, length).to(tl.float32)
+        do = _tile(DO, base_o, rows, ON, dims, D, length).to(tl.float32)
         tl.store(DELTA + bh.to(tl.int64) * N + rows, tl.sum(o * do, axis=1), mask=rows < N)
     # DELTA and DQ_ACC rows are read back by other threads of this program than wrote them
     tl.debug_barrier()
     for n0 in range(0, length, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k, v, valid, dk, dv = _key_block(K, V, KM, base, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
+        k, v, valid, dk, dv = _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
         for m0 in range(0, length, BLOCK_M):
-            dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, N, D, m0, dims, length, k, v, valid, dk, dv,
-                                          scale, BLOCK_M, UPCAST, PRECISION)
+            dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v,
+                                          valid, dk, dv, scale, BLOCK_M, UPCAST, PRECISION)
             dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-            offs = base + rows[:, None] * D + dims[None, :]
+            offs = base_g + rows[:, None] * D + dims[None, :]
             q_mask = (rows[:, None] < N) & (dims[None, :] < D)
             if n0 > 0:
                 dq += tl.load(DQ_ACC + offs, mask=q_mask, other=0.0)
@@ -237,14 +260,14 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
                 tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
             else:
                 tl.store(DQ_ACC + offs, dq, mask=q_mask)
-        kv_offs = base + cols[:, None] * D + dims[None, :]
+        kv_offs = base_g + cols[:, None] * D + dims[None, :]
         kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
         tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         tl.debug_barrier()
-    _store_zero_rows(DQ, base, tl.cdiv(length, BLOCK_M) * BLOCK_M, N, D, dims, BLOCK_M, BLOCK_D)
-    _store_zero_rows(DK, base, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
-    _store_zero_rows(DV, base, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
+    _store_zero_rows(DQ, base_g, tl.cdiv(length, BLOCK_M) * BLOCK_M, N, D, dims, BLOCK_M, BLOCK_D)
+    _store_zero_rows(DK, base_g, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
+    _store_zero_rows(DV, base_g, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
 
 
 def _config(d: int, dtype: torch.dtype) -> dict:
@@ -260,8 +283,12 @@ def _config(d: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee")
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee", num_warps=8)
+    # On sm_90, from d = 64, the forward is held to 128 registers (no spills, the same
+    # instructions): reading strided q, k, v lets ptxas take 135-142, which would cost a block
+    # per SM (3 instead of 4 at d = 64, 1 instead of 2 with 8 warps). At d = 32 it needs 94;
+    # on sm_80 the cap would spill.
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False, PRECISION="tf32",
-                num_warps=4 if block_d <= 64 else 8)
+                num_warps=4 if block_d <= 64 else 8, FWD_MAXNREG=128 if block_d >= 64 and _hopper() else None)
 
 
 # Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
@@ -271,7 +298,7 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=3
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
          # the default tiles with the dk/dv kernel held to 168 registers (0 spills on sm_90):
-         # 3 blocks per SM instead of 2 (a cap on every kernel would also raise the forward's)
+         # 3 blocks per SM instead of 2
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, DKDV_MAXNREG=168),
          # the fused backward's tiles that do not spill on sm_90 (it holds dq's share as well)
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, FUSED_BWD=True),
@@ -280,12 +307,22 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=3
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True)]
 
 
-def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool, dict]:
-    """(kernel launch arguments, whether the backward is fused, extra launch arguments of the
-    split backward's dk/dv kernel): the defaults, then `config`."""
-    cfg = {**_config(d, dtype), **(config or {})}
-    dkdv_regs = cfg.pop("DKDV_MAXNREG", None)
-    return cfg, bool(cfg.pop("FUSED_BWD", False)), {} if dkdv_regs is None else dict(maxnreg=dkdv_regs)
+def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool, dict, dict]:
+    """(launch arguments shared by the kernels, whether the backward is fused, and the extra
+    launch arguments of the forward and of the split backward's dk/dv kernel): the defaults,
+    then `config`. The defaults' register cap goes with their tile shape: a config with other
+    tiles or warps has only the caps it names."""
+    default = _config(d, dtype)
+    cfg = {**default, **(config or {})}
+    if any(cfg.get(key) != default.get(key) for key in ("BLOCK_M", "BLOCK_N", "num_warps")):
+        cfg.update({key: (config or {}).get(key) for key in ("FWD_MAXNREG", "DKDV_MAXNREG")})
+    fwd_regs, dkdv_regs = cfg.pop("FWD_MAXNREG", None), cfg.pop("DKDV_MAXNREG", None)
+    fused = bool(cfg.pop("FUSED_BWD", False))
+    return cfg, fused, _max_registers(fwd_regs), _max_registers(dkdv_regs)
+
+
+def _max_registers(cap: int | None) -> dict:
+    return {} if cap is None else dict(maxnreg=cap)
 
 
 def _masks(q, seqlens, key_mask):
@@ -294,44 +331,77 @@ def _masks(q, seqlens, key_mask):
     return seq, km, dict(HAS_SEQ=seqlens is not None, HAS_KM=key_mask is not None)
 
 
-def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config=None):
-    """(out [B, H, N, d] in q's dtype, lse [B, H, N] f32). `out` receives the result;
-    `config` overrides the launch configuration (see SWEEP)."""
+def _shared_layout(*ts):
+    """The tensors as the kernels read them and their shared (batch, head, row) strides: as
+    given when they share strides with unit stride along d (q, k, v split from one qkv
+    projection), else contiguous copies."""
+    strides = ts[0].stride()
+    if strides[3] != 1 or any(t.stride() != strides for t in ts[1:]):
+        ts = tuple(t.contiguous() for t in ts)
+        strides = ts[0].stride()
+    return ts, strides[:3]
+
+
+def _output_like(q):
+    """The output layout that pacofr.ops.masked_attention promises (see there)."""
     b, h, n, d = q.shape
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out = torch.empty_like(q) if out is None else out
+    return torch.empty_like(q) if q.is_contiguous() else q.new_empty(b, n, h, d).transpose(1, 2)
+
+
+def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config=None):
+    """(out [B, H, N, d] in q's dtype, lse [B, H, N] f32). q, k, v are read in place when
+    they share strides (unit stride along d); `out` receives the result (any strides with
+    unit stride along d; by default the op's layout, `_output_like`); `config` overrides the
+    launch configuration (see SWEEP)."""
+    b, h, n, d = q.shape
+    out = _output_like(q) if out is None else out
+    (q, k, v), in_strides = _shared_layout(q, k, v)
+    if out.stride(3) != 1:
+        raise ValueError(f"masked_attention_forward: out needs unit stride along d, got strides {out.stride()}")
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     if out.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg = _launch_config(d, q.dtype, config)[0]
+        cfg, _, fwd_extra, _ = _launch_config(d, q.dtype, config)
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
-        _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, **flags, **cfg)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, *in_strides, *out.stride()[:3],
+                               **flags, **cfg, **fwd_extra)
     return out, lse
 
 
 def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None, grads=None):
-    """(dq, dk, dv): atomic-free, so bitwise reproducible. `grads` (dq, dk, dv) receive the
-    result; `config` as in the forward, FUSED_BWD=True for the fused backward."""
+    """(dq, dk, dv), contiguous: atomic-free, so bitwise reproducible. q, k, v as in the
+    forward; grad_out is read in place when it has out's strides. `grads` (dq, dk, dv,
+    contiguous) receive the result; `config` as in the forward, FUSED_BWD=True for the fused
+    backward."""
     b, h, n, d = q.shape
-    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
-    out = out.contiguous()
+    (q, k, v), in_strides = _shared_layout(q, k, v)
+    out = out if out.stride(3) == 1 else out.contiguous()
+    if grad_out.stride() != out.stride() or grad_out.dtype != q.dtype:  # usually it has them already
+        grad_out = torch.empty_strided(out.shape, out.stride(), dtype=q.dtype, device=q.device).copy_(grad_out)
+    out_strides = out.stride()[:3]
     delta = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
-    dq, dk, dv = grads if grads is not None else (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+    if grads is None:
+        grads = tuple(torch.empty(b, h, n, d, dtype=q.dtype, device=q.device) for _ in range(3))
+    elif not all(g.is_contiguous() for g in grads):
+        raise ValueError("masked_attention_backward: grads must be contiguous")
+    dq, dk, dv = grads
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg, fused, dkdv_extra = _launch_config(d, q.dtype, config)
+        cfg, fused, _, dkdv_extra = _launch_config(d, q.dtype, config)
+        strides = (*in_strides, *out_strides)
         if fused:
             # dq's running sums, needed only when a slab has more than one key block
             acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if n > cfg["BLOCK_N"] else dq
             _attn_bwd_fused_kernel[(b * h,)](q, k, v, out, grad_out, lse, delta, dq, dk, dv, acc, seq, km, float(scale),
-                                             h, n, d, **flags, **cfg)
+                                             h, n, d, *strides, **flags, **cfg)
         else:
             block_r = 256 if _interpreting() else 64
-            _attn_bwd_delta_kernel[(triton.cdiv(b * h * n, block_r),)](out, grad_out, delta, b * h * n, d,
-                                                                         BLOCK_R=block_r, BLOCK_D=cfg["BLOCK_D"])
+            _attn_bwd_delta_kernel[(triton.cdiv(b * h * n, block_r),)](out, grad_out, delta, b * h * n, h, n, d,
+                                                                         *out_strides, BLOCK_R=block_r,
+                                                                         BLOCK_D=cfg["BLOCK_D"])
             args = (q, k, v, grad_out, lse, delta)
             _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
-                *args, dk, dv, seq, km, float(scale), h, n, d, **flags, **cfg, **dkdv_extra)
+                *args, dk, dv, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, **dkdv_extra)
             _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-                *args, dq, seq, km, float(scale), h, n, d, **flags, **cfg)
+                *args, dq, seq, km, float(scale), h, n, d, *strides, **flags, **cfg)
     return dq, dk, dv

@@ -53,6 +53,37 @@ def test_backward_is_bitwise_reproducible(dtype):
     assert (dq[0, :, 60:] == 0).all() and (dk[0, :, 60:] == 0).all() and (dv[0, :, 60:] == 0).all()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_inputs_are_read_in_place(dtype, fused):
+    """q, k, v split from one qkv projection ([B, N, 3, H, d], as in a ViT block) and the
+    gradient of out.transpose(1, 2).reshape(B, N, H * d): the same results, bit for bit, as
+    contiguous copies; the output laid out as [B, N, H, d]; one input with other strides
+    falls back to copies."""
+    b, h, n, d = 2, 3, 70, 32
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(b, n, 3, h, d, generator=gen).to(DEVICE, dtype)
+    g = torch.randn(b, n, h * d, generator=gen).to(DEVICE, dtype)
+    seqlens = torch.tensor([41, 70], device=DEVICE)
+    config = dict(FUSED_BWD=True) if fused else None
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)
+    grad_out = g.view(b, n, h, d).transpose(1, 2)
+    contiguous = [t.contiguous() for t in (q, k, v)]
+
+    want, want_lse = kernel.masked_attention_forward(*contiguous, seqlens, None, 0.2)
+    want_grads = kernel.masked_attention_backward(grad_out.contiguous(), *contiguous, want, want_lse, seqlens, None,
+                                                  0.2, config)
+    for inputs in ((q, k, v), (contiguous[0], k, v)):
+        got, lse = kernel.masked_attention_forward(*inputs, seqlens, None, 0.2)
+        assert torch.equal(got, want) and torch.equal(lse, want_lse)
+        grads = kernel.masked_attention_backward(grad_out, *inputs, got, lse, seqlens, None, 0.2, config)
+        for a, c in zip(grads, want_grads):
+            assert a.is_contiguous() and torch.equal(a, c)
+    got = kernel.masked_attention_forward(q, k, v, seqlens, None, 0.2)[0]
+    assert got.transpose(1, 2).is_contiguous()  # [B, N, H, d] memory: the block's reshape is a view
+    assert want.is_contiguous()
+
+
 def test_attn_impl_switch_gives_the_same_model_output(monkeypatch, faces64):
     from pacofr.config import load_config
     from pacofr.masking import structured_masks

@@ -593,6 +593,31 @@ def test_masked_attention_grad_bf16(use_backend, backend, case):
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_masked_attention_qkv_views_and_output_layout(use_backend, backend):
+    """q, k, v as a ViT block makes them (views of one qkv projection): the result and all
+    three gradients against float64, and the promised output layout on every backend
+    ([B, N, H, d] memory, so the block's reshape after it is a view)."""
+    dev = use_backend(backend)
+    torch.manual_seed(40)
+    B, H, N, d = 2, 3, 45, 32
+    qkv = torch.randn(B, N, 3 * H * d, device=dev, requires_grad=True)
+    sl = torch.tensor([45, 20], device=dev)
+    q, k, v = qkv.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    out = masked_attention(q, k, v, seqlens=sl)
+    assert out.transpose(1, 2).is_contiguous()
+    merged = out.transpose(1, 2).reshape(B, N, H * d)
+    assert merged.data_ptr() == out.data_ptr()  # a view, no copy
+    g = torch.randn(B, N, H * d, device=dev)
+    merged.backward(g)
+    qkv64 = qkv.detach().double().requires_grad_()
+    q64, k64, v64 = qkv64.view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+    ref = _attn_ref(q64, k64, v64, sl, None, d ** -0.5)
+    assert_close_scaled(out, ref, 1e-5, "out", floor=1.0)
+    ref.transpose(1, 2).reshape(B, N, H * d).backward(g.double())
+    assert_close_scaled(qkv.grad, qkv64.grad, 1e-4, "dqkv", floor=1.0)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
 def test_masked_attention_head_dims(use_backend, backend, d):
     dev = use_backend(backend)

@@ -24,14 +24,24 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _output_like(q: Tensor) -> Tensor:
+    """The output's layout, whatever the backend (torch.compile relies on it): q's when q is
+    contiguous, else [B, N, H, d] memory seen as [B, H, N, d], so that a ViT block's
+    out.transpose(1, 2).reshape(B, N, H * d) is a view. The Triton kernel writes it directly."""
+    b, h, n, d = q.shape
+    return torch.empty_like(q) if q.is_contiguous() else q.new_empty(b, n, h, d).transpose(1, 2)
+
+
 def _run(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float):
     backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
-    return backend.forward(q, k, v, seqlens, key_mask, scale)
+    out, lse = backend.forward(q, k, v, seqlens, key_mask, scale)
+    layout = _output_like(q)
+    return (out if out.stride() == layout.stride() else layout.copy_(out)), lse
 
 
 def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
     backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
-    return backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
+    return tuple(g.contiguous() for g in backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale))
 
 
 @torch.library.custom_op("pacofr::masked_attention", mutates_args=())
@@ -43,7 +53,7 @@ def _forward(
 
 @_forward.register_fake
 def _(q, k, v, seqlens, key_mask, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+    return _output_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
 
 
 @torch.library.custom_op("pacofr::masked_attention_backward", mutates_args=())
@@ -56,7 +66,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(q.new_empty(q.shape) for _ in range(3))  # contiguous
 
 
 def _setup_context(ctx, inputs, output):
@@ -70,7 +80,7 @@ def _setup_context(ctx, inputs, output):
 def _backward_with(run_backward):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, seqlens, key_mask = ctx.saved_tensors
-        dq, dk, dv = run_backward(grad_out.contiguous(), q, k, v, out, lse, seqlens, key_mask, ctx.scale)
+        dq, dk, dv = run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, ctx.scale)
         return dq, dk, dv, None, None, None
     return backward
 
@@ -89,6 +99,9 @@ def masked_attention(
     it are padding, with zero outputs and zero gradients. `key_mask[B, N]` (bool, True = the
     key takes part) restricts keys further. A query with no valid key gets zeros, never NaN.
     Under autocast q, k, v are cast to autocast's dtype first (softmax stays in fp32).
+    q, k, v may be strided views (the Triton kernel reads them in place when they share
+    strides, as when split from one qkv projection); the output is contiguous when q is, else
+    laid out as [B, N, H, d] so that `out.transpose(1, 2).reshape(B, N, H * d)` costs no copy.
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"masked_attention wants q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -103,4 +116,4 @@ def masked_attention(
         key_mask = key_mask.to(q.device, torch.bool).contiguous()
     scale = float(d**-0.5 if scale is None else scale)
     q, k, v = autocast_inputs(q.device.type, q, k, v)
-    return _op(q.contiguous(), k.contiguous(), v.contiguous(), seqlens, key_mask, scale)[0]
+    return _op(q, k, v, seqlens, key_mask, scale)[0]
