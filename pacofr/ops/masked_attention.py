@@ -24,19 +24,21 @@ def _acc_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
-def _output_like(q: Tensor) -> Tensor:
-    """The output's layout, whatever the backend (torch.compile relies on it): q's when q is
-    contiguous, else [B, N, H, d] memory seen as [B, H, N, d], so that a ViT block's
+def _output_strides(q: Tensor) -> tuple[int, ...]:
+    """The output's layout, whatever the backend (torch.compile relies on it): contiguous when
+    q is, else [B, N, H, d] memory seen as [B, H, N, d], so that a ViT block's
     out.transpose(1, 2).reshape(B, N, H * d) is a view. The Triton kernel writes it directly."""
     b, h, n, d = q.shape
-    return torch.empty_like(q) if q.is_contiguous() else q.new_empty(b, n, h, d).transpose(1, 2)
+    return (h * n * d, n * d, d, 1) if q.is_contiguous() else (n * h * d, d, h * d, 1)
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float):
     backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
     out, lse = backend.forward(q, k, v, seqlens, key_mask, scale)
-    layout = _output_like(q)
-    return (out if out.stride() == layout.stride() else layout.copy_(out)), lse
+    strides = _output_strides(q)
+    if out.stride() != strides:
+        out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
+    return out, lse
 
 
 def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
@@ -53,7 +55,7 @@ def _forward(
 
 @_forward.register_fake
 def _(q, k, v, seqlens, key_mask, scale):
-    return _output_like(q), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+    return q.new_empty_strided(q.shape, _output_strides(q)), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
 
 
 @torch.library.custom_op("pacofr::masked_attention_backward", mutates_args=())
