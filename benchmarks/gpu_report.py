@@ -192,6 +192,11 @@ def check_masked_attention(device):
             want = reference.masked_attention_backward(g, q, k, v, ref, ref_lse, seqlens, key_mask, d**-0.5)
             for a, b in zip(got, want):
                 assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max(), f"masked_attention bwd d={d}"
+            # q, k, v as a ViT block splits them from one qkv projection: read in place, same bits
+            views = torch.stack((q, k, v), 2).transpose(1, 3).contiguous().permute(2, 0, 3, 1, 4)
+            out_v, lse_v = masked_attention_forward(*views, seqlens, key_mask, d**-0.5)
+            got_v = masked_attention_backward(g, *views, out_v, lse_v, seqlens, key_mask, d**-0.5)
+            assert torch.equal(out_v, out) and all(map(torch.equal, got_v, got)), f"masked_attention views d={d}"
 
 
 def bench_masked_attention(device, run, ceil, quick):
