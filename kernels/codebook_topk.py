@@ -220,11 +220,11 @@ def _default_config(d: int, topk: int, dtype: torch.dtype) -> dict:
     """BLOCK_M, BLOCK_N, BLOCK_D, num_warps (and num_stages where not Triton's default). The
     interpreter pays per block operation, not per element: it gets large blocks. On a GPU the
     sizes keep the kernels free of register spills on sm_80 and sm_90 except a 16-byte one at
-    D = 3 on sm_80 (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores) takes thin D
-    slices in two stages, and a long best-k list (k > 16) 32 x 64 tiles (ip spilled with 128
-    codes). On an H100, 4 warps on 64 x 128 tiles timed fastest of the SWEEP at the paper
-    shape (3.0 ms against 4.3 ms with 8 warps, benchmarks/results/); elsewhere 8 warps (4
-    reach 255 registers on sm_80)."""
+    D = 3 on sm_80 (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores)
+    takes thin D slices in two stages, and a long best-k list (k > 16) 32 x 64 tiles (ip
+    spilled with 128 codes). On an H100, 4 warps on 64 x 128 tiles timed fastest of the SWEEP
+    at the paper shape (3.0 ms against 4.3 ms with 8 warps, benchmarks/results/); elsewhere 8
+    warps (4 reach 255 registers on sm_80)."""
     width = max(16, triton.next_power_of_2(d))
     if _interpreting():
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_D=min(128, width), num_warps=4)

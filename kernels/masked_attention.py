@@ -312,10 +312,11 @@ def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dic
     launch arguments of the forward and of the split backward's dk/dv kernel): the defaults,
     then `config`. The defaults' register cap goes with their tile shape: a config with other
     tiles or warps has only the caps it names."""
+    config = config or {}
     default = _config(d, dtype)
-    cfg = {**default, **(config or {})}
+    cfg = {**default, **config}
     if any(cfg.get(key) != default.get(key) for key in ("BLOCK_M", "BLOCK_N", "num_warps")):
-        cfg.update({key: (config or {}).get(key) for key in ("FWD_MAXNREG", "DKDV_MAXNREG")})
+        cfg.update({key: config.get(key) for key in ("FWD_MAXNREG", "DKDV_MAXNREG")})
     fwd_regs, dkdv_regs = cfg.pop("FWD_MAXNREG", None), cfg.pop("DKDV_MAXNREG", None)
     fused = bool(cfg.pop("FUSED_BWD", False))
     return cfg, fused, _max_registers(fwd_regs), _max_registers(dkdv_regs)
