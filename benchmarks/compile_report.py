@@ -9,7 +9,8 @@ The launchers run on CPU tensors with the GPU code path (not the interpreter): e
 compiles through Triton's full pipeline (TTIR, TTGIR, LLVM, PTX, cubin with ptxas) for the
 chosen target and is then dropped instead of run. This catches what the interpreter cannot:
 code that does not compile, shared memory over the per-block limit, too many registers for
-the launch, and register spills (local memory). It says nothing about speed.
+the launch, and register spills (local memory), also those inside a loop. It says nothing
+about speed; the instructions in each loop body (per tile, statically) are a stand-in for it.
 
 Needs the ptxas and cuobjdump that Triton's wheel ships; exits 2 with a message otherwise.
 """
@@ -133,6 +134,22 @@ def _loss_cases(quick):
             224, 224, 16, 3, torch.bfloat16, True, cfg)
 
 
+def _loops(sass: str) -> tuple[list[int], int]:
+    """(instructions in each loop body, longest first; spill loads and stores inside loops) of
+    a SASS listing. A loop is the range from a backward branch's target to the branch. Body
+    sizes are a static stand-in for the work per tile; a spill inside a loop costs every
+    iteration, one outside it (a value kept across the loop) a few instructions per program."""
+    code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            loops.append((int(branch.group(1), 16), addr))
+    sizes = sorted((sum(1 for a, _ in code if lo <= a <= hi) for lo, hi in loops), reverse=True)
+    spills = sum(1 for a, text in code if re.search(r"\b(LDL|STL)\b", text) and any(lo <= a <= hi for lo, hi in loops))
+    return sizes, spills
+
+
 def _resources(kernel) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -141,11 +158,13 @@ def _resources(kernel) -> dict:
                               check=True).stdout
         sass = subprocess.run([str(CUOBJDUMP), "-sass", f.name], capture_output=True, text=True, check=True).stdout
     usage = dict(re.findall(r"(REG|STACK):(\d+)", text))
+    loop_sizes, loop_spills = _loops(sass)
     # Triton kernels keep no arrays in local memory: a stack frame is register spills.
-    return {"regs": int(usage["REG"]), "spill_bytes": int(usage["STACK"]),
+    return {"regs": int(usage["REG"]), "spill_bytes": int(usage["STACK"]), "loop_spills": loop_spills,
             "tensor_cores": bool(re.search(r"\b(wgmma|mma)\.", kernel.asm["ptx"])),
             # static count: for a kernel without loops, what each thread executes
             "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/", sass, re.M)),
+            "loop_instructions": loop_sizes,
             "shared": int(kernel.metadata.shared), "num_warps": kernel.metadata.num_warps,
             "num_stages": kernel.metadata.num_stages}
 
@@ -211,14 +230,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     t0 = time.time()
     rows = compile_all(args.arch, args.quick, args.only)
-    header = f"{'case':<54}{'kernel':<28}{'warps':>6}{'regs':>6}{'spill B':>8}{'smem KB':>9}{'  mma':>5}{'instr':>7}"
+    header = (f"{'case':<54}{'kernel':<28}{'warps':>6}{'regs':>6}{'spill B':>8}{'in loop':>8}{'smem KB':>9}{'  mma':>5}"
+              f"{'instr':>7}  loops")
     print(f"sm_{args.arch}, triton {triton.__version__}\n{header}\n{'-' * len(header)}")
     for r in rows:
         if "error" in r:
             print(f"{r['case']:<54}COMPILE ERROR: {r['error'].splitlines()[-1]}")
             continue
         print(f"{r['case']:<54}{r['kernel']:<28}{r['num_warps']:>6}{r['regs']:>6}{r['spill_bytes']:>8}"
-              f"{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}{r['instructions']:>7}"
+              f"{r['loop_spills']:>8}{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}"
+              f"{r['instructions']:>7}  {'/'.join(map(str, r['loop_instructions'][:3]))}"
               + "".join(f"\n    ! {p}" for p in r["problems"]))
     spilled = sum(1 for r in rows if r.get("spill_bytes"))
     if args.json:

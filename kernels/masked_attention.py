@@ -4,12 +4,16 @@ Forward: one program per (query block, batch x head); online softmax in fp32 ove
 storing the log-sum-exp. With `seqlens`, a program stops at its sample's length, and query
 blocks that lie wholly past it do no work: padded tiles are skipped, not computed and masked.
 Padded query rows and rows with no valid key store zeros and lse = +inf, so exp(s - lse) is
-exactly 0 for them in the backward too.
+exactly 0 for them in the backward too. Softmax work per score is what bounds these kernels at
+small head dims, so the scale is folded into the exponent (one FMA and one exp2 per entry) and
+only the tile that crosses the length is masked: the others, wholly inside it, skip the select
+(without a key mask; `PEEL`).
 
 Backward: delta = rowsum(dO * O) in fp32, then dq, dk and dv, either
 - split (the default): a small kernel computes delta (reading dO and O once), one kernel per
-  key block accumulates dk and dv over the query blocks, another per query block accumulates
-  dq over the key blocks, recomputing P and dP;
+  key block accumulates dk and dv over the query blocks (P unmasked: an invalid key's P only
+  reaches its own dk and dv rows, which are zeroed once at the end), another per query block
+  accumulates dq over the key blocks, recomputing P and dP;
 - fused (config FUSED_BWD): one launch; one program per (batch x head) slab computes its
   delta, then walks its key blocks in turn and adds each block's share of dq to fp32 rows
   that it alone owns, so P and dP are computed once (five tile products instead of seven)
@@ -30,6 +34,8 @@ import triton.language as tl
 
 from . import hopper as _hopper
 from . import interpreting as _interpreting
+
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels work in base 2: exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
@@ -65,17 +71,23 @@ def _key_valid(KM, b, N, cols, length, HAS_KM: tl.constexpr):
 
 @triton.jit
 def _row_stats(LSE, DELTA, bh, N, rows, limit):
-    """lse (+inf past `limit`, so those rows' probabilities are 0) and delta of `rows`."""
+    """lse in base 2 (+inf past `limit`, so those rows' probabilities are 0) and delta of
+    `rows`."""
     lse = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=rows < limit, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=rows < limit, other=0.0)
-    return lse, delta
+    return lse * LOG2E, delta
 
 
 @triton.jit
-def _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """The backward's tile: probabilities P from the stored lse and dS = P * (dP - delta)."""
-    s = _dot(q, tl.trans(k), UPCAST, PRECISION) * scale
-    p = tl.where(valid[None, :], tl.exp(s - lse[:, None]), 0.0)
+def _probs_and_ds(q, k, v, do, lse2, delta, valid, qk_scale, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """The backward's tile: probabilities P = 2^(S * qk_scale - lse2) (one FMA and one exp2 per
+    entry) and dS = P * (dP - delta). MASKED zeroes P outside `valid`; without it P is left as
+    computed for keys past the length (their k and v read as 0), which only rows of dk and dv
+    that the caller discards depend on."""
+    p = tl.math.exp2(_dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(valid[None, :], p, 0.0)
     dp = _dot(do, tl.trans(v), UPCAST, PRECISION)
     return p, p * (dp - delta[:, None])
 
@@ -92,14 +104,14 @@ def _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM: tl.const
 
 
 @triton.jit
-def _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid, dk, dv, scale,
-               BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid, dk, dv, qk_scale,
+               MASKED: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dk and dv of a key block plus the share of the query block at m0; also its dS and rows."""
     rows = m0 + tl.arange(0, BLOCK_M)
     q = _tile(Q, base, rows, SN, dims, D, length)
     do = _tile(DO, base_o, rows, ON, dims, D, length)
-    lse, delta = _row_stats(LSE, DELTA, bh, N, rows, length)
-    p, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, PRECISION)
+    lse2, delta = _row_stats(LSE, DELTA, bh, N, rows, length)
+    p, ds = _probs_and_ds(q, k, v, do, lse2, delta, valid, qk_scale, MASKED, UPCAST, PRECISION)
     dv += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, PRECISION)
     dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, PRECISION)
     return dk, dv, ds, rows
@@ -131,9 +143,35 @@ def _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
+def _fwd_tile(q, K, V, KM, base, SN, b, N, D, n0, dims, length, m_i, l_i, acc, qk_scale, MASKED: tl.constexpr,
+              HAS_KM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key tile of the online softmax (base 2). MASKED drops keys past the length or outside
+    the key mask; an unmasked tile (every key valid, qk_scale > 0) skips that select and takes
+    the row max before scaling, so that S * qk_scale - max is one FMA per entry."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = _tile(K, base, cols, SN, dims, D, length)
+    v = _tile(V, base, cols, SN, dims, D, length)
+    s = _dot(q, tl.trans(k), UPCAST, PRECISION)
+    if MASKED:
+        s = tl.where(_key_valid(KM, b, N, cols, length, HAS_KM)[None, :], s * qk_scale, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no valid key yet
+    if MASKED:
+        p = tl.math.exp2(s - m_safe[:, None])
+    else:
+        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                      HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PEEL: tl.constexpr):
     bh, b, base, base_o, _, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ, BLOCK_M,
                                                                     BLOCK_D)
     q = _tile(Q, base, rows, SN, dims, D, N)
@@ -141,20 +179,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, O
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    qk_scale = scale * 1.4426950408889634  # work in base 2
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, base, cols, SN, dims, D, length)
-        v = _tile(V, base, cols, SN, dims, D, length)
-        s = _dot(q, tl.trans(k), UPCAST, PRECISION) * qk_scale
-        s = tl.where(_key_valid(KM, b, N, cols, length, HAS_KM)[None, :], s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no valid key yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
-        m_i = m_new
+    qk_scale = scale * LOG2E  # work in base 2
+    # PEEL (no key mask, scale > 0): the tiles wholly inside the length unmasked, then the tail
+    full = hi // BLOCK_N * BLOCK_N if PEEL else 0
+    for n0 in range(0, full, BLOCK_N):
+        m_i, l_i, acc = _fwd_tile(q, K, V, KM, base, SN, b, N, D, n0, dims, length, m_i, l_i, acc, qk_scale, False,
+                                  HAS_KM, BLOCK_N, UPCAST, PRECISION)
+    for n0 in tl.range(full, hi, BLOCK_N, num_stages=1 if PEEL else None):
+        m_i, l_i, acc = _fwd_tile(q, K, V, KM, base, SN, b, N, D, n0, dims, length, m_i, l_i, acc, qk_scale, True,
+                                  HAS_KM, BLOCK_N, UPCAST, PRECISION)
 
     row_ok = (rows < length) & (l_i > 0)
     out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
@@ -187,28 +220,47 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N,
     k, v, valid, dk, dv = _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
     for m0 in range(0, hi, BLOCK_M):
         dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid,
-                                  dk, dv, scale, BLOCK_M, UPCAST, PRECISION)
-    tl.store(DK + base_g + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+                                  dk, dv, scale * LOG2E, False, BLOCK_M, UPCAST, PRECISION)
+    # P was not masked: an invalid key's dk and dv rows (its own, nothing else) are dropped here
+    dk = tl.where(valid[:, None], dk * scale, 0.0)
+    dv = tl.where(valid[:, None], dv, 0.0)
+    tl.store(DK + base_g + cols[:, None] * D + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base_g + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, qk_scale, MASKED: tl.constexpr,
+             HAS_KM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """dq plus the share of the key tile at n0."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    k = _tile(K, base, cols, SN, dims, D, length)
+    v = _tile(V, base, cols, SN, dims, D, length)
+    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+    _, ds = _probs_and_ds(q, k, v, do, lse2, delta, valid, qk_scale, MASKED, UPCAST, PRECISION)
+    return dq + _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                         HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                        PEEL: tl.constexpr):
     bh, b, base, base_o, base_g, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ,
                                                                          BLOCK_M, BLOCK_D)
     q = _tile(Q, base, rows, SN, dims, D, N)
     do = _tile(DO, base_o, rows, ON, dims, D, N)
-    lse, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
+    lse2, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k = _tile(K, base, cols, SN, dims, D, length)
-        v = _tile(V, base, cols, SN, dims, D, length)
-        valid = _key_valid(KM, b, N, cols, length, HAS_KM)
-        _, ds = _probs_and_ds(q, k, v, do, lse, delta, valid, scale, UPCAST, PRECISION)
-        dq += _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
+    # PEEL (no key mask): the tiles wholly inside the length unmasked, then the tail, which
+    # needs its mask: P of a key past the length can overflow, and inf * 0 in dS @ K would
+    # reach dq
+    full = hi // BLOCK_N * BLOCK_N if PEEL else 0
+    for n0 in range(0, full, BLOCK_N):
+        dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, scale * LOG2E, False,
+                      HAS_KM, BLOCK_N, UPCAST, PRECISION)
+    for n0 in tl.range(full, hi, BLOCK_N, num_stages=1 if PEEL else None):
+        dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, scale * LOG2E, True,
+                      HAS_KM, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + base_g + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -250,7 +302,7 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
         k, v, valid, dk, dv = _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
         for m0 in range(0, length, BLOCK_M):
             dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v,
-                                          valid, dk, dv, scale, BLOCK_M, UPCAST, PRECISION)
+                                          valid, dk, dv, scale * LOG2E, True, BLOCK_M, UPCAST, PRECISION)
             dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
             offs = base_g + rows[:, None] * D + dims[None, :]
             q_mask = (rows[:, None] < N) & (dims[None, :] < D)
@@ -277,18 +329,22 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     the SWEEP (B=256, N=197, two runs in benchmarks/results/: fwd 0.20-0.25 ms, fwd+bwd
     1.25-1.47 ms; 128-row tiles 10% slower forward, 10-20% fwd+bwd). fp32 keeps IEEE
     products, which run on CUDA cores and need small tiles (head dims above 64 still spill a
-    little: fp32 is the exact path, not the fast one)."""
+    little: fp32 is the exact path, not the fast one).
+    PEEL_TAIL: the forward and dq kernels run the key tiles wholly inside the length without
+    the mask and the tail tile with it (25-40% fewer instructions per tile at d = 64, bf16);
+    not for fp32, where the second loop costs registers (and spills from d = 80)."""
     block_d = max(16, triton.next_power_of_2(d))
     if _interpreting():  # per block-op cost: few, large blocks
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee")
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee", PEEL_TAIL=True)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee", num_warps=8)
-    # On sm_90, from d = 64, the forward is held to 128 registers (no spills, the same
-    # instructions): reading strided q, k, v lets ptxas take 135-142, which would cost a block
-    # per SM (3 instead of 4 at d = 64, 1 instead of 2 with 8 warps). At d = 32 it needs 94;
-    # on sm_80 the cap would spill.
+    # On sm_90, from d = 64, the forward is held to 128 registers: reading strided q, k, v
+    # lets ptxas take 135-142, which would cost a block per SM (3 instead of 4 at d = 64, 1
+    # instead of 2 with 8 warps). No spill at d = 64; from d = 80, 16 bytes stored before the
+    # key loop and loaded after it. At d = 32 it needs 95; on sm_80 the cap would spill.
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False, PRECISION="tf32",
-                num_warps=4 if block_d <= 64 else 8, FWD_MAXNREG=128 if block_d >= 64 and _hopper() else None)
+                num_warps=4 if block_d <= 64 else 8, FWD_MAXNREG=128 if block_d >= 64 and _hopper() else None,
+                PEEL_TAIL=True)
 
 
 # Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
@@ -307,10 +363,10 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=3
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True)]
 
 
-def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool, dict, dict]:
-    """(launch arguments shared by the kernels, whether the backward is fused, and the extra
-    launch arguments of the forward and of the split backward's dk/dv kernel): the defaults,
-    then `config`. The defaults' register cap goes with their tile shape: a config with other
+def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool, bool, dict, dict]:
+    """(launch arguments shared by the kernels, whether the backward is fused, whether the
+    tail tile is peeled, and the extra launch arguments of the forward and of the split
+    backward's dk/dv kernel): the defaults, then `config`. The defaults' register cap goes with their tile shape: a config with other
     tiles or warps has only the caps it names."""
     config = config or {}
     default = _config(d, dtype)
@@ -318,8 +374,8 @@ def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dic
     if any(cfg.get(key) != default.get(key) for key in ("BLOCK_M", "BLOCK_N", "num_warps")):
         cfg.update({key: config.get(key) for key in ("FWD_MAXNREG", "DKDV_MAXNREG")})
     fwd_regs, dkdv_regs = cfg.pop("FWD_MAXNREG", None), cfg.pop("DKDV_MAXNREG", None)
-    fused = bool(cfg.pop("FUSED_BWD", False))
-    return cfg, fused, _max_registers(fwd_regs), _max_registers(dkdv_regs)
+    fused, peel = bool(cfg.pop("FUSED_BWD", False)), bool(cfg.pop("PEEL_TAIL", False))
+    return cfg, fused, peel, _max_registers(fwd_regs), _max_registers(dkdv_regs)
 
 
 def _max_registers(cap: int | None) -> dict:
@@ -362,10 +418,11 @@ def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config
     lse = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     if out.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg, _, fwd_extra, _ = _launch_config(d, q.dtype, config)
+        cfg, _, peel, fwd_extra, _ = _launch_config(d, q.dtype, config)
         grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
+        # unmasked tiles take the row max before scaling, which needs a positive scale
         _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, *in_strides, *out.stride()[:3],
-                               **flags, **cfg, **fwd_extra)
+                               **flags, **cfg, **fwd_extra, PEEL=peel and key_mask is None and scale > 0)
     return out, lse
 
 
@@ -388,7 +445,7 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
     dq, dk, dv = grads
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg, fused, _, dkdv_extra = _launch_config(d, q.dtype, config)
+        cfg, fused, peel, _, dkdv_extra = _launch_config(d, q.dtype, config)
         strides = (*in_strides, *out_strides)
         if fused:
             # dq's running sums, needed only when a slab has more than one key block
@@ -404,5 +461,5 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
             _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
                 *args, dk, dv, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, **dkdv_extra)
             _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-                *args, dq, seq, km, float(scale), h, n, d, *strides, **flags, **cfg)
+                *args, dq, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, PEEL=peel and key_mask is None)
     return dq, dk, dv

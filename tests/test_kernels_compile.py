@@ -68,17 +68,21 @@ def test_every_kernel_compiles_and_fits(compiled):
     assert {r["kernel"] for r in rows} == _kernel_names()
 
 
-def test_fast_paths_do_not_spill(sm90):
-    """On sm_90 the default configurations do not spill, except fp32 attention (IEEE products
-    on CUDA cores, the exact path). The alternatives that gpu_report.py sweeps only have to
-    launch. (On sm_80 the key_mask attention backward spills 8 bytes: not asserted.)"""
+def test_fast_paths_do_not_spill_in_loops(sm90):
+    """On sm_90 the default configurations have no spill load or store inside a loop, except
+    fp32 attention (IEEE products on CUDA cores, the exact path), and spill at most 16 bytes
+    in all (the register-capped attention forward from d = 80 keeps four values in local memory
+    across its key loop: a few instructions per program, for twice the blocks per SM). The
+    alternatives that gpu_report.py sweeps only have to launch."""
     rows, _, _ = sm90
 
     def allowed(r):
         return r["case"].startswith("sweep") or (r["case"].startswith("masked_attention") and r["dtype"] == "fp32")
 
-    spills = [f"{r['case']} {r['kernel']}: {r['spill_bytes']} B" for r in rows if r["spill_bytes"] and not allowed(r)]
+    spills = [f"{r['case']} {r['kernel']}: {r['spill_bytes']} B, {r['loop_spills']} in loops" for r in rows
+              if (r["loop_spills"] or r["spill_bytes"] > 16) and not allowed(r)]
     assert not spills, "\n".join(spills)
+    assert any(r["loop_instructions"] for r in rows if r["kernel"] == "_attn_fwd_kernel")  # loops are found
 
 
 MATMUL_KERNELS = ("_topk_fwd_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
