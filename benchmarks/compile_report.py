@@ -230,14 +230,14 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     t0 = time.time()
     rows = compile_all(args.arch, args.quick, args.only)
-    header = (f"{'case':<54}{'kernel':<28}{'warps':>6}{'regs':>6}{'spill B':>8}{'in loop':>8}{'smem KB':>9}{'  mma':>5}"
+    header = (f"{'case':<60}{'kernel':<28}{'warps':>6}{'regs':>6}{'spill B':>8}{'in loop':>8}{'smem KB':>9}{'  mma':>5}"
               f"{'instr':>7}  loops")
     print(f"sm_{args.arch}, triton {triton.__version__}\n{header}\n{'-' * len(header)}")
     for r in rows:
         if "error" in r:
-            print(f"{r['case']:<54}COMPILE ERROR: {r['error'].splitlines()[-1]}")
+            print(f"{r['case']:<60}COMPILE ERROR: {r['error'].splitlines()[-1]}")
             continue
-        print(f"{r['case']:<54}{r['kernel']:<28}{r['num_warps']:>6}{r['regs']:>6}{r['spill_bytes']:>8}"
+        print(f"{r['case']:<60}{r['kernel']:<28}{r['num_warps']:>6}{r['regs']:>6}{r['spill_bytes']:>8}"
               f"{r['loop_spills']:>8}{r['shared'] / 1024:>9.1f}{'  yes' if r['tensor_cores'] else '   no'}"
               f"{r['instructions']:>7}  {'/'.join(map(str, r['loop_instructions'][:3]))}"
               + "".join(f"\n    ! {p}" for p in r["problems"]))

@@ -212,3 +212,56 @@ def test_merge_splits_against_a_sorted_list(metric, splits, k):
         assert idx[r].tolist() == [i for _, i in want]
         got = scores[r].tolist()
         assert all((math.isnan(a) and math.isnan(b)) or a == b for a, (b, _) in zip(got, want))
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dtype, kc, k, splits", [(torch.bfloat16, 300, 32, 1), (torch.float16, 1000, 1, 1),
+                                                  (torch.bfloat16, 4099, 5, 17)], ids=["bf16", "fp16", "bf16-split"])
+def test_packed_selection_is_exact_on_integer_scores(metric, dtype, kc, k, splits):
+    """PACKED keeps 23 - log2(BLOCK_N) mantissa bits of each key. Scores of small integers
+    need fewer, so they come out exact: indices must equal a stable float64 sort's (ties, of
+    which there are many, to the lower index) and scores the brute force's, bit for bit.
+    Non-finite scores (a NaN query row, NaN codes, a code with an infinite entry giving +-inf
+    and NaN) rank exactly as in the float selection."""
+    gen = torch.Generator().manual_seed(kc + k)
+    x = torch.randint(-3, 4, (70, 48), generator=gen).to(dtype)
+    c = torch.randint(-3, 4, (kc, 48), generator=gen).to(dtype)
+
+    def search(x, c, config):
+        out = (torch.full((70, k), math.nan, device=DEVICE), torch.full((70, k), -7, dtype=torch.int64, device=DEVICE))
+        got = kernel.codebook_topk_forward(x.to(DEVICE), c.to(DEVICE), k, metric, splits=splits, out=out,
+                                           config=config)
+        assert got[0] is out[0] and not (got[1] == -7).any()
+        return got[0].cpu(), got[1].cpu()
+
+    scores, idx = search(x, c, dict(PACKED=True))
+    x64, c64 = x.double(), c.double()
+    full = x64 @ c64.T  # exact: integers
+    if metric == "l2":
+        full = (x64**2).sum(1, keepdim=True) - 2 * full + (c64**2).sum(1)
+    order = torch.sort(-full if metric == "l2" else full, dim=1, descending=True, stable=True)
+    assert torch.equal(idx, order.indices[:, :k])
+    assert torch.equal(scores.double(), full.gather(1, order.indices[:, :k]))
+
+    # NaN of either sign (the sign bit orders them as integers), infinite scores of either sign
+    x[5, 0], c[7, 3], c[9, 0], c[11, 0] = math.nan, math.inf, math.nan, -math.nan
+    packed, plain = search(x, c, dict(PACKED=True)), search(x, c, None)
+    assert torch.equal(packed[1], plain[1])
+    torch.testing.assert_close(packed[0], plain[0], rtol=0, atol=0, equal_nan=True)
+    assert packed[0][5].isnan().all() and ((packed[1] >= 0) & (packed[1] < kc)).all()
+
+
+def test_packed_selection_rounds_scores_toward_zero():
+    """On random scores PACKED returns the same indices where keys are separated by more than
+    its precision, and scores rounded toward zero to 23 - log2(BLOCK_N) mantissa bits."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(197, 48, generator=gen).to(DEVICE, torch.bfloat16)
+    c = torch.randn(1000, 48, generator=gen).to(DEVICE, torch.bfloat16)
+    for metric in ("l2", "ip"):
+        config = dict(PACKED=True)
+        scores, idx = kernel.codebook_topk_forward(x, c, 8, metric, config=config)
+        plain, plain_idx = kernel.codebook_topk_forward(x, c, 8, metric)
+        block_n = {**kernel._default_config(48, 8, torch.bfloat16), **config}["BLOCK_N"]
+        step = 2.0 ** -(23 - (block_n.bit_length() - 1))
+        assert (scores.abs() <= plain.abs()).all() and ((plain - scores).abs() <= step * plain.abs()).all()
+        _check(x.float(), c.float(), 8, metric, scores, idx, rtol=2 * step)
