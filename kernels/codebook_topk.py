@@ -67,7 +67,8 @@ def _score_of(key, METRIC_L2: tl.constexpr):
 
 # Packed selection (config PACKED, 16-bit inputs): int32 keys whose order is the float keys'
 # order, the low COL_BITS replaced by the tile column. EMPTY ranks below all (empty slots, codes
-# past the range), NAN_BUCKET just above it.
+# past the range), NaN's bucket (EMPTY + 2^COL_BITS) just above it; both stand for bit patterns
+# of NaNs only, so no number is mistaken for them. FULL fills the padding slots past TOPK.
 EMPTY = tl.constexpr(-2147483648)
 FULL = tl.constexpr(2147483647)
 

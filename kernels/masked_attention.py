@@ -152,16 +152,12 @@ def _fwd_tile(q, K, V, KM, base, SN, b, N, D, n0, dims, length, m_i, l_i, acc, q
     k = _tile(K, base, cols, SN, dims, D, length)
     v = _tile(V, base, cols, SN, dims, D, length)
     s = _dot(q, tl.trans(k), UPCAST, PRECISION)
-    if MASKED:
+    if MASKED:  # scaled here, so that the select can put -inf
         s = tl.where(_key_valid(KM, b, N, cols, length, HAS_KM)[None, :], s * qk_scale, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        qk_scale = 1.0
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no valid key yet
-    if MASKED:
-        p = tl.math.exp2(s - m_safe[:, None])
-    else:
-        p = tl.math.exp2(s * qk_scale - m_safe[:, None])
+    p = tl.math.exp2(s * qk_scale - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, PRECISION)
