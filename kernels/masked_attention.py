@@ -324,16 +324,17 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     reports them). At d=64 on an H100, 64 x 64 tiles with 4 warps were among the fastest of
     the SWEEP (B=256, N=197, two runs in benchmarks/results/: fwd 0.20-0.25 ms, fwd+bwd
     1.25-1.47 ms; 128-row tiles 10% slower forward, 10-20% fwd+bwd). fp32 keeps IEEE
-    products, which run on CUDA cores and need small tiles (head dims above 64 still spill a
-    little: fp32 is the exact path, not the fast one).
+    products, which run on CUDA cores and need small tiles (above d = 64 the dk/dv kernel still
+    spills, also inside its loop: fp32 is the exact path, not the fast one).
     PEEL_TAIL: the forward and dq kernels run the key tiles wholly inside the length without
     the mask and the tail tile with it (25-40% fewer instructions per tile at d = 64, bf16);
     not for fp32, where the second loop costs registers (and spills from d = 80)."""
     block_d = max(16, triton.next_power_of_2(d))
     if _interpreting():  # per block-op cost: few, large blocks
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee", PEEL_TAIL=True)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee", num_warps=8)
+    if dtype == torch.float32:  # 16-key tiles above d = 64: 32 spilled every forward iteration
+        return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee",
+                    num_warps=8)
     # On sm_90, from d = 64, the forward is held to 128 registers: reading strided q, k, v
     # lets ptxas take 135-142, which would cost a block per SM (3 instead of 4 at d = 64, 1
     # instead of 2 with 8 warps). No spill at d = 64; from d = 80, 16 bytes stored before the
@@ -362,8 +363,8 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=3
 def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool, bool, dict, dict]:
     """(launch arguments shared by the kernels, whether the backward is fused, whether the
     tail tile is peeled, and the extra launch arguments of the forward and of the split
-    backward's dk/dv kernel): the defaults, then `config`. The defaults' register cap goes with their tile shape: a config with other
-    tiles or warps has only the caps it names."""
+    backward's dk/dv kernel): the defaults, then `config`. The defaults' register cap goes
+    with their tile shape: a config with other tiles or warps has only the caps it names."""
     config = config or {}
     default = _config(d, dtype)
     cfg = {**default, **config}
