@@ -332,7 +332,7 @@ def _config(d: int, dtype: torch.dtype) -> dict:
     block_d = max(16, triton.next_power_of_2(d))
     if _interpreting():  # per block-op cost: few, large blocks
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee", PEEL_TAIL=True)
-    if dtype == torch.float32:  # 16-key tiles above d = 64: 32 spilled every forward iteration
+    if dtype == torch.float32:  # above d = 64, 32-key tiles spilled in every forward iteration
         return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee",
                     num_warps=8)
     # On sm_90, from d = 64, the forward is held to 128 registers: reading strided q, k, v
