@@ -74,12 +74,17 @@ FULL = tl.constexpr(2147483647)
 
 
 @triton.jit
+def _flip_negative(x):
+    """int32 float bits -> an int32 in the floats' order (negative floats' magnitude bits
+    reversed), and back: the map is its own inverse."""
+    return x ^ ((x >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
 def _bucket_keys(key, COL_BITS: tl.constexpr):
     """Float keys as int32 in the same order (NaN at EMPTY + 2^COL_BITS; -0.0 just below +0.0),
     low COL_BITS cleared: keys equal but for those bits share a bucket."""
-    bits = key.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: magnitude bits reversed
-    ordered = tl.where(key != key, EMPTY + (1 << COL_BITS), ordered)
+    ordered = tl.where(key != key, EMPTY + (1 << COL_BITS), _flip_negative(key.to(tl.int32, bitcast=True)))
     return ordered & ~((1 << COL_BITS) - 1)
 
 
@@ -88,7 +93,7 @@ def _key_of_bucket(bucket, COL_BITS: tl.constexpr):
     """The float key of a bucket, rounded toward zero to 23 - COL_BITS mantissa bits (exact for
     keys that have no more); NaN for NaN's bucket, -inf for EMPTY."""
     ordered = tl.where(bucket < 0, bucket | ((1 << COL_BITS) - 1), bucket)
-    key = (ordered ^ ((ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+    key = _flip_negative(ordered).to(tl.float32, bitcast=True)
     key = tl.where(bucket == EMPTY + (1 << COL_BITS), float("nan"), key)
     return tl.where(bucket == EMPTY, -float("inf"), key)
 

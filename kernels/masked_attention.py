@@ -246,16 +246,17 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB
     q = _tile(Q, base, rows, SN, dims, D, N)
     do = _tile(DO, base_o, rows, ON, dims, D, N)
     lse2, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
+    qk_scale = scale * LOG2E
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     # PEEL (no key mask): the tiles wholly inside the length unmasked, then the tail, which
     # needs its mask: P of a key past the length can overflow, and inf * 0 in dS @ K would
     # reach dq
     full = hi // BLOCK_N * BLOCK_N if PEEL else 0
     for n0 in range(0, full, BLOCK_N):
-        dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, scale * LOG2E, False,
+        dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, qk_scale, False,
                       HAS_KM, BLOCK_N, UPCAST, PRECISION)
     for n0 in tl.range(full, hi, BLOCK_N, num_stages=1 if PEEL else None):
-        dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, scale * LOG2E, True,
+        dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, qk_scale, True,
                       HAS_KM, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + base_g + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
