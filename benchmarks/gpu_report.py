@@ -178,7 +178,7 @@ def _public_codebook_topk(x, codebook, k):
 
 def check_masked_attention(device):
     from pacofr.kernels.masked_attention import masked_attention_backward, masked_attention_forward
-    from pacofr.ops import reference
+    from pacofr.ops import masked_attention_qkv, reference
 
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         for d in (64, 80, 128):
@@ -193,10 +193,18 @@ def check_masked_attention(device):
             for a, b in zip(got, want):
                 assert (a.float() - b.float()).abs().max() <= tol * b.float().abs().max(), f"masked_attention bwd d={d}"
             # q, k, v as a ViT block splits them from one qkv projection: read in place, same bits
-            views = torch.stack((q, k, v), 2).transpose(1, 3).contiguous().permute(2, 0, 3, 1, 4)
+            packed = torch.stack((q, k, v), 2).transpose(1, 3).contiguous()  # [B, N, 3, H, d]
+            views = packed.permute(2, 0, 3, 1, 4)
             out_v, lse_v = masked_attention_forward(*views, seqlens, key_mask, d**-0.5)
             got_v = masked_attention_backward(g, *views, out_v, lse_v, seqlens, key_mask, d**-0.5)
             assert torch.equal(out_v, out) and all(map(torch.equal, got_v, got)), f"masked_attention views d={d}"
+            # the packed entry: the same bits, the gradient written into one dqkv buffer
+            packed.requires_grad_()
+            with forced_backend("triton"):
+                out_p = masked_attention_qkv(packed, seqlens, key_mask)
+            (dqkv,) = torch.autograd.grad(out_p, packed, g.transpose(1, 2))
+            assert torch.equal(out_p, out.transpose(1, 2)), f"masked_attention_qkv fwd d={d}"
+            assert torch.equal(dqkv, torch.stack(got, 2).transpose(1, 3)), f"masked_attention_qkv bwd d={d}"
 
 
 def bench_masked_attention(device, run, ceil, quick):
@@ -240,6 +248,39 @@ def bench_masked_attention(device, run, ceil, quick):
             for row in rows[-len(impls):]:
                 row["triton_speedup"] = row["ms"] / times["triton"]
         rows += failed
+    return rows + _bench_packed_entry(shapes[0], dtype, run, ceil, device)
+
+
+def _bench_packed_entry(shape, dtype, run, ceil, device):
+    """A ViT block's attention, fwd+bwd from its qkv projection [B, N, 3C] to [B, N, C]: through
+    masked_attention on the split views (autograd stacks and copies their gradients) and
+    through masked_attention_qkv (one dqkv buffer, written by the kernels)."""
+    from pacofr.ops import masked_attention, masked_attention_qkv
+
+    b, h, n, d = shape
+    seqlens = ragged_inputs(*shape, dtype)[3]
+    qkv = torch.randn(b, n, 3 * h * d, device=device, dtype=dtype, requires_grad=True)
+
+    def views(x, s):
+        out = masked_attention(*x.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4), seqlens=s)
+        return out.transpose(1, 2).reshape(b, n, h * d)
+
+    def packed(x, s):
+        return masked_attention_qkv(x.view(b, n, 3, h, d), seqlens=s).reshape(b, n, h * d)
+
+    rows, times = [], {}
+    for name, fn in (("triton", packed), ("triton_split_views", views)):
+        def call(x, s, fn=fn):
+            with forced_backend("triton"):
+                grads_of(fn(x, s), (x,))
+        times[name] = run(call, rotated((qkv, seqlens)), reps=10, warmup=2)
+        flops = valid_flops(seqlens, h, d, True)
+        rows.append({"op": "attention block fwd+bwd", "shape": "B={} H={} N={} d={}".format(*shape), "impl": name,
+                     "dtype": str(dtype).replace("torch.", ""), "ms": times[name], "tflops": flops / times[name] / 1e9,
+                     "pct_matmul_ceiling": 100 * flops / times[name] / 1e9 / ceil["matmul_tflops"],
+                     "peak_extra_mb": peak_extra_mb(call, (qkv, seqlens), device)})
+    for row in rows:
+        row["triton_speedup"] = row["ms"] / times["triton"]
     return rows
 
 

@@ -23,7 +23,8 @@ reproducible either way.
 
 q, k, v are read through their batch, head and row strides (shared by the three), and out
 and its gradient through theirs, so the views a ViT block splits from one qkv projection and
-the [B, N, H, d] output it reshapes need no copies; the gradients are written contiguous.
+the [B, N, H, d] output it reshapes need no copies. The gradients are written through strides
+of their own (shared by the three), so they can land in one dqkv buffer.
 Head dims that are not powers of two (80, 96) are padded to the next one inside the kernel.
 The CPU interpreter computes bf16/fp16 dots wrongly, so there the tiles are upcast to fp32.
 """
@@ -124,9 +125,10 @@ def _offset(b, h, SB, SH):
 
 
 @triton.jit
-def _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+def _slab(SEQ, H, N, D, SB, SH, OB, OH, GB, GH, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+          BLOCK_D: tl.constexpr):
     """A program's share of its (batch x head) slab [N, D]: the slab's index, its sample, the
-    slab's offset in q/k/v, in out/dout and in the (contiguous) gradients, the sample's length,
+    slab's offset in q/k/v, in out/dout and in the gradients, the sample's length,
     the program's BLOCK positions along N, the (padded) head dims, the in-bounds mask of that
     tile, and where its loop over the other side stops (0 for a block wholly past the length:
     no work)."""
@@ -138,7 +140,7 @@ def _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ: tl.constexpr, BLOCK: tl.constex
     idx = first + tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     mask = (idx[:, None] < N) & (dims[None, :] < D)
-    return (bh, b, _offset(b, h, SB, SH), _offset(b, h, OB, OH), bh.to(tl.int64) * N * D, length, idx, dims, mask,
+    return (bh, b, _offset(b, h, SB, SH), _offset(b, h, OB, OH), _offset(b, h, GB, GH), length, idx, dims, mask,
             tl.where(first < length, length, 0))
 
 
@@ -168,8 +170,8 @@ def _fwd_tile(q, K, V, KM, base, SN, b, N, D, n0, dims, length, m_i, l_i, acc, q
 def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                      HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, PEEL: tl.constexpr):
-    bh, b, base, base_o, _, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ, BLOCK_M,
-                                                                    BLOCK_D)
+    bh, b, base, base_o, _, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, OB, OH, HAS_SEQ,
+                                                                    BLOCK_M, BLOCK_D)
     q = _tile(Q, base, rows, SN, dims, D, N)
 
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
@@ -209,10 +211,10 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, ROWS, H, N, D, OB, OH, ON, BLOCK_R: tl.
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
-                          HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
+                          GB, GH, GN, HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    bh, b, base, base_o, base_g, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ,
-                                                                          BLOCK_N, BLOCK_D)
+    bh, b, base, base_o, base_g, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, GB, GH,
+                                                                          HAS_SEQ, BLOCK_N, BLOCK_D)
     k, v, valid, dk, dv = _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
     for m0 in range(0, hi, BLOCK_M):
         dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid,
@@ -220,8 +222,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N,
     # P was not masked: an invalid key's dk and dv rows (its own, nothing else) are dropped here
     dk = tl.where(valid[:, None], dk * scale, 0.0)
     dv = tl.where(valid[:, None], dv, 0.0)
-    tl.store(DK + base_g + cols[:, None] * D + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + base_g + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + base_g + cols[:, None] * GN + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + base_g + cols[:, None] * GN + dims[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -237,12 +239,12 @@ def _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, 
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON, GB, GH, GN,
                         HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                         PEEL: tl.constexpr):
-    bh, b, base, base_o, base_g, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, HAS_SEQ,
-                                                                         BLOCK_M, BLOCK_D)
+    bh, b, base, base_o, base_g, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, GB, GH,
+                                                                         HAS_SEQ, BLOCK_M, BLOCK_D)
     q = _tile(Q, base, rows, SN, dims, D, N)
     do = _tile(DO, base_o, rows, ON, dims, D, N)
     lse2, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
@@ -258,21 +260,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB
     for n0 in tl.range(full, hi, BLOCK_N, num_stages=1 if PEEL else None):
         dq = _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, dq, qk_scale, True,
                       HAS_KM, BLOCK_N, UPCAST, PRECISION)
-    tl.store(DQ + base_g + rows[:, None] * D + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    tl.store(DQ + base_g + rows[:, None] * GN + dims[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
-def _store_zero_rows(PTR, base, start, N, D, dims, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Zeros into rows [start, N) of a contiguous [N, D] slab at PTR + base."""
+def _store_zero_rows(PTR, base, SR, start, N, D, dims, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Zeros into rows [start, N) of an [N, D] slab at PTR + base with row stride SR."""
     for r0 in range(start, N, BLOCK):
         rows = r0 + tl.arange(0, BLOCK)
-        tl.store(PTR + base + rows[:, None] * D + dims[None, :], tl.zeros((BLOCK, BLOCK_D), PTR.dtype.element_ty),
+        tl.store(PTR + base + rows[:, None] * SR + dims[None, :], tl.zeros((BLOCK, BLOCK_D), PTR.dtype.element_ty),
                  mask=(rows[:, None] < N) & (dims[None, :] < D))
 
 
 @triton.jit
 def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, KM, scale, H, N, D,
-                           SB, SH, SN, OB, OH, ON,
+                           SB, SH, SN, OB, OH, ON, GB, GH, GN,
                            HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr):
@@ -285,7 +287,8 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
     length = _row_length(SEQ, b, N, HAS_SEQ)
     base = _offset(b, bh - b * H, SB, SH)
     base_o = _offset(b, bh - b * H, OB, OH)
-    base_g = bh.to(tl.int64) * N * D
+    base_g = _offset(b, bh - b * H, GB, GH)
+    base_acc = bh.to(tl.int64) * N * D  # DQ_ACC is contiguous
     dims = tl.arange(0, BLOCK_D)
     for m0 in range(0, length, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
@@ -301,22 +304,23 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
             dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v,
                                           valid, dk, dv, scale * LOG2E, True, BLOCK_M, UPCAST, PRECISION)
             dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
-            offs = base_g + rows[:, None] * D + dims[None, :]
+            acc_offs = base_acc + rows[:, None] * D + dims[None, :]
             q_mask = (rows[:, None] < N) & (dims[None, :] < D)
             if n0 > 0:
-                dq += tl.load(DQ_ACC + offs, mask=q_mask, other=0.0)
+                dq += tl.load(DQ_ACC + acc_offs, mask=q_mask, other=0.0)
             if n0 + BLOCK_N >= length:
-                tl.store(DQ + offs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+                tl.store(DQ + base_g + rows[:, None] * GN + dims[None, :], (dq * scale).to(DQ.dtype.element_ty),
+                         mask=q_mask)
             else:
-                tl.store(DQ_ACC + offs, dq, mask=q_mask)
-        kv_offs = base_g + cols[:, None] * D + dims[None, :]
+                tl.store(DQ_ACC + acc_offs, dq, mask=q_mask)
+        kv_offs = base_g + cols[:, None] * GN + dims[None, :]
         kv_mask = (cols[:, None] < N) & (dims[None, :] < D)
         tl.store(DK + kv_offs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_offs, dv.to(DV.dtype.element_ty), mask=kv_mask)
         tl.debug_barrier()
-    _store_zero_rows(DQ, base_g, tl.cdiv(length, BLOCK_M) * BLOCK_M, N, D, dims, BLOCK_M, BLOCK_D)
-    _store_zero_rows(DK, base_g, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
-    _store_zero_rows(DV, base_g, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
+    _store_zero_rows(DQ, base_g, GN, tl.cdiv(length, BLOCK_M) * BLOCK_M, N, D, dims, BLOCK_M, BLOCK_D)
+    _store_zero_rows(DK, base_g, GN, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
+    _store_zero_rows(DV, base_g, GN, tl.cdiv(length, BLOCK_N) * BLOCK_N, N, D, dims, BLOCK_N, BLOCK_D)
 
 
 def _config(d: int, dtype: torch.dtype) -> dict:
@@ -425,10 +429,11 @@ def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config
 
 
 def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None, grads=None):
-    """(dq, dk, dv), contiguous: atomic-free, so bitwise reproducible. q, k, v as in the
-    forward; grad_out is read in place when it has out's strides. `grads` (dq, dk, dv,
-    contiguous) receive the result; `config` as in the forward, FUSED_BWD=True for the fused
-    backward."""
+    """(dq, dk, dv): atomic-free, so bitwise reproducible. q, k, v as in the forward; grad_out
+    is read in place when it has out's strides. `grads` (dq, dk, dv) receive the result: any
+    strides shared by the three with unit stride along d, such as views of one dqkv buffer
+    (by default new contiguous tensors); `config` as in the forward, FUSED_BWD=True for the
+    fused backward."""
     b, h, n, d = q.shape
     (q, k, v), in_strides = _shared_layout(q, k, v)
     out = out if out.stride(3) == 1 else out.contiguous()
@@ -438,13 +443,14 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
     delta = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     if grads is None:
         grads = tuple(torch.empty(b, h, n, d, dtype=q.dtype, device=q.device) for _ in range(3))
-    elif not all(g.is_contiguous() for g in grads):
-        raise ValueError("masked_attention_backward: grads must be contiguous")
+    elif grads[0].stride(3) != 1 or any(g.stride() != grads[0].stride() or g.shape != q.shape for g in grads):
+        raise ValueError(f"masked_attention_backward: grads must be {tuple(q.shape)} with shared strides and unit "
+                         f"stride along d, got strides {[g.stride() for g in grads]}")
     dq, dk, dv = grads
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
         cfg, fused, peel, _, dkdv_extra = _launch_config(d, q.dtype, config)
-        strides = (*in_strides, *out_strides)
+        strides = (*in_strides, *out_strides, *dq.stride()[:3])
         if fused:
             # dq's running sums, needed only when a slab has more than one key block
             acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if n > cfg["BLOCK_N"] else dq

@@ -59,7 +59,8 @@ def test_strided_inputs_are_read_in_place(dtype, fused):
     """q, k, v split from one qkv projection ([B, N, 3, H, d], as in a ViT block) and the
     gradient of out.transpose(1, 2).reshape(B, N, H * d): the same results, bit for bit, as
     contiguous copies; the output laid out as [B, N, H, d]; one input with other strides
-    falls back to copies."""
+    falls back to copies. The gradients written into views of one poisoned dqkv buffer fill
+    it whole."""
     b, h, n, d = 2, 3, 70, 32
     gen = torch.Generator().manual_seed(5)
     qkv = torch.randn(b, n, 3, h, d, generator=gen).to(DEVICE, dtype)
@@ -79,6 +80,11 @@ def test_strided_inputs_are_read_in_place(dtype, fused):
         grads = kernel.masked_attention_backward(grad_out, *inputs, got, lse, seqlens, None, 0.2, config)
         for a, c in zip(grads, want_grads):
             assert a.is_contiguous() and torch.equal(a, c)
+    dqkv = torch.full_like(qkv, math.nan)
+    grads = kernel.masked_attention_backward(grad_out, q, k, v, got, lse, seqlens, None, 0.2, config,
+                                             tuple(dqkv.permute(2, 0, 3, 1, 4)))
+    assert all(a.data_ptr() == dqkv[:, :, i].data_ptr() for i, a in enumerate(grads))
+    assert torch.equal(dqkv, torch.stack(want_grads).permute(1, 3, 0, 2, 4))
     got = kernel.masked_attention_forward(q, k, v, seqlens, None, 0.2)[0]
     assert got.transpose(1, 2).is_contiguous()  # [B, N, H, d] memory: the block's reshape is a view
     assert want.is_contiguous()

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import pacofr.ops as ops
-from pacofr.ops import codebook_topk, masked_attention, patch_pixel_loss, patch_pixel_loss_terms
+from pacofr.ops import codebook_topk, masked_attention, masked_attention_qkv, patch_pixel_loss, patch_pixel_loss_terms
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 
@@ -615,6 +615,47 @@ def test_masked_attention_qkv_views_and_output_layout(use_backend, backend):
     assert_close_scaled(out, ref, 1e-5, "out", floor=1.0)
     ref.transpose(1, 2).reshape(B, N, H * d).backward(g.double())
     assert_close_scaled(qkv.grad, qkv64.grad, 1e-4, "dqkv", floor=1.0)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_masked_attention_qkv(use_backend, backend, dtype):
+    """The packed entry against float64 (seqlens with 0, a key mask, odd N): a contiguous
+    [B, N, H, d] output, one contiguous dqkv with exact zeros for padded tokens, and bitwise
+    the results of masked_attention on the split views."""
+    dev = use_backend(backend)
+    torch.manual_seed(42)
+    B, H, N, d = 3, 2, 37, 32
+    qkv = torch.randn(B, N, 3, H, d, device=dev).to(dtype).requires_grad_()
+    sl = torch.tensor([37, 0, 20], device=dev)
+    km = torch.rand(B, N, device=dev) < 0.8
+    km[:, 0] = True
+    out = masked_attention_qkv(qkv, seqlens=sl, key_mask=km)
+    assert out.shape == (B, N, H, d) and out.dtype == dtype and out.is_contiguous()
+    g = torch.randn(B, N, H, d, device=dev).to(dtype)
+    out.backward(g)
+    assert qkv.grad.is_contiguous() and qkv.grad.dtype == dtype
+    assert (out[1] == 0).all() and (out[2, 20:] == 0).all()
+    assert (qkv.grad[1] == 0).all() and (qkv.grad[2, 20:] == 0).all()
+
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref = _attn_ref(*qkv64.permute(2, 0, 3, 1, 4), sl, km, d ** -0.5).transpose(1, 2)
+    ref.backward(g.double())
+    tol = 1e-4 if dtype == F32 else 3e-2
+    assert_close_scaled(out, ref, tol, "out", floor=1.0)
+    assert_close_scaled(qkv.grad, qkv64.grad, tol, "dqkv", floor=1.0)
+
+    split = qkv.detach().clone().requires_grad_()
+    out_split = masked_attention(*split.permute(2, 0, 3, 1, 4), seqlens=sl, key_mask=km).transpose(1, 2)
+    out_split.backward(g)
+    assert torch.equal(out, out_split) and torch.equal(qkv.grad, split.grad)
+
+
+def test_masked_attention_qkv_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[B, N, 3, H, d\]"):
+        masked_attention_qkv(torch.randn(2, 5, 4, 2, 8))
+    with pytest.raises(ValueError, match="seqlens must be"):
+        masked_attention_qkv(torch.randn(2, 5, 3, 2, 8), seqlens=torch.tensor([1, 2, 3]))
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)

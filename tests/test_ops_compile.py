@@ -4,15 +4,16 @@ Functions, without the custom ops' dispatch)."""
 
 import torch
 
-from pacofr.ops import codebook_topk, masked_attention, patch_pixel_loss
+from pacofr.ops import codebook_topk, masked_attention, masked_attention_qkv, patch_pixel_loss
 
 
-def _step(x, codebook, qkv, seqlens, pred, images, weight):
+def _step(x, codebook, qkv, packed, seqlens, pred, images, weight):
     scores, _ = codebook_topk(x, codebook, 3, "l2")
     q, k, v = qkv.view(2, 7, 3, 2, 32).permute(2, 0, 3, 1, 4)  # as a ViT block splits them
     out = masked_attention(q, k, v, seqlens=seqlens).transpose(1, 2).reshape(2, 7, 64)
+    out_packed = masked_attention_qkv(packed.view(2, 7, 3, 2, 32), seqlens=seqlens).reshape(2, 7, 64)
     loss = patch_pixel_loss(pred, images, weight, 4, boundary_weight=0.5)
-    return scores.sum() + out.square().sum() + loss
+    return scores.sum() + out.square().sum() + out_packed.square().sum() + loss
 
 
 _TRACED = set()
@@ -28,7 +29,7 @@ def test_ops_compile_fullgraph_forward_and_backward():
     torch.manual_seed(0)
     inputs = dict(
         x=torch.randn(9, 5), codebook=torch.randn(11, 5),
-        qkv=torch.randn(2, 7, 3 * 64),
+        qkv=torch.randn(2, 7, 3 * 64), packed=torch.randn(2, 7, 3 * 64),
         seqlens=torch.tensor([3, 7]),
         pred=torch.randn(2, 6, 48), images=torch.randn(2, 3, 8, 12), weight=torch.rand(2, 6),
     )
@@ -42,8 +43,8 @@ def test_ops_compile_fullgraph_forward_and_backward():
         grads[mode] = (value.detach(), {n: t.grad for n, t in leaves.items() if t.grad is not None})
     (v_e, g_e), (v_c, g_c) = grads["eager"], grads["compiled"]
     assert torch.allclose(v_e, v_c, rtol=1e-5)
-    assert set(g_e) == set(g_c) == {"x", "codebook", "qkv", "pred"}
+    assert set(g_e) == set(g_c) == {"x", "codebook", "qkv", "packed", "pred"}
     for name in g_e:
         assert torch.allclose(g_e[name], g_c[name], rtol=1e-5, atol=1e-6), name
-    assert {"pacofr.codebook_topk.default", "pacofr.masked_attention.default",
+    assert {"pacofr.codebook_topk.default", "pacofr.masked_attention.default", "pacofr.masked_attention_qkv.default",
             "pacofr.patch_pixel_loss.default"} <= _TRACED, "the graph does not call the custom ops"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import masked_attention
+from ..ops import masked_attention_qkv
 
 LAYER_NORM_EPS = 1e-6  # timm's ViT default
 
@@ -68,12 +68,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, seqlens: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
         if self.attn_impl == "sdpa":
-            x = sdpa_attention(q, k, v, seqlens)
+            x = sdpa_attention(*qkv.permute(2, 0, 3, 1, 4), seqlens).transpose(1, 2)
         else:
-            x = masked_attention(q, k, v, seqlens=seqlens)
-        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+            x = masked_attention_qkv(qkv, seqlens=seqlens)  # [B, N, H, d]
+        return self.proj(x.reshape(b, n, c))
 
 
 class Mlp(nn.Module):

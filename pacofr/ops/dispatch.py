@@ -68,12 +68,12 @@ def _outside_autocast(fn: Callable) -> Callable:
     """An implementation sets its own precision (fp32 accumulation): torch ops inside it, the
     reference's matmuls included, must not be autocast. Inputs were cast before the call."""
     @functools.wraps(fn)
-    def call(*args):
+    def call(*args, **kwargs):
         device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
         if not torch.is_autocast_enabled(device):
-            return fn(*args)
+            return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
-            return fn(*args)
+            return fn(*args, **kwargs)
     return call
 
 
@@ -88,8 +88,8 @@ def register_triton(op: str, supports: Callable[..., str | None]) -> None:
     imported on first call (triton stays optional). `supports` adds the op's own limits to
     the device rule shared by all kernels."""
     def kernel(name: str) -> Callable:
-        def call(*args):
-            return getattr(importlib.import_module(f"pacofr.kernels.{op}"), f"{op}_{name}")(*args)
+        def call(*args, **kwargs):
+            return getattr(importlib.import_module(f"pacofr.kernels.{op}"), f"{op}_{name}")(*args, **kwargs)
         return call
 
     def check(**inputs) -> str | None:

@@ -1,4 +1,6 @@
-"""masked_attention: softmax attention over ragged rows (per-sample lengths and/or a key mask)."""
+"""masked_attention: softmax attention over ragged rows (per-sample lengths and/or a key mask).
+masked_attention_qkv: the same from a ViT block's packed qkv projection, with its gradient
+written straight into one dqkv buffer."""
 
 import torch
 from torch import Tensor
@@ -6,7 +8,17 @@ from torch import Tensor
 from . import reference
 from .dispatch import Backend, autocast_inputs, choose, register, register_triton, with_eager_path
 
-register("masked_attention", Backend("reference", reference.masked_attention, reference.masked_attention_backward))
+
+def _reference_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=None):
+    result = reference.masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
+    if grads is None:
+        return result
+    for g, r in zip(grads, result):
+        g.copy_(r)
+    return grads
+
+
+register("masked_attention", Backend("reference", reference.masked_attention, _reference_backward))
 
 
 def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> str | None:
@@ -41,9 +53,11 @@ def _run(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tens
     return out, lse
 
 
-def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
+def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=None):
+    """(dq, dk, dv): contiguous, or written into `grads` (views sharing strides)."""
     backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
-    return tuple(g.contiguous() for g in backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale))
+    result = backend.backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=grads)
+    return result if grads is not None else tuple(g.contiguous() for g in result)
 
 
 @torch.library.custom_op("pacofr::masked_attention", mutates_args=())
@@ -91,6 +105,78 @@ _forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_co
 _op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
 
 
+def _split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """[B, N, 3, H, d] -> q, k, v [B, H, N, d], views sharing strides."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _run_qkv(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float):
+    out, lse = _run(*_split(qkv), seqlens, key_mask, scale)
+    return out.transpose(1, 2).contiguous(), lse  # [B, N, H, d]: the layout _run gives strided q
+
+
+def _run_qkv_backward(grad_out, qkv, out, lse, seqlens, key_mask, scale):
+    dqkv = torch.empty_like(qkv)
+    _run_backward(grad_out.transpose(1, 2), *_split(qkv), out.transpose(1, 2), lse, seqlens, key_mask, scale,
+                  grads=_split(dqkv))
+    return dqkv
+
+
+@torch.library.custom_op("pacofr::masked_attention_qkv", mutates_args=())
+def _qkv_forward(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    return _run_qkv(qkv, seqlens, key_mask, scale)
+
+
+@_qkv_forward.register_fake
+def _(qkv, seqlens, key_mask, scale):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, h, n, dtype=_acc_dtype(qkv))
+
+
+@torch.library.custom_op("pacofr::masked_attention_qkv_backward", mutates_args=())
+def _qkv_backward_op(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, seqlens: Tensor | None, key_mask: Tensor | None,
+    scale: float,
+) -> Tensor:
+    return _run_qkv_backward(grad_out, qkv, out, lse, seqlens, key_mask, scale)
+
+
+@_qkv_backward_op.register_fake
+def _(grad_out, qkv, out, lse, seqlens, key_mask, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _qkv_setup_context(ctx, inputs, output):
+    qkv, seqlens, key_mask, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, seqlens, key_mask)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _qkv_backward_with(run_backward):
+    def backward(ctx, grad_out, _grad_lse):
+        qkv, out, lse, seqlens, key_mask = ctx.saved_tensors
+        return run_backward(grad_out, qkv, out, lse, seqlens, key_mask, ctx.scale), None, None, None
+    return backward
+
+
+_qkv_forward.register_autograd(_qkv_backward_with(_qkv_backward_op), setup_context=_qkv_setup_context)
+_qkv_op = with_eager_path(_qkv_forward, _run_qkv, _qkv_setup_context, _qkv_backward_with(_run_qkv_backward))
+
+
+def _checked_masks(b: int, n: int, device: torch.device, seqlens: Tensor | None, key_mask: Tensor | None):
+    if seqlens is not None:
+        if seqlens.shape != (b,):
+            raise ValueError(f"masked_attention: seqlens must be [B]={b}, got {tuple(seqlens.shape)}")
+        seqlens = seqlens.to(device, torch.int32).contiguous()
+    if key_mask is not None:
+        if key_mask.shape != (b, n):
+            raise ValueError(f"masked_attention: key_mask must be [B, N]=({b}, {n}), got {tuple(key_mask.shape)}")
+        key_mask = key_mask.to(device, torch.bool).contiguous()
+    return seqlens, key_mask
+
+
 def masked_attention(
     q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None = None,
     key_mask: Tensor | None = None, scale: float | None = None,
@@ -108,14 +194,27 @@ def masked_attention(
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"masked_attention wants q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, _, n, d = q.shape
-    if seqlens is not None:
-        if seqlens.shape != (b,):
-            raise ValueError(f"masked_attention: seqlens must be [B]={b}, got {tuple(seqlens.shape)}")
-        seqlens = seqlens.to(q.device, torch.int32).contiguous()
-    if key_mask is not None:
-        if key_mask.shape != (b, n):
-            raise ValueError(f"masked_attention: key_mask must be [B, N]=({b}, {n}), got {tuple(key_mask.shape)}")
-        key_mask = key_mask.to(q.device, torch.bool).contiguous()
+    seqlens, key_mask = _checked_masks(b, n, q.device, seqlens, key_mask)
     scale = float(d**-0.5 if scale is None else scale)
     q, k, v = autocast_inputs(q.device.type, q, k, v)
     return _op(q, k, v, seqlens, key_mask, scale)[0]
+
+
+def masked_attention_qkv(
+    qkv: Tensor, seqlens: Tensor | None = None, key_mask: Tensor | None = None, scale: float | None = None,
+) -> Tensor:
+    """`masked_attention` of a packed `qkv [B, N, 3, H, d]` (a ViT block's qkv projection,
+    reshaped) -> `[B, N, H, d]`, contiguous, so that `.reshape(B, N, H * d)` is a view.
+
+    Same semantics as `masked_attention(*qkv.permute(2, 0, 3, 1, 4), ...)`. The difference is
+    the backward: it writes dq, dk and dv into one contiguous dqkv buffer (on the Triton
+    backend, directly), where the split views' gradients would be stacked and copied twice by
+    autograd before they reach the projection.
+    """
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"masked_attention_qkv wants qkv of shape [B, N, 3, H, d], got {tuple(qkv.shape)}")
+    b, n, _, _, d = qkv.shape
+    seqlens, key_mask = _checked_masks(b, n, qkv.device, seqlens, key_mask)
+    scale = float(d**-0.5 if scale is None else scale)
+    (qkv,) = autocast_inputs(qkv.device.type, qkv)
+    return _qkv_op(qkv.contiguous(), seqlens, key_mask, scale)[0]
