@@ -214,6 +214,7 @@ def test_merge_splits_against_a_sorted_list(metric, splits, k):
         assert all((math.isnan(a) and math.isnan(b)) or a == b for a, (b, _) in zip(got, want))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN codes, on purpose
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("dtype, kc, k, splits", [(torch.bfloat16, 300, 32, 1), (torch.float16, 1000, 1, 1),
                                                   (torch.bfloat16, 4099, 5, 17)], ids=["bf16", "fp16", "bf16-split"])

@@ -332,6 +332,7 @@ def test_codebook_topk_k_validation(use_backend, backend):
     assert s.shape == (4, 5)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # on purpose
 @pytest.mark.parametrize("backend", CB_BACKENDS)
 @pytest.mark.parametrize("metric, codes, scores, order", [
     # ip: -1e38 * 4 overflows to -inf, 1e38 * 4 to +inf
