@@ -29,6 +29,9 @@ class Masks:
     replace: Tensor  # [B, L] bool, visible patches replaced by codebook mixtures
     regions: Tensor  # [B, L] int64, index into REGIONS
 
+    def to(self, device, non_blocking: bool = False) -> "Masks":
+        return Masks(*(t.to(device, non_blocking=non_blocking) for t in (self.mask, self.replace, self.regions)))
+
 
 def five_points(landmarks: Tensor) -> Tensor:
     """[B, 5, 2] or 68-point [B, 68, 2] (iBUG order) -> [B, 5, 2]."""

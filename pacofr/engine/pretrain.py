@@ -99,10 +99,6 @@ class MaskingCollate:
         return batch
 
 
-def _to(masks, device):
-    return type(masks)(*(getattr(masks, n).to(device, non_blocking=True) for n in ("mask", "replace", "regions")))
-
-
 def _micro_batches(cfg, dataset, batches, collate_fn, per_rank, epoch_step, d):
     """An iterator over this rank's micro-batches of the current epoch, from `epoch_step` on."""
     pin = d.device.type == "cuda"
@@ -252,7 +248,8 @@ def _train_step(cfg, net, model, optimizer, group, amp, d, step, issues) -> dict
         gen = torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
         sync = i == len(group) - 1 or d.world == 1
         with (nullcontext() if sync else net.no_sync()), amp:
-            out = net(batch["images"].to(d.device, non_blocking=True), masks=_to(batch["masks"], d.device), generator=gen)
+            out = net(batch["images"].to(d.device, non_blocking=True),
+                      masks=batch["masks"].to(d.device, non_blocking=True), generator=gen)
         names = list(out["weights"])  # loss terms, in a fixed order
         norms = torch.stack([out["norms"][n].float() for n in names])
         share = norms * d.world / distributed.all_sum(norms)
@@ -274,7 +271,7 @@ def _train_step(cfg, net, model, optimizer, group, amp, d, step, issues) -> dict
 def _grid(cfg, model, batch, d, monitor, step):
     was_training = model.training
     model.eval()
-    out = model(batch["images"].to(d.device), masks=_to(batch["masks"], d.device))
+    out = model(batch["images"].to(d.device), masks=batch["masks"].to(d.device))
     model.train(was_training)
     monitor.reconstruction_grid(step, batch["images"].to(d.device), out, cfg.model.patch_size,
                                 cfg.loss.norm_pix, cfg.loss.eps)

@@ -1,0 +1,137 @@
+"""PaCo-FR pretraining steps (forward, backward, AdamW) with the fused ops on their Triton
+kernels against the same steps on the torch reference ops: step time, images/s, peak memory
+and MFU (DESIGN.md section 4: fused ops >= 1.3x reference ops at ViT-B/16 224, B=256).
+
+    python benchmarks/train_step.py                                   # ViT-B/16 224, B=256
+    python benchmarks/train_step.py --config tiny --batch 8 --steps 2 # a smoke run on CPU
+
+Both runs start from the same weights, images and masks (PACOFR_OPS picks the backend of
+every fused op), under bf16 autocast on a GPU as train.py runs. The step time is the median
+over the timed steps, synchronized. FLOPs per step are counted once by torch's
+FlopCounterMode over a reference step (its matmuls and convolutions, attention over the
+padded rows included, as a dense implementation computes it); MFU is those FLOPs per second
+over the bf16 matmul ceiling measured in the same run. On a machine without CUDA the Triton
+kernels run in the interpreter (TRITON_INTERPRET=1), which checks the script, not the speed.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the kernels run in the interpreter; set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import forced_backend  # noqa: E402
+from gpu_report import ceilings, timer  # noqa: E402
+
+from pacofr.config import load_config  # noqa: E402
+from pacofr.masking import structured_masks  # noqa: E402
+from pacofr.model import PaCoFR  # noqa: E402
+from pacofr.ops import backends  # noqa: E402
+
+FUSED_OPS = ("codebook_topk", "masked_attention", "patch_pixel_loss")
+
+
+def make_step(model, optimizer, images, masks, amp):
+    def step():
+        with amp:
+            out = model(images, masks=masks, generator=torch.Generator(device=images.device).manual_seed(0))
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return out["loss"].detach()
+    return step
+
+
+def measure(cfg, state, images, masks, device, backend, warmup, steps, incubation) -> dict:
+    model = PaCoFR(cfg).to(device)
+    model.load_state_dict(state)
+    model.set_incubation(incubation)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    step = make_step(model, optimizer, images, masks, amp)
+    with forced_backend(backend):
+        losses = [step().item() for _ in range(warmup)]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            losses.append(step().item())  # .item() synchronizes
+            times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    return {"ms": 1e3 * statistics.median(times), "losses": losses, "peak_mb": peak}
+
+
+def count_flops(cfg, state, images, masks, device, incubation) -> int:
+    model = PaCoFR(cfg).to(device)
+    model.load_state_dict(state)
+    model.set_incubation(incubation)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    counter = FlopCounterMode(display=False)
+    with forced_backend("reference"), counter:
+        with amp:
+            out = model(images, masks=masks, generator=torch.Generator(device=device).manual_seed(0))
+        out["loss"].backward()
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="vit_base_patch16_224", help="preset name or YAML file")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--incubation", action="store_true", help="time incubation steps (default: the main phase)")
+    parser.add_argument("--out", default=None, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cfg = load_config(args.config)
+    m = cfg.model
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.batch, m.in_chans, m.img_size, m.img_size, generator=gen).to(device)
+    masks = structured_masks(args.batch, (m.img_size, m.img_size), m.patch_size, cfg.masking, generator=gen).to(device)
+    torch.manual_seed(0)
+    state = PaCoFR(cfg).state_dict()
+
+    missing = [op for op in FUSED_OPS if "triton" not in backends(op)]
+    impls = ["reference"] + (["triton"] if not missing else [])
+    ceiling = ceilings(device, timer(device), quick=device.type != "cuda")["matmul_tflops"]
+    flops = count_flops(cfg, state, images, masks, device, args.incubation)
+    print(f"device: {card}; {args.config}, B={args.batch}, {'incubation' if args.incubation else 'main phase'}; "
+          f"{flops / 1e9:.1f} GFLOP per step (reference ops, counted); matmul ceiling {ceiling:.1f} TFLOP/s")
+    if missing:
+        print(f"triton: skipped, no Triton backend can run here for {', '.join(missing)}")
+
+    rows = {}
+    for backend in impls:
+        r = measure(cfg, state, images, masks, device, backend, args.warmup, args.steps, args.incubation)
+        r.update(images_per_s=1e3 * args.batch / r["ms"], mfu_pct=100 * flops / (r["ms"] / 1e3) / 1e12 / ceiling)
+        rows[backend] = r
+    print(f"{'ops':<12}{'ms/step':>10}{'images/s':>10}{'MFU %':>8}{'peak MB':>9}{'speedup':>9}  first/last loss")
+    for backend, r in rows.items():
+        print(f"{backend:<12}{r['ms']:>10.1f}{r['images_per_s']:>10.1f}{r['mfu_pct']:>8.1f}{r['peak_mb']:>9.0f}"
+              f"{rows['reference']['ms'] / r['ms']:>9.2f}  {r['losses'][0]:.4f} / {r['losses'][-1]:.4f}")
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": card, "config": args.config, "batch": args.batch,
+                                    "incubation": args.incubation, "flops_per_step": flops,
+                                    "matmul_tflops": ceiling, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
