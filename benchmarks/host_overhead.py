@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from pacofr.kernels import codebook_topk as codebook_kernels  # noqa: E402
 from pacofr.kernels import masked_attention as attention_kernels  # noqa: E402
 from pacofr.kernels import patch_pixel_loss as loss_kernels  # noqa: E402
-from pacofr.ops import codebook_topk, masked_attention, patch_pixel_loss_terms  # noqa: E402
+from pacofr.ops import codebook_topk, masked_attention, masked_attention_qkv, patch_pixel_loss_terms  # noqa: E402
 
 
 class _NoLaunch:
@@ -78,6 +78,18 @@ def cases():
 
     yield ("masked_attention B=4 H=2 N=197 d=64", lambda: _grads(masked_attention(q, k, v, seqlens), (q, k, v)),
            attention_launchers)
+
+    qkv = torch.randn(4, 197, 3, 2, 64, requires_grad=True)
+
+    def packed_launchers():
+        views = qkv.permute(2, 0, 3, 1, 4)
+        out, lse = attention_kernels.masked_attention_forward(*views, seqlens, None, 0.125)
+        dqkv = torch.empty_like(qkv)
+        attention_kernels.masked_attention_backward(_ones(out), *views, out, lse, seqlens, None, 0.125,
+                                                    grads=tuple(dqkv.permute(2, 0, 3, 1, 4)))
+
+    yield ("masked_attention_qkv B=4 H=2 N=197 d=64", lambda: _grads(masked_attention_qkv(qkv, seqlens), (qkv,)),
+           packed_launchers)
 
     x, c = torch.randn(197, 64, requires_grad=True), torch.randn(1000, 64, requires_grad=True)
 
