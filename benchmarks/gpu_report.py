@@ -200,9 +200,9 @@ def check_masked_attention(device):
             assert torch.equal(out_v, out) and all(map(torch.equal, got_v, got)), f"masked_attention views d={d}"
             # the packed entry: the same bits, the gradient written into one dqkv buffer
             packed.requires_grad_()
-            with forced_backend("triton"):
+            with forced_backend("triton"):  # the backward too: it picks its backend when it runs
                 out_p = masked_attention_qkv(packed, seqlens, key_mask)
-            (dqkv,) = torch.autograd.grad(out_p, packed, g.transpose(1, 2))
+                (dqkv,) = torch.autograd.grad(out_p, packed, g.transpose(1, 2))
             assert torch.equal(out_p, out.transpose(1, 2)), f"masked_attention_qkv fwd d={d}"
             assert torch.equal(dqkv, torch.stack(got, 2).transpose(1, 3)), f"masked_attention_qkv bwd d={d}"
 

@@ -2,9 +2,10 @@
 breaks, and the same values and gradients as eager (where the ops run as plain autograd
 Functions, without the custom ops' dispatch)."""
 
+import pytest
 import torch
 
-from pacofr.ops import codebook_topk, masked_attention, masked_attention_qkv, patch_pixel_loss
+from pacofr.ops import backends, codebook_topk, masked_attention, masked_attention_qkv, patch_pixel_loss
 
 
 def _step(x, codebook, qkv, packed, seqlens, pred, images, weight):
@@ -48,3 +49,20 @@ def test_ops_compile_fullgraph_forward_and_backward():
         assert torch.allclose(g_e[name], g_c[name], rtol=1e-5, atol=1e-6), name
     assert {"pacofr.codebook_topk.default", "pacofr.masked_attention.default", "pacofr.masked_attention_qkv.default",
             "pacofr.patch_pixel_loss.default"} <= _TRACED, "the graph does not call the custom ops"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_masked_attention_qkv_ops_pass_opcheck(monkeypatch, backend):
+    """The packed op and its backward op (fake impls, strides, autograd registration), also
+    for a qkv with other strides than contiguous: its gradient comes back contiguous."""
+    if backend not in backends("masked_attention"):
+        pytest.skip(f"{backend} cannot run here")
+    monkeypatch.setenv("PACOFR_OPS", backend)
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 5, 3, 2, 8)
+    seqlens = torch.tensor([5, 2])
+    for x in (qkv, qkv.transpose(3, 1).contiguous().transpose(3, 1)):
+        torch.library.opcheck(torch.ops.pacofr.masked_attention_qkv.default, (x.requires_grad_(), seqlens, None, 0.3))
+        out, lse = torch.ops.pacofr.masked_attention_qkv(x.detach(), seqlens, None, 0.3)
+        torch.library.opcheck(torch.ops.pacofr.masked_attention_qkv_backward.default,
+                              (torch.randn_like(out), x.detach(), out, lse, seqlens, None, 0.3))

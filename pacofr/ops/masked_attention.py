@@ -116,7 +116,7 @@ def _run_qkv(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale
 
 
 def _run_qkv_backward(grad_out, qkv, out, lse, seqlens, key_mask, scale):
-    dqkv = torch.empty_like(qkv)
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # contiguous, as the fake impl says
     _run_backward(grad_out.transpose(1, 2), *_split(qkv), out.transpose(1, 2), lse, seqlens, key_mask, scale,
                   grads=_split(dqkv))
     return dqkv
@@ -165,14 +165,14 @@ _qkv_forward.register_autograd(_qkv_backward_with(_qkv_backward_op), setup_conte
 _qkv_op = with_eager_path(_qkv_forward, _run_qkv, _qkv_setup_context, _qkv_backward_with(_run_qkv_backward))
 
 
-def _checked_masks(b: int, n: int, device: torch.device, seqlens: Tensor | None, key_mask: Tensor | None):
+def _checked_masks(op: str, b: int, n: int, device: torch.device, seqlens: Tensor | None, key_mask: Tensor | None):
     if seqlens is not None:
         if seqlens.shape != (b,):
-            raise ValueError(f"masked_attention: seqlens must be [B]={b}, got {tuple(seqlens.shape)}")
+            raise ValueError(f"{op}: seqlens must be [B]={b}, got {tuple(seqlens.shape)}")
         seqlens = seqlens.to(device, torch.int32).contiguous()
     if key_mask is not None:
         if key_mask.shape != (b, n):
-            raise ValueError(f"masked_attention: key_mask must be [B, N]=({b}, {n}), got {tuple(key_mask.shape)}")
+            raise ValueError(f"{op}: key_mask must be [B, N]=({b}, {n}), got {tuple(key_mask.shape)}")
         key_mask = key_mask.to(device, torch.bool).contiguous()
     return seqlens, key_mask
 
@@ -194,7 +194,7 @@ def masked_attention(
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"masked_attention wants q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, _, n, d = q.shape
-    seqlens, key_mask = _checked_masks(b, n, q.device, seqlens, key_mask)
+    seqlens, key_mask = _checked_masks("masked_attention", b, n, q.device, seqlens, key_mask)
     scale = float(d**-0.5 if scale is None else scale)
     q, k, v = autocast_inputs(q.device.type, q, k, v)
     return _op(q, k, v, seqlens, key_mask, scale)[0]
@@ -214,7 +214,7 @@ def masked_attention_qkv(
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"masked_attention_qkv wants qkv of shape [B, N, 3, H, d], got {tuple(qkv.shape)}")
     b, n, _, _, d = qkv.shape
-    seqlens, key_mask = _checked_masks(b, n, qkv.device, seqlens, key_mask)
+    seqlens, key_mask = _checked_masks("masked_attention_qkv", b, n, qkv.device, seqlens, key_mask)
     scale = float(d**-0.5 if scale is None else scale)
     (qkv,) = autocast_inputs(qkv.device.type, qkv)
     return _qkv_op(qkv.contiguous(), seqlens, key_mask, scale)[0]
