@@ -35,8 +35,8 @@ def config_name(config: dict) -> str:
     per program), warps, stages."""
     if "BLOCK" in config:
         return f"{config['BLOCK']} w{config['num_warps']}"
-    flags = "".join(f" {word}" for key, word in (("FLAT", "flat"), ("FUSED_BWD", "fused"), ("PACKED", "packed"))
-                    if config.get(key))
+    words = (("FLAT", "flat"), ("FUSED_BWD", "fused"), ("ATOMIC_DQ", "atomic"), ("PACKED", "packed"))
+    flags = "".join(f" {word}" for key, word in words if config.get(key))
     flags += "".join(f" {word}{config[key]}" for key, word in (("maxnreg", "r"), ("DKDV_MAXNREG", "dkdv-r"))
                      if config.get(key))
     return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}{flags}"

@@ -10,6 +10,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def deterministic_default() -> bool:
+    """Atomic-free (bitwise reproducible) backwards are asked for: torch's deterministic mode
+    or PACOFR_DETERMINISTIC=1."""
+    import torch
+
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get("PACOFR_DETERMINISTIC") == "1"
+
+
 def hopper() -> bool:
     """The current CUDA target is sm_90 (H100/H200): the compile target Triton reports (also
     under benchmarks/compile_report.py, which sets it without a GPU)."""

@@ -32,12 +32,11 @@ into the codebook gradient with fp32 atomics from the same loads. The determinis
 sorts the (code, row) pairs instead and lets one program sum each code's segment in order.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from . import deterministic_default
 from . import hopper as _hopper
 from . import interpreting as _interpreting
 
@@ -470,10 +469,6 @@ def _topk_bwd_c_segment_kernel(G, X, C, ROW, OFFSETS, GC, D, stride_x, stride_c,
         else:
             acc += tl.sum(g[:, None] * x, axis=0)
     tl.store(GC + code * D + d, acc, mask=d_ok)
-
-
-def deterministic_default() -> bool:
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("PACOFR_DETERMINISTIC") == "1"
 
 
 def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor,

@@ -17,9 +17,12 @@ Backward: delta = rowsum(dO * O) in fp32, then dq, dk and dv, either
 - fused (config FUSED_BWD): one launch; one program per (batch x head) slab computes its
   delta, then walks its key blocks in turn and adds each block's share of dq to fp32 rows
   that it alone owns, so P and dP are computed once (five tile products instead of seven)
-  and the sums still run in a fixed order.
-No program writes another's output, so there are no atomics and the gradients are bitwise
-reproducible either way.
+  and the sums still run in a fixed order;
+- atomic (config ATOMIC_DQ): the split backward's dk/dv kernel also computes each key
+  block's share of dq and adds it to an fp32 buffer with atomics (five tile products, no dq
+  kernel, P masked), then one copy casts it into dq.
+Split and fused are atomic-free: no program writes another's output, so their gradients are
+bitwise reproducible. The atomic backward's dq is not (the order of its sums varies).
 
 q, k, v are read through their batch, head and row strides (shared by the three), and out
 and its gradient through theirs, so the views a ViT block splits from one qkv projection and
@@ -33,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import deterministic_default
 from . import hopper as _hopper
 from . import interpreting as _interpreting
 
@@ -211,16 +215,24 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, ROWS, H, N, D, OB, OH, ON, BLOCK_R: tl.
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, OH, ON,
                           GB, GH, GN, HAS_SEQ: tl.constexpr, HAS_KM: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                          ATOMIC_DQ: tl.constexpr):
+    """dk and dv of a key block; with ATOMIC_DQ also the block's share of dq (scaled), added
+    with fp32 atomics to DQ_ACC (contiguous, zeroed), which then needs P masked."""
     bh, b, base, base_o, base_g, length, cols, dims, kv_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, GB, GH,
                                                                           HAS_SEQ, BLOCK_N, BLOCK_D)
     k, v, valid, dk, dv = _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM, BLOCK_N, BLOCK_D)
     for m0 in range(0, hi, BLOCK_M):
-        dk, dv, _, _ = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v, valid,
-                                  dk, dv, scale * LOG2E, False, BLOCK_M, UPCAST, PRECISION)
-    # P was not masked: an invalid key's dk and dv rows (its own, nothing else) are dropped here
+        dk, dv, ds, rows = _dkdv_step(Q, DO, LSE, DELTA, bh, base, SN, base_o, ON, N, D, m0, dims, length, k, v,
+                                      valid, dk, dv, scale * LOG2E, ATOMIC_DQ, BLOCK_M, UPCAST, PRECISION)
+        if ATOMIC_DQ:
+            dq = _dot(ds.to(k.dtype), k, UPCAST, PRECISION) * scale
+            tl.atomic_add(DQ_ACC + bh.to(tl.int64) * N * D + rows[:, None] * D + dims[None, :], dq,
+                          mask=(rows[:, None] < length) & (dims[None, :] < D), sem="relaxed")
+    # Without ATOMIC_DQ P was not masked: an invalid key's dk and dv rows (its own, nothing
+    # else) are dropped here
     dk = tl.where(valid[:, None], dk * scale, 0.0)
     dv = tl.where(valid[:, None], dv, 0.0)
     tl.store(DK + base_g + cols[:, None] * GN + dims[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
@@ -353,7 +365,8 @@ def _config(d: int, dtype: torch.dtype) -> dict:
 
 # Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
 # benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). Tile sizes
-# apply to the forward and the backward kernels alike; FUSED_BWD picks the fused backward.
+# apply to the forward and the backward kernels alike; FUSED_BWD and ATOMIC_DQ pick the fused
+# and the atomic backward.
 SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
@@ -364,13 +377,17 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=3
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, FUSED_BWD=True),
          dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, FUSED_BWD=True),
          dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, FUSED_BWD=True),
-         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True)]
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2, FUSED_BWD=True),
+         # dq by atomics from the dk/dv kernel (not bitwise reproducible): with 128-key blocks
+         # each dq row takes two atomic adds at N = 197 (64 x 128 tiles spill on sm_90)
+         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, ATOMIC_DQ=True),
+         dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, ATOMIC_DQ=True)]
 
 
-def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, bool, bool, dict, dict]:
-    """(launch arguments shared by the kernels, whether the backward is fused, whether the
-    tail tile is peeled, and the extra launch arguments of the forward and of the split
-    backward's dk/dv kernel): the defaults, then `config`. The defaults' register cap goes
+def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dict, str, bool, dict, dict]:
+    """(launch arguments shared by the kernels, the backward ("split", "fused" or "atomic"),
+    whether the tail tile is peeled, and the extra launch arguments of the forward and of the
+    dk/dv kernel): the defaults, then `config`. The defaults' register cap goes
     with their tile shape: a config with other tiles or warps has only the caps it names."""
     config = config or {}
     default = _config(d, dtype)
@@ -378,8 +395,10 @@ def _launch_config(d: int, dtype: torch.dtype, config: dict | None) -> tuple[dic
     if any(cfg.get(key) != default.get(key) for key in ("BLOCK_M", "BLOCK_N", "num_warps")):
         cfg.update({key: config.get(key) for key in ("FWD_MAXNREG", "DKDV_MAXNREG")})
     fwd_regs, dkdv_regs = cfg.pop("FWD_MAXNREG", None), cfg.pop("DKDV_MAXNREG", None)
-    fused, peel = bool(cfg.pop("FUSED_BWD", False)), bool(cfg.pop("PEEL_TAIL", False))
-    return cfg, fused, peel, _max_registers(fwd_regs), _max_registers(dkdv_regs)
+    fused, atomic = cfg.pop("FUSED_BWD", False), cfg.pop("ATOMIC_DQ", False)
+    # torch's deterministic mode (or PACOFR_DETERMINISTIC=1) keeps dq atomic-free
+    backward = "fused" if fused else "atomic" if atomic and not deterministic_default() else "split"
+    return cfg, backward, bool(cfg.pop("PEEL_TAIL", False)), _max_registers(fwd_regs), _max_registers(dkdv_regs)
 
 
 def _max_registers(cap: int | None) -> dict:
@@ -431,11 +450,12 @@ def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config
 
 
 def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None, grads=None):
-    """(dq, dk, dv): atomic-free, so bitwise reproducible. q, k, v as in the forward; grad_out
-    is read in place when it has out's strides. `grads` (dq, dk, dv) receive the result: any
-    strides shared by the three with unit stride along d, such as views of one dqkv buffer
-    (by default new contiguous tensors); `config` as in the forward, FUSED_BWD=True for the
-    fused backward."""
+    """(dq, dk, dv); bitwise reproducible unless `config` asks for ATOMIC_DQ outside the
+    deterministic mode (torch's, or PACOFR_DETERMINISTIC=1). q, k, v as in the forward;
+    grad_out is read in place when it has out's strides. `grads` (dq, dk, dv) receive the
+    result: any strides shared by the three with unit stride along d, such as views of one
+    dqkv buffer (by default new contiguous tensors); `config` as in the forward, FUSED_BWD=True
+    for the fused backward, ATOMIC_DQ=True for the atomic one."""
     b, h, n, d = q.shape
     (q, k, v), in_strides = _shared_layout(q, k, v)
     out = out if out.stride(3) == 1 else out.contiguous()
@@ -451,9 +471,9 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
     dq, dk, dv = grads
     if q.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
-        cfg, fused, peel, _, dkdv_extra = _launch_config(d, q.dtype, config)
+        cfg, backward, peel, _, dkdv_extra = _launch_config(d, q.dtype, config)
         strides = (*in_strides, *out_strides, *dq.stride()[:3])
-        if fused:
+        if backward == "fused":
             # dq's running sums, needed only when a slab has more than one key block
             acc = torch.empty(q.shape, dtype=torch.float32, device=q.device) if n > cfg["BLOCK_N"] else dq
             _attn_bwd_fused_kernel[(b * h,)](q, k, v, out, grad_out, lse, delta, dq, dk, dv, acc, seq, km, float(scale),
@@ -464,8 +484,15 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
                                                                          *out_strides, BLOCK_R=block_r,
                                                                          BLOCK_D=cfg["BLOCK_D"])
             args = (q, k, v, grad_out, lse, delta)
+            atomic = backward == "atomic"
+            acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
             _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
-                *args, dk, dv, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, **dkdv_extra)
-            _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-                *args, dq, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, PEEL=peel and key_mask is None)
+                *args, dk, dv, acc, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, **dkdv_extra,
+                ATOMIC_DQ=atomic)
+            if atomic:  # the sums' order varies from run to run: not bitwise reproducible
+                dq.copy_(acc)
+            else:
+                _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+                    *args, dq, seq, km, float(scale), h, n, d, *strides, **flags, **cfg,
+                    PEEL=peel and key_mask is None)
     return dq, dk, dv

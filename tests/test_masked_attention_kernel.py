@@ -13,6 +13,7 @@ from pacofr.ops import backends, reference  # noqa: E402
 
 pytestmark = pytest.mark.skipif("triton" not in backends("masked_attention"), reason="Triton cannot run here")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKWARDS = {"split": None, "fused": dict(FUSED_BWD=True), "atomic": dict(ATOMIC_DQ=True)}
 
 
 def _inputs(b, h, n, d, dtype, seed):
@@ -53,9 +54,11 @@ def test_backward_is_bitwise_reproducible(dtype):
     assert (dq[0, :, 60:] == 0).all() and (dk[0, :, 60:] == 0).all() and (dv[0, :, 60:] == 0).all()
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+# not the atomic backward: its dq is not bitwise reproducible on a GPU (its dk and dv kernel is
+# the split one's)
+@pytest.mark.parametrize("backward", ["split", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_strided_inputs_are_read_in_place(dtype, fused):
+def test_strided_inputs_are_read_in_place(dtype, backward):
     """q, k, v split from one qkv projection ([B, N, 3, H, d], as in a ViT block) and the
     gradient of out.transpose(1, 2).reshape(B, N, H * d): the same results, bit for bit, as
     contiguous copies; the output laid out as [B, N, H, d]; one input with other strides
@@ -66,7 +69,7 @@ def test_strided_inputs_are_read_in_place(dtype, fused):
     qkv = torch.randn(b, n, 3, h, d, generator=gen).to(DEVICE, dtype)
     g = torch.randn(b, n, h * d, generator=gen).to(DEVICE, dtype)
     seqlens = torch.tensor([41, 70], device=DEVICE)
-    config = dict(FUSED_BWD=True) if fused else None
+    config = BACKWARDS[backward]
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
     grad_out = g.view(b, n, h, d).transpose(1, 2)
     contiguous = [t.contiguous() for t in (q, k, v)]
@@ -144,29 +147,52 @@ def test_every_swept_launch_configuration_is_correct(config):
     _check_config(config, 64, torch.bfloat16, [0, 77, 131])
 
 
+@pytest.mark.parametrize("backward", ["fused", "atomic"])
 @pytest.mark.parametrize("d", [32, 80, 128])
-def test_fused_backward_matches_the_split_one(d):
-    """The fused backward in fp32 over one to three key blocks of 64 (first, middle and last
-    blocks of dq's running sum), with a key mask: the reference's gradients, and the split
-    backward's to within fp32 summation order; bitwise reproducible."""
+def test_fused_and_atomic_backwards_match_the_split_one(d, backward):
+    """The fused and the atomic backward in fp32 over one to three key blocks of 64 (first,
+    middle and last shares of dq's sum), with a key mask: the reference's gradients, and the
+    split backward's to within fp32 summation order; the fused one bitwise reproducible."""
     key_mask = torch.rand(4, 131, generator=torch.Generator().manual_seed(d)).to(DEVICE) > 0.3
     seqlens = [1, 33, 100, 131]
-    config = dict(BLOCK_M=64, BLOCK_N=64, FUSED_BWD=True)
-    fused = _check_config(config, d, torch.float32, seqlens, key_mask, tol=1e-5)
-    again = _check_config(config, d, torch.float32, seqlens, key_mask, tol=1e-5)
+    config = dict(BLOCK_M=64, BLOCK_N=64, **BACKWARDS[backward])
+    got = _check_config(config, d, torch.float32, seqlens, key_mask, tol=1e-5)
     split = _check_config(dict(BLOCK_M=64, BLOCK_N=64), d, torch.float32, seqlens, key_mask, tol=1e-5)
-    for a, b, c in zip(fused, again, split):
-        assert torch.equal(a, b)
+    for a, c in zip(got, split):
         assert (a - c).abs().max() <= 1e-5 * c.abs().max()
+    if backward == "fused":
+        again = _check_config(config, d, torch.float32, seqlens, key_mask, tol=1e-5)
+        assert all(map(torch.equal, got, again))
+
+
+def test_deterministic_mode_keeps_dq_atomic_free(monkeypatch):
+    """Under PACOFR_DETERMINISTIC=1 (or torch's deterministic mode) an ATOMIC_DQ config runs the
+    split backward, dq kernel included (the interpreter runs atomics in a fixed order, so the
+    bits alone cannot tell the two apart)."""
+    launches = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return dq_kernel[grid]
+
+    dq_kernel = kernel._attn_bwd_dq_kernel
+    monkeypatch.setattr(kernel, "_attn_bwd_dq_kernel", Spy())
+    config = dict(BLOCK_M=64, BLOCK_N=64, ATOMIC_DQ=True)
+    _check_config(config, 64, torch.float32, [40, 131], tol=1e-5)
+    assert not launches
+    monkeypatch.setenv("PACOFR_DETERMINISTIC", "1")
+    _check_config(config, 64, torch.float32, [40, 131], tol=1e-5)
+    assert len(launches) == 1
 
 
 # padded keys' P overflows here before the mask drops it (or, in the split dk/dv kernel, before
 # their rows are dropped): numpy warns, the kernels mean it
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
-@pytest.mark.parametrize("fused", [False, True], ids=["split", "fused"])
+@pytest.mark.parametrize("backward", list(BACKWARDS))
 @pytest.mark.parametrize("scale", [1.0, -0.7, 0.0])
-def test_extreme_logits_and_non_positive_scales(scale, fused):
+def test_extreme_logits_and_non_positive_scales(scale, backward):
     """Tiles wholly inside the length skip the key mask; the tail tile must not. With logits
     near -400 (scale 1) the probability a padded key (read as 0) would get overflows fp32, so
     an unmasked tail gives inf or NaN. Negative and zero scales take the masked path (the
@@ -179,9 +205,8 @@ def test_extreme_logits_and_non_positive_scales(scale, fused):
         q, k = 20 * u + 0.1 * q, -20 * u + 0.5 * k
     q, k, v, g = (t.to(DEVICE) for t in (q, k, v, g))
     seqlens = torch.tensor([70, 37], device=DEVICE)
-    config = dict(FUSED_BWD=True) if fused else None
     out, lse = kernel.masked_attention_forward(q, k, v, seqlens, None, scale)
-    grads = kernel.masked_attention_backward(g, q, k, v, out, lse, seqlens, None, scale, config)
+    grads = kernel.masked_attention_backward(g, q, k, v, out, lse, seqlens, None, scale, BACKWARDS[backward])
     q64, k64, v64, g64 = (t.cpu().double() for t in (q, k, v, g))
     ref, ref_lse = reference.masked_attention(q64, k64, v64, seqlens.cpu(), None, scale)
     ref_grads = reference.masked_attention_backward(g64, q64, k64, v64, ref, ref_lse, seqlens.cpu(), None, scale)
