@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_name, forced_backend, grads_of, rotated  # noqa: E402
 from test_codebook_topk import torch_mm_topk  # noqa: E402
 from test_masked_attention import implementations as attention_impls  # noqa: E402
-from test_masked_attention import ragged_inputs, valid_flops  # noqa: E402
+from test_masked_attention import counted_lengths, ragged_inputs, valid_flops  # noqa: E402
 from test_patch_pixel_loss import implementations as loss_impls  # noqa: E402
 from test_patch_pixel_loss import loss_inputs, minimal_bytes  # noqa: E402
 
@@ -238,7 +238,7 @@ def bench_masked_attention(device, run, ceil, quick):
             for name, fn in impls.items():
                 reps = 3 if name == "reference" else 10
                 times[name] = run(lambda *a, fn=fn: call(fn, *a), inputs, reps=reps, warmup=2)
-                flops = valid_flops(seqlens, shape[1], shape[3], backward)
+                flops = valid_flops(counted_lengths(name, seqlens, shape[2]), shape[1], shape[3], backward)
                 rows.append({"op": "masked_attention " + ("fwd+bwd" if backward else "fwd"),
                              "shape": "B={} H={} N={} d={}".format(*shape), "impl": name,
                              "dtype": str(dtype).replace("torch.", ""), "ms": times[name],
@@ -386,6 +386,75 @@ class _ConfiguredLoss(torch.autograd.Function):
         return g, None, None, None, None
 
 
+# DESIGN.md section 4 (bf16 on one H100): (what, op, shape, value from the row lookup, "ge" or
+# "le", threshold). The ratios are baseline time over ours, except the GEMM one (ours over the
+# GEMM's) and the memory one (extra MB over the N x k outputs' MB: O(N*k)).
+_CODEBOOK = ("codebook_topk fwd (ip)", "N=65536 K=8192 D=768 k=8")
+_ATTENTION = ("masked_attention fwd+bwd", "B=256 H=12 N=197 d=64")
+_LOSS = ("patch_pixel_loss fwd+bwd", "B=256 224px p=16")
+TARGETS = [
+    ("codebook_topk: mm + topk time / triton time", *_CODEBOOK,
+     lambda row: row("torch mm+topk")["ms"] / row("triton")["ms"], "ge", 4.0),
+    ("codebook_topk: triton time / bare GEMM time", *_CODEBOOK,
+     lambda row: row("triton")["ms"] / row("bare GEMM")["ms"], "le", 1.6),
+    ("codebook_topk: extra memory / N x k outputs", *_CODEBOOK,
+     lambda row: row("triton")["peak_extra_mb"] / (65536 * 8 * (4 + 8) / 2**20), "le", 2.0),
+    ("masked_attention ragged: SDPA bool mask time / triton time", *_ATTENTION,
+     lambda row: row("sdpa_bool_mask")["ms"] / row("triton")["ms"], "ge", 1.5),
+    ("masked_attention unmasked: SDPA flash time / triton time", *_ATTENTION,
+     lambda row: row("sdpa_unmasked")["ms"] / row("triton_unmasked")["ms"], "ge", 0.9),
+    ("patch_pixel_loss: % of copy bandwidth", *_LOSS, lambda row: row("triton")["pct_copy_ceiling"], "ge", 75.0),
+    ("patch_pixel_loss: eager time / triton time", *_LOSS,
+     lambda row: row("eager")["ms"] / row("triton")["ms"], "ge", 3.0),
+    ("patch_pixel_loss: torch.compile time / triton time", *_LOSS,
+     lambda row: row("torch_compile")["ms"] / row("triton")["ms"], "ge", 1.3),
+]
+
+
+def targets(rows) -> list[dict]:
+    """Each design target from this run's bf16 rows: its value, threshold and whether it holds
+    (value and holds None where a row it needs is not in the run)."""
+    timed = {(r["op"], r["shape"], r["impl"]): r for r in rows if r.get("dtype") == "bfloat16" and "ms" in r}
+    verdicts = []
+    for what, op, shape, value, sense, threshold in TARGETS:
+        try:
+            v = value(lambda impl: timed[(op, shape, impl)])
+        except KeyError:
+            v = None
+        holds = None if v is None else (v >= threshold if sense == "ge" else v <= threshold)
+        verdicts.append({"target": what, "shape": shape, "value": v, "threshold": threshold, "sense": sense,
+                         "holds": holds})
+    return verdicts
+
+
+def fastest_configs(rows) -> list[dict]:
+    """Per op, shape and dtype with sweep rows: the fastest launch configuration among the
+    default called directly ("triton kernel") and the SWEEP's, and its time over the default's."""
+    groups = {}
+    for r in rows:
+        if "ms" in r and (r["impl"] == "triton kernel" or r["impl"].startswith("triton ") and "products" not in r["impl"]):
+            groups.setdefault((r["op"], r["shape"], r.get("dtype")), []).append(r)
+    found = []
+    for (op, shape, dtype), group in groups.items():
+        default = next((r for r in group if r["impl"] == "triton kernel"), None)
+        best = min(group, key=lambda r: r["ms"])
+        name = "default" if best is default else best["impl"][len("triton "):]
+        found.append({"op": op, "shape": shape, "dtype": dtype, "fastest": name,
+                      "ms": best["ms"], "vs_default": best["ms"] / default["ms"] if default else None})
+    return found
+
+
+def print_verdicts(verdicts, fastest) -> None:
+    print("design targets (DESIGN.md section 4, bf16):")
+    for v in verdicts:
+        state = "not in this run" if v["holds"] is None else "holds" if v["holds"] else "MISSED"
+        value = "" if v["value"] is None else f"{v['value']:.2f} "
+        print(f"  {v['target']:<62}{value:>8}{'>=' if v['sense'] == 'ge' else '<='} {v['threshold']:<6g}{state}")
+    for f in fastest:
+        ratio = "" if f["vs_default"] is None else f", {f['vs_default']:.2f}x the default's time"
+        print(f"  fastest configuration, {f['op']} {f['shape']} {f['dtype']}: {f['fastest']} ({f['ms']:.3f} ms{ratio})")
+
+
 BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk),
            "patch_pixel_loss": (check_patch_pixel_loss, bench_patch_pixel_loss),
            "masked_attention": (check_masked_attention, bench_masked_attention)}
@@ -428,6 +497,8 @@ def main(argv=None) -> int:
         print(f"{r['op']:<26}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
               f"{r['pct_matmul_ceiling']:>8.1f}{r.get('gbps', float('nan')):>9.0f}{r.get('pct_copy_ceiling', float('nan')):>8.1f}"
               f"{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
+    verdicts, fastest = targets(rows), fastest_configs(rows)
+    print_verdicts(verdicts, fastest)
     for s in skipped:
         print("skipped", s)
     for f in failed:
@@ -435,7 +506,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gpu_report_{card.replace(' ', '_')}.json"
-    path.write_text(json.dumps({"device": card, "ceilings": ceil, "rows": rows, "skipped": skipped, "failed": failed,
+    path.write_text(json.dumps({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
+                                "fastest_configs": fastest, "skipped": skipped, "failed": failed,
                                 "seconds": time.time() - t0}, indent=1))
     print(f"wrote {path} in {time.time() - t0:.0f} s; speedup = this row's time / the triton row's time "
           "(> 1: the public Triton op is faster)")
