@@ -31,7 +31,7 @@ step() {  # step LOG NAME SECONDS COMMAND...: runs it with a time limit, appends
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 step report report 240 python benchmarks/gpu_report.py --out "$out"
-step train_step train_step 120 python benchmarks/train_step.py --steps 8
+step train_step train_step 120 python benchmarks/train_step.py --steps 8 --profile
 # Kernel tests on the GPU: compile-bound (each specialization compiles once), so in slices.
 step tests test_loss 90 python -m pytest -q -x tests/test_patch_pixel_loss_kernel.py
 step tests test_ops_loss 90 python -m pytest -q -x tests/test_ops.py -k patch_pixel

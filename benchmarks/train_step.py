@@ -4,6 +4,7 @@ and MFU (the design target: fused ops >= 1.3x reference ops at ViT-B/16 224, B=2
 
     python benchmarks/train_step.py                                   # ViT-B/16 224, B=256
     python benchmarks/train_step.py --config tiny --batch 8 --steps 2 # a smoke run on CPU
+    python benchmarks/train_step.py --profile                         # also where a step's time goes
 
 Both runs start from the same weights, images and masks (PACOFR_OPS picks the backend of
 every fused op), under bf16 autocast on a GPU as train.py runs. The step time is the median
@@ -12,6 +13,8 @@ FlopCounterMode over a reference step (its matmuls and convolutions, attention o
 padded rows included, as a dense implementation computes it); MFU is those FLOPs per second
 over the bf16 matmul ceiling measured in the same run. On a machine without CUDA the Triton
 kernels run in the interpreter (TRITON_INTERPRET=1), which checks the script, not the speed.
+With --profile, one more step per backend runs under torch.profiler and the ops and kernels
+that took the most device time (CPU time without CUDA) are printed.
 """
 
 import argparse
@@ -52,7 +55,20 @@ def make_step(model, optimizer, images, masks, amp):
     return step
 
 
-def measure(cfg, state, images, masks, device, backend, warmup, steps, incubation) -> dict:
+def profile_table(step, device, rows: int = 15) -> str:
+    """The ops and kernels of one step with the most self time on the device (on CPU: the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows)
+
+
+def measure(cfg, state, images, masks, device, backend, warmup, steps, incubation, profile=False) -> dict:
     model = PaCoFR(cfg).to(device)
     model.load_state_dict(state)
     model.set_incubation(incubation)
@@ -69,8 +85,9 @@ def measure(cfg, state, images, masks, device, backend, warmup, steps, incubatio
             t0 = time.perf_counter()
             losses.append(step().item())  # .item() synchronizes
             times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None  # None: not measured
-    return {"ms": 1e3 * statistics.median(times), "losses": losses, "peak_mb": peak}
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None  # None: not measured
+        table = profile_table(step, device) if profile else None
+    return {"ms": 1e3 * statistics.median(times), "losses": losses, "peak_mb": peak, "profile": table}
 
 
 def count_flops(cfg, state, images, masks, device, incubation) -> int:
@@ -93,6 +110,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--incubation", action="store_true", help="time incubation steps (default: the main phase)")
+    parser.add_argument("--profile", action="store_true", help="print where one more step's time goes")
     parser.add_argument("--out", default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -117,7 +135,8 @@ def main(argv=None) -> int:
 
     rows = {}
     for backend in impls:
-        r = measure(cfg, state, images, masks, device, backend, args.warmup, args.steps, args.incubation)
+        r = measure(cfg, state, images, masks, device, backend, args.warmup, args.steps, args.incubation,
+                    args.profile)
         r.update(images_per_s=1e3 * args.batch / r["ms"], mfu_pct=100 * flops / (r["ms"] / 1e3) / 1e12 / ceiling)
         rows[backend] = r
     print(f"{'ops':<12}{'ms/step':>10}{'images/s':>10}{'MFU %':>8}{'peak MB':>9}{'speedup':>9}  first/last loss")
@@ -125,6 +144,9 @@ def main(argv=None) -> int:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(f"{backend:<12}{r['ms']:>10.1f}{r['images_per_s']:>10.1f}{r['mfu_pct']:>8.1f}{peak:>9}"
               f"{rows['reference']['ms'] / r['ms']:>9.2f}  {r['losses'][0]:.4f} / {r['losses'][-1]:.4f}")
+    for backend, r in rows.items():
+        if r["profile"]:
+            print(f"\none profiled step, {backend} ops:\n{r['profile']}")
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
