@@ -444,6 +444,21 @@ def fastest_configs(rows) -> list[dict]:
     return found
 
 
+def print_rows(rows) -> None:
+    header = (f"{'op':<26}{'shape':<28}{'dtype':<10}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}"
+              f"{'% copy':>8}{'extra MB':>10}{'speedup':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['op']:<26}{r['shape']:<28}{r.get('dtype', ''):<10}{r['impl']:<22}  FAILED: {r['error']}")
+            continue
+        print(f"{r['op']:<26}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
+              f"{r['pct_matmul_ceiling']:>8.1f}{r.get('gbps', float('nan')):>9.0f}"
+              f"{r.get('pct_copy_ceiling', float('nan')):>8.1f}{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
+    sys.stdout.flush()  # under a time limit (gpu_session.sh), what was printed stays
+
+
 def print_verdicts(verdicts, fastest) -> None:
     print("design targets (DESIGN.md section 4, bf16):")
     for v in verdicts:
@@ -472,7 +487,19 @@ def main(argv=None) -> int:
     t0 = time.time()
     ceil = ceilings(device, run, args.quick)
     print(f"device: {card}; matmul ceiling {ceil['matmul_tflops']:.1f} TFLOP/s, copy ceiling {ceil['copy_gbps']:.0f} GB/s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"gpu_report_{card.replace(' ', '_')}.json"
     rows, skipped, failed = [], [], []
+
+    def save(complete: bool):
+        """The JSON so far: written after each op, so a run cut short keeps what it measured."""
+        verdicts, fastest = targets(rows), fastest_configs(rows)
+        path.write_text(json.dumps({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
+                                    "fastest_configs": fastest, "skipped": skipped, "failed": failed,
+                                    "complete": complete, "seconds": time.time() - t0}, indent=1))
+        return verdicts, fastest
+
     for op, (check, bench) in BENCHES.items():
         if args.ops is not None and op not in args.ops:
             continue
@@ -482,33 +509,18 @@ def main(argv=None) -> int:
         try:  # one op failing (wrong result, compile error) must not hide the others' figures
             check(device)
             print(f"{op}: matches the reference on {card}")
-            rows += bench(device, run, ceil, args.quick)
+            new = bench(device, run, ceil, args.quick)
+            rows += new
+            print_rows(new)
         except Exception as e:
             failed.append(f"{op}: {type(e).__name__}: {e}")
             print(f"{op}: FAILED: {traceback.format_exc()}", file=sys.stderr)
-    header = (f"{'op':<26}{'shape':<28}{'dtype':<10}{'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'% mm':>8}{'GB/s':>9}{'% copy':>8}"
-              f"{'extra MB':>10}{'speedup':>9}")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['op']:<26}{r['shape']:<28}{r.get('dtype', ''):<10}{r['impl']:<22}  FAILED: {r['error']}")
-            continue
-        print(f"{r['op']:<26}{r['shape']:<28}{r['dtype']:<10}{r['impl']:<22}{r['ms']:>10.3f}{r['tflops']:>10.1f}"
-              f"{r['pct_matmul_ceiling']:>8.1f}{r.get('gbps', float('nan')):>9.0f}{r.get('pct_copy_ceiling', float('nan')):>8.1f}"
-              f"{r['peak_extra_mb']:>10.0f}{r['triton_speedup']:>9.2f}")
-    verdicts, fastest = targets(rows), fastest_configs(rows)
-    print_verdicts(verdicts, fastest)
+        save(complete=False)
+    print_verdicts(*save(complete=True))
     for s in skipped:
         print("skipped", s)
     for f in failed:
         print("FAILED", f)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_report_{card.replace(' ', '_')}.json"
-    path.write_text(json.dumps({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
-                                "fastest_configs": fastest, "skipped": skipped, "failed": failed,
-                                "seconds": time.time() - t0}, indent=1))
     print(f"wrote {path} in {time.time() - t0:.0f} s; speedup = this row's time / the triton row's time "
           "(> 1: the public Triton op is faster)")
     return 1 if failed else 0
