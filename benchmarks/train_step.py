@@ -144,6 +144,11 @@ def main(argv=None) -> int:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
         print(f"{backend:<12}{r['ms']:>10.1f}{r['images_per_s']:>10.1f}{r['mfu_pct']:>8.1f}{peak:>9}"
               f"{rows['reference']['ms'] / r['ms']:>9.2f}  {r['losses'][0]:.4f} / {r['losses'][-1]:.4f}")
+    if "triton" in rows:
+        ratio = rows["reference"]["ms"] / rows["triton"]["ms"]
+        print(f"design target, fused ops >= 1.3x the reference ops' step: {ratio:.2f}x, "
+              f"{'holds' if ratio >= 1.3 else 'MISSED'} (MFU {rows['triton']['mfu_pct']:.1f}%)"
+              + ("" if device.type == "cuda" else "; on CPU the kernels are interpreted: not a measurement"))
     for backend, r in rows.items():
         if r["profile"]:
             print(f"\none profiled step, {backend} ops:\n{r['profile']}")
