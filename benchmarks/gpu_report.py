@@ -432,7 +432,7 @@ def fastest_configs(rows) -> list[dict]:
     default called directly ("triton kernel") and the SWEEP's, and its time over the default's."""
     groups = {}
     for r in rows:
-        if "ms" in r and (r["impl"] == "triton kernel" or r["impl"].startswith("triton ") and "products" not in r["impl"]):
+        if "ms" in r and r["impl"].startswith("triton ") and r["impl"] != "triton products only":
             groups.setdefault((r["op"], r["shape"], r.get("dtype")), []).append(r)
     found = []
     for (op, shape, dtype), group in groups.items():
