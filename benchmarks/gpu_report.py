@@ -427,12 +427,19 @@ def targets(rows) -> list[dict]:
     return verdicts
 
 
+# launch options of the backward alone: in a forward-only row they time the same kernel again
+_BACKWARD_ONLY = (" fused", " atomic", " dkdv-r")
+
+
 def fastest_configs(rows) -> list[dict]:
     """Per op, shape and dtype with sweep rows: the fastest launch configuration among the
-    default called directly ("triton kernel") and the SWEEP's, and its time over the default's."""
+    default called directly ("triton kernel") and the SWEEP's, and its time over the default's.
+    Forward-only rows leave out the backward's options."""
     groups = {}
     for r in rows:
-        if "ms" in r and r["impl"].startswith("triton ") and r["impl"] != "triton products only":
+        forward_only = "bwd" not in r["op"]
+        if "ms" in r and r["impl"].startswith("triton ") and r["impl"] != "triton products only" and not (
+                forward_only and any(word in r["impl"] for word in _BACKWARD_ONLY)):
             groups.setdefault((r["op"], r["shape"], r.get("dtype")), []).append(r)
     found = []
     for (op, shape, dtype), group in groups.items():

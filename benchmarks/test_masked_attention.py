@@ -1,6 +1,8 @@
 """pytest-benchmark: masked_attention (forward, forward+backward) on ragged lengths, Triton
 against SDPA with the equivalent boolean mask, SDPA on unmasked input (its flash path on a
-GPU), the torch reference, and the varlen kernels of flash-attn and xformers when installed."""
+GPU), our op on that same unmasked input, the torch reference, and the varlen kernels of
+flash-attn and xformers when installed. `valid_tflops` counts the tokens each one computes
+over: the valid ones, all N for the unmasked rows."""
 
 import pytest
 import torch

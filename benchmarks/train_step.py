@@ -44,7 +44,18 @@ from pacofr.ops import backends  # noqa: E402
 FUSED_OPS = ("codebook_topk", "masked_attention", "patch_pixel_loss")
 
 
-def make_step(model, optimizer, images, masks, amp):
+def build(cfg, state, device, incubation):
+    """The model from `state` in the given phase, and the autocast that train.py uses."""
+    model = PaCoFR(cfg).to(device)
+    model.load_state_dict(state)
+    model.set_incubation(incubation)
+    return model, torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def make_step(cfg, state, images, masks, incubation):
+    model, amp = build(cfg, state, images.device, incubation)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
     def step():
         with amp:
             out = model(images, masks=masks, generator=torch.Generator(device=images.device).manual_seed(0))
@@ -55,26 +66,8 @@ def make_step(model, optimizer, images, masks, amp):
     return step
 
 
-def profile_table(step, device, rows: int = 15) -> str:
-    """The ops and kernels of one step with the most self time on the device (on CPU: the host)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=rows)
-
-
-def measure(cfg, state, images, masks, device, backend, warmup, steps, incubation, profile=False) -> dict:
-    model = PaCoFR(cfg).to(device)
-    model.load_state_dict(state)
-    model.set_incubation(incubation)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    step = make_step(model, optimizer, images, masks, amp)
+def measure(cfg, state, images, masks, device, backend, warmup, steps, incubation) -> dict:
+    step = make_step(cfg, state, images, masks, incubation)
     with forced_backend(backend):
         losses = [step().item() for _ in range(warmup)]
         if device.type == "cuda":
@@ -85,16 +78,29 @@ def measure(cfg, state, images, masks, device, backend, warmup, steps, incubatio
             t0 = time.perf_counter()
             losses.append(step().item())  # .item() synchronizes
             times.append(time.perf_counter() - t0)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None  # None: not measured
-        table = profile_table(step, device) if profile else None
-    return {"ms": 1e3 * statistics.median(times), "losses": losses, "peak_mb": peak, "profile": table}
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None  # None: not measured
+    return {"ms": 1e3 * statistics.median(times), "losses": losses, "peak_mb": peak}
+
+
+def profile_table(cfg, state, images, masks, device, backend, incubation, rows: int = 15) -> str:
+    """The ops and kernels with the most self time on the device (on CPU: the host) in one
+    step after a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(cfg, state, images, masks, incubation)
+    cuda = device.type == "cuda"
+    with forced_backend(backend):
+        step()
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows)
 
 
 def count_flops(cfg, state, images, masks, device, incubation) -> int:
-    model = PaCoFR(cfg).to(device)
-    model.load_state_dict(state)
-    model.set_incubation(incubation)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    model, amp = build(cfg, state, device, incubation)
     counter = FlopCounterMode(display=False)
     with forced_backend("reference"), counter:
         with amp:
@@ -135,8 +141,7 @@ def main(argv=None) -> int:
 
     rows = {}
     for backend in impls:
-        r = measure(cfg, state, images, masks, device, backend, args.warmup, args.steps, args.incubation,
-                    args.profile)
+        r = measure(cfg, state, images, masks, device, backend, args.warmup, args.steps, args.incubation)
         r.update(images_per_s=1e3 * args.batch / r["ms"], mfu_pct=100 * flops / (r["ms"] / 1e3) / 1e12 / ceiling)
         rows[backend] = r
     print(f"{'ops':<12}{'ms/step':>10}{'images/s':>10}{'MFU %':>8}{'peak MB':>9}{'speedup':>9}  first/last loss")
@@ -149,9 +154,10 @@ def main(argv=None) -> int:
         print(f"design target, fused ops >= 1.3x the reference ops' step: {ratio:.2f}x, "
               f"{'holds' if ratio >= 1.3 else 'MISSED'} (MFU {rows['triton']['mfu_pct']:.1f}%)"
               + ("" if device.type == "cuda" else "; on CPU the kernels are interpreted: not a measurement"))
-    for backend, r in rows.items():
-        if r["profile"]:
-            print(f"\none profiled step, {backend} ops:\n{r['profile']}")
+    sys.stdout.flush()  # the figures stay if the profile below runs past a time limit
+    for backend in rows if args.profile else ():  # after the table, which must not wait for it
+        rows[backend]["profile"] = profile_table(cfg, state, images, masks, device, backend, args.incubation)
+        print(f"\none profiled step, {backend} ops:\n{rows[backend]['profile']}")
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
