@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import config_name, forced_backend, grads_of, rotated  # noqa: E402
+from common import BACKWARD_ONLY, config_name, forced_backend, grads_of, rotated  # noqa: E402
 from test_codebook_topk import torch_mm_topk  # noqa: E402
 from test_masked_attention import implementations as attention_impls  # noqa: E402
 from test_masked_attention import counted_lengths, ragged_inputs, valid_flops  # noqa: E402
@@ -389,7 +389,8 @@ class _ConfiguredLoss(torch.autograd.Function):
 # DESIGN.md section 4 (bf16 on one H100): (what, op, shape, value from the row lookup, "ge" or
 # "le", threshold). The ratios are baseline time over ours, except the GEMM one (ours over the
 # GEMM's) and the memory one (extra MB over the N x k outputs' MB: O(N*k)).
-_CODEBOOK = ("codebook_topk fwd (ip)", "N=65536 K=8192 D=768 k=8")
+_N, _K = 65536, 8  # the codebook target's rows and best-k
+_CODEBOOK = ("codebook_topk fwd (ip)", f"N={_N} K=8192 D=768 k={_K}")
 _ATTENTION = ("masked_attention fwd+bwd", "B=256 H=12 N=197 d=64")
 _LOSS = ("patch_pixel_loss fwd+bwd", "B=256 224px p=16")
 TARGETS = [
@@ -398,7 +399,7 @@ TARGETS = [
     ("codebook_topk: triton time / bare GEMM time", *_CODEBOOK,
      lambda row: row("triton")["ms"] / row("bare GEMM")["ms"], "le", 1.6),
     ("codebook_topk: extra memory / N x k outputs", *_CODEBOOK,
-     lambda row: row("triton")["peak_extra_mb"] / (65536 * 8 * (4 + 8) / 2**20), "le", 2.0),
+     lambda row: row("triton")["peak_extra_mb"] / (_N * _K * (4 + 8) / 2**20), "le", 2.0),
     ("masked_attention ragged: SDPA bool mask time / triton time", *_ATTENTION,
      lambda row: row("sdpa_bool_mask")["ms"] / row("triton")["ms"], "ge", 1.5),
     ("masked_attention unmasked: SDPA flash time / triton time", *_ATTENTION,
@@ -427,20 +428,18 @@ def targets(rows) -> list[dict]:
     return verdicts
 
 
-# launch options of the backward alone: in a forward-only row they time the same kernel again
-_BACKWARD_ONLY = (" fused", " atomic", " dkdv-r")
-
-
 def fastest_configs(rows) -> list[dict]:
     """Per op, shape and dtype with sweep rows: the fastest launch configuration among the
     default called directly ("triton kernel") and the SWEEP's, and its time over the default's.
     Forward-only rows leave out the backward's options."""
+    def swept(r):
+        if "ms" not in r or not r["impl"].startswith("triton ") or r["impl"] == "triton products only":
+            return False
+        return "bwd" in r["op"] or not any(word in r["impl"] for word in BACKWARD_ONLY)
+
     groups = {}
-    for r in rows:
-        forward_only = "bwd" not in r["op"]
-        if "ms" in r and r["impl"].startswith("triton ") and r["impl"] != "triton products only" and not (
-                forward_only and any(word in r["impl"] for word in _BACKWARD_ONLY)):
-            groups.setdefault((r["op"], r["shape"], r.get("dtype")), []).append(r)
+    for r in filter(swept, rows):
+        groups.setdefault((r["op"], r["shape"], r.get("dtype")), []).append(r)
     found = []
     for (op, shape, dtype), group in groups.items():
         default = next((r for r in group if r["impl"] == "triton kernel"), None)
