@@ -114,15 +114,19 @@ def _attention_cases(quick):
 
 
 def _loss_cases(quick):
-    from pacofr.kernels.patch_pixel_loss import SWEEP, patch_pixel_loss_backward, patch_pixel_loss_forward
+    from pacofr.kernels.patch_pixel_loss import (SWEEP, patch_pixel_loss_backward, patch_pixel_loss_forward,
+                                                 patch_pixel_loss_forward_with_grad, patch_pixel_loss_rescale)
 
     def case(h, w, p, c, dtype, norm, config=None):
         gh, gw = h // p, w // p
         pred = torch.randn(2, gh * gw, p * p * c).to(dtype)
         images, weight = torch.rand(2, c, h, w), (torch.rand(2, gh * gw) > 0.5).float()
         *_, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, norm, 1e-6, config=config)
-        patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.5), pred, images, weight, stats, norms, p, norm,
-                                  1e-6, config=config)
+        g = torch.tensor(1.0), torch.tensor(0.5)
+        patch_pixel_loss_backward(*g, pred, images, weight, stats, norms, p, norm, 1e-6, config=config)
+        *_, stats, norms, grad = patch_pixel_loss_forward_with_grad(pred, images, weight, p, norm, 1e-6, 0.5,
+                                                                    config=config)
+        patch_pixel_loss_rescale(*g, grad, 0.5, pred, images, weight, stats, norms, p, config=config)
 
     for h, w, p, c in ((224, 224, 16, 3), (224, 224, 14, 3), (64, 64, 8, 3), (96, 160, 16, 1)):
         for dtype in (torch.float32, torch.bfloat16):

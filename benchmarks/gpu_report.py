@@ -306,19 +306,35 @@ class _Configured(torch.autograd.Function):
 
 
 def check_patch_pixel_loss(device):
-    from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_backward, patch_pixel_loss_forward
+    from pacofr.kernels.patch_pixel_loss import (SWEEP, patch_pixel_loss_backward, patch_pixel_loss_forward,
+                                                 patch_pixel_loss_forward_with_grad, patch_pixel_loss_rescale)
     from pacofr.ops import reference
 
-    for size, p in ((224, 16), (112, 14)):
-        pred, images, weight = (t.detach() for t in loss_inputs(4, size, p))
-        *got, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6)
+    cases = [((4, 224, 16), None), ((4, 112, 14), None)]
+    if device.type == "cuda":  # 12544 programs of one patch, each waiting for statistics up to 14 blocks ahead
+        cases.append(((64, 224, 16), SWEEP[0]))
+    for (batch, size, p), config in cases:
+        pred, images, weight = (t.detach() for t in loss_inputs(batch, size, p))
+        where = f"patch_pixel_loss B={batch} {size}px p={p}"
+        *got, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6, config=config)
         want = reference.patch_pixel_loss(pred, images, weight, p, True, 1e-6)
         for a, b in zip(got, want):
-            assert abs(a.item() - b.item()) <= 1e-4 * max(1.0, abs(b.item())), f"patch_pixel_loss fwd {size}/{p}"
+            assert abs(a.item() - b.item()) <= 1e-4 * max(1.0, abs(b.item())), f"{where} fwd"
         g = patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, stats, norms, p,
-                                      True, 1e-6)
+                                      True, 1e-6, config=config)
         r = reference.patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, p, True, 1e-6)
-        assert (g - r).abs().max() <= 1e-4 * r.abs().max(), f"patch_pixel_loss bwd {size}/{p}"
+        assert (g - r).abs().max() <= 1e-4 * r.abs().max(), f"{where} bwd"
+        runs = [patch_pixel_loss_forward_with_grad(pred, images, weight, p, True, 1e-6, 0.1, config=config)
+                for _ in range(4)]
+        # a race on the statistics between programs would show as results that change
+        assert all(torch.equal(a, b) for run in runs[1:] for a, b in zip(run, runs[0])), f"{where} fwd with grad"
+        *again, _, _, fused = runs[0]
+        assert all(abs(a.item() - b.item()) <= 1e-6 * max(1.0, abs(b.item())) for a, b in zip(again, got)), where
+        assert (fused - r).abs().max() <= 1e-4 * r.abs().max(), f"{where} fwd with grad: gradient"
+        patch_pixel_loss_rescale(torch.tensor(0.5, device=device), torch.tensor(1.0, device=device), fused, 0.1, pred,
+                                 images, weight, stats, norms, p, config=config)
+        r = reference.patch_pixel_loss_backward(torch.tensor(0.5), torch.tensor(1.0), pred, images, weight, p, True, 1e-6)
+        assert (fused - r).abs().max() <= 1e-4 * r.abs().max(), f"{where} rescale"
 
 
 def bench_patch_pixel_loss(device, run, ceil, quick):
@@ -364,25 +380,26 @@ def bench_patch_pixel_loss(device, run, ceil, quick):
 
 class _ConfiguredLoss(torch.autograd.Function):
     """patch_pixel_loss (boundary weight 0.1, as in the suites) straight through the kernels
-    with a given launch configuration."""
+    with a given launch configuration, the gradient from the forward as in the op."""
 
     @staticmethod
     def forward(ctx, pred, images, weight, p, config):
-        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_forward
+        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_forward_with_grad
 
-        l_pix, l_sc, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6, config=config)
+        l_pix, l_sc, stats, norms, ctx.grad = patch_pixel_loss_forward_with_grad(pred, images, weight, p, True, 1e-6,
+                                                                                 0.1, config=config)
         ctx.save_for_backward(pred, images, weight, stats, norms)
         ctx.args = (p, config)
         return l_pix + 0.1 * l_sc
 
     @staticmethod
     def backward(ctx, grad):
-        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_backward
+        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_rescale
 
         pred, images, weight, stats, norms = ctx.saved_tensors
         p, config = ctx.args
-        g = patch_pixel_loss_backward(grad, 0.1 * grad, pred, images, weight, stats, norms, p, True, 1e-6,
-                                      config=config)
+        g = patch_pixel_loss_rescale(grad, 0.1 * grad, ctx.grad, 0.1, pred, images, weight, stats, norms, p,
+                                     config=config)
         return g, None, None, None, None
 
 

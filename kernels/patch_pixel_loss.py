@@ -5,13 +5,23 @@ Both terms depend on a patch only through its residual. With the target statisti
 a patch, u = s * pred + m - target is the de-normalized prediction error: the MSE term is
 mean((u / s)^2) and the border error of a pair is u_nb - u on the shared border line.
 
-Forward: one pass over pred and image computes each patch's statistics and weighted MSE
-(`_pix_kernel`); a second, small pass reads only the border lines of each patch and its right
-and lower neighbours (`_border_kernel`), since those need the neighbours' statistics; one
-small program sums the per-patch parts in a fixed order into the two losses and their
-normalizers (`_finish_kernel`, one launch where torch would take about eight). The
-statistics are kept for the backward, a single pass (`_grad_kernel`) that reads pred and
-image once more, plus the four neighbours' border lines, and writes the gradient.
+Forward (`_loss_kernel`, one launch): a program first computes the statistics of one block of
+patches (reading its pixels) and flags them stored; then it computes the loss parts of the
+block LAG blocks before it: everything its borders need (the neighbours' statistics) was
+flagged by programs that started earlier, and its pixels are still in L2. Programs take their
+block from a counter in the order they start, so any block they wait for belongs to a program
+that is running and waits on nothing later: no deadlock, whatever order the GPU schedules
+them in. Which program handles a block changes from run to run, the arithmetic does not:
+results are bitwise reproducible. The weight sums come first (`_norms_kernel`, one small
+program) and the per-patch parts are summed in a fixed order last (`_finish_kernel`).
+
+Asked to (`patch_pixel_loss_forward_with_grad`), the same pass also writes the gradient of
+l_pix + sc_weight * l_sc, so the whole loss reads pred and the image once and writes the
+gradient once, the minimal traffic. The backward (`patch_pixel_loss_rescale`) then has
+nothing to do when the upstream gradients are (1, sc_weight); otherwise it scales that
+gradient in place and adds the border term's missing share, reading only border lines. Both
+choices are made on the device from the upstream gradients (no host synchronisation).
+`patch_pixel_loss_backward` computes the gradient from scratch (pred, image, statistics).
 
 Tiles are [patches, channel, row, column] with the patch size and channel count as
 compile-time constants, so every address is a sum of broadcast parts (no per-element
@@ -37,9 +47,9 @@ def _axes(BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
 
 
 @triton.jit
-def _patches(pid, NP, GW, LPI, BLOCK_L: tl.constexpr):
-    """This program's patch ids [L], whether they exist, and each one's image and grid position."""
-    ids = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+def _patches(block, NP, GW, LPI, BLOCK_L: tl.constexpr):
+    """The block's patch ids [L], whether they exist, and each one's image and grid position."""
+    ids = block * BLOCK_L + tl.arange(0, BLOCK_L)
     ok = ids < NP
     ids = tl.where(ok, ids, 0)  # keeps the address arithmetic of missing patches in range
     b = ids // LPI
@@ -59,31 +69,21 @@ def _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS: tl.constexpr, CH: tl.const
 
 
 @triton.jit
-def _pix_kernel(PRED, IMG, WGT, STATS, PART, NP, GW, LPI, W, HW, CHW, eps,
-                PS: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr,
-                BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
-    """Per patch: target mean and std into STATS[0:2], w * mse into PART[0], w into PART[1]."""
-    P: tl.constexpr = PS * PS * CH
-    ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
-    c, i, j = _axes(BC, BR, BP)
-    x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
-    m = ok[:, None, None, None] & (c < CH) & (i < PS) & (j < PS)
-    t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
-    x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
-    if NORM:
-        mean = tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1) / P
-        d = tl.where(m, t - mean[:, None, None, None], 0.0)
-        std = tl.sqrt(tl.sum(tl.sum(tl.sum(d * d, axis=3), axis=2), axis=1) / (P - 1) + eps)
-        r = tl.where(m, x - d * (1.0 / std)[:, None, None, None], 0.0)
-    else:
-        mean = tl.zeros((BLOCK_L,), tl.float32)
-        std = mean + 1.0
-        r = x - t
-    w = tl.load(WGT + ids, mask=ok, other=0.0)
-    tl.store(STATS + ids, mean, mask=ok)
-    tl.store(STATS + NP + ids, std, mask=ok)
-    tl.store(PART + ids, w * tl.sum(tl.sum(tl.sum(r * r, axis=3), axis=2), axis=1) / P, mask=ok)
-    tl.store(PART + NP + ids, w, mask=ok)
+def _col(v):
+    """[L] -> [L, 1, 1, 1], to broadcast against a tile."""
+    return v[:, None, None, None]
+
+
+@triton.jit
+def _sum_sq(e):
+    return tl.sum(tl.sum(tl.sum(e * e, axis=3), axis=2), axis=1)
+
+
+@triton.jit
+def _weight_and_stats(WGT, STATS, ids, ok, NP):
+    # statistics bypass L1: during the forward other programs store them
+    return (tl.load(WGT + ids, mask=ok, other=0.0), tl.load(STATS + ids, mask=ok, other=0.0, cache_modifier=".cg"),
+            tl.load(STATS + NP + ids, mask=ok, other=1.0, cache_modifier=".cg"))
 
 
 @triton.jit
@@ -94,11 +94,11 @@ def _border(PRED, IMG, WGT, STATS, x_off, t_off, m, ids, has, w, mean, std, NP, 
     x_shift further inside a patch, its pixels t_shift further in the image), zero where the
     pair does not exist; and the pair weight max(w, w_nb) [L]."""
     nb = tl.where(has, ids + step, ids)
-    m = m & has[:, None, None, None]
-    mean_nb = tl.load(STATS + nb, mask=has, other=0.0)[:, None, None, None]
-    std_nb = tl.load(STATS + NP + nb, mask=has, other=1.0)[:, None, None, None]
-    u = (std[:, None, None, None] * tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
-         + mean[:, None, None, None] - tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32))
+    m = m & _col(has)
+    mean_nb = _col(tl.load(STATS + nb, mask=has, other=0.0, cache_modifier=".cg"))
+    std_nb = _col(tl.load(STATS + NP + nb, mask=has, other=1.0, cache_modifier=".cg"))
+    u = (_col(std) * tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
+         + _col(mean) - tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32))
     u_nb = (std_nb * tl.load(PRED + x_off + (step * P + x_shift), mask=m, other=0.0).to(tl.float32) + mean_nb
             - tl.load(IMG + t_off + t_shift, mask=m, other=0.0).to(tl.float32))
     pw = tl.where(has, tl.maximum(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
@@ -118,114 +118,178 @@ def _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, 
     else:
         has_col, has_row = gj > 0, gi > 0
     x_off, t_off = _offsets(ids, b, gi, gj, c, i, edge, HW, W, CHW, PS, CH)
-    line = ok[:, None, None, None] & (c < CH) & (i < PS)
+    line = _col(ok) & (c < CH) & (i < PS)
     e_col, pw_col = _border(PRED, IMG, WGT, STATS, x_off, t_off, line, ids, ok & has_col, w, mean, std, NP,
                             sign, -sign * (PS - 1) * CH, sign, P)
     x_off, t_off = _offsets(ids, b, gi, gj, c, edge, j, HW, W, CHW, PS, CH)
-    line = ok[:, None, None, None] & (c < CH) & (j < PS)
+    line = _col(ok) & (c < CH) & (j < PS)
     e_row, pw_row = _border(PRED, IMG, WGT, STATS, x_off, t_off, line, ids, ok & has_row, w, mean, std, NP,
                             sign * GW, -sign * (PS - 1) * PS * CH, sign * W, P)
     return e_col, pw_col, e_row, pw_row
 
 
 @triton.jit
-def _weight_and_stats(WGT, STATS, ids, ok, NP):
-    return (tl.load(WGT + ids, mask=ok, other=0.0), tl.load(STATS + ids, mask=ok, other=0.0),
-            tl.load(STATS + NP + ids, mask=ok, other=1.0))
-
-
-@triton.jit
-def _twice_per_unit(G, norm, count):
-    """2 g / (count * norm) for the upstream gradient at G; 0 when the normalizer is 0."""
-    return tl.where(norm > 0, 2.0 * tl.load(G).to(tl.float32) / (count * tl.where(norm > 0, norm, 1.0)), 0.0)
-
-
-@triton.jit
-def _sum_line(e):
-    return tl.sum(tl.sum(tl.sum(e * e, axis=3), axis=2), axis=1)
-
-
-@triton.jit
-def _border_kernel(PRED, IMG, WGT, STATS, PART, NP, GH, GW, LPI, W, HW, CHW, PS: tl.constexpr, CH: tl.constexpr,
-                   BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
-    """Per patch, over its right and lower pairs: sum of pw * mean(err^2) into PART[2] and the
-    pair weights into PART[3]."""
-    ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
-    c, i, j = _axes(BC, BR, BP)
-    w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
-    e_col, pw_col, e_row, pw_row = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
-                                          W, HW, CHW, c, i, j, True, PS, CH)
-    sc = (pw_col * _sum_line(e_col) + pw_row * _sum_line(e_row)) / (PS * CH)
-    tl.store(PART + 2 * NP + ids, sc, mask=ok)
-    tl.store(PART + 3 * NP + ids, pw_col + pw_row, mask=ok)
-
-
-@triton.jit
-def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, NP, GH, GW, LPI, W, HW, CHW,
-                 PS: tl.constexpr, CH: tl.constexpr,
-                 BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
-    """d/dpred of g_pix * l_pix + g_sc * l_sc. The pixel term gives 2 g_pix w r / (P sum w)
-    with r = u / s; each border this patch shares adds -2 g_sc pw (u_nb - u) s / (p C sum pw)
-    on its line, the same expression from either side of the pair."""
-    P: tl.constexpr = PS * PS * CH
-    ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
-    c, i, j = _axes(BC, BR, BP)
-    g_pix = _twice_per_unit(G_PIX, tl.load(NORMS), P)
-    g_sc = _twice_per_unit(G_SC, tl.load(NORMS + 1), PS * CH)
-    x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
-    m = ok[:, None, None, None] & (c < CH) & (i < PS) & (j < PS)
-    w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
-    t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
-    x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
-    grad = (g_pix * w)[:, None, None, None] * (x - (t - mean[:, None, None, None]) * (1.0 / std)[:, None, None, None])
-    e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
-                                                W, HW, CHW, c, i, j, True, PS, CH)
+def _border_grad(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, W, HW, CHW, c, i, j,
+                 e_right, pw_right, e_down, pw_down, PS: tl.constexpr, CH: tl.constexpr):
+    """s * sum over this patch's four borders of pw (u_nb - u), on each border's line: the
+    gradient of l_sc up to the factor -2 / (p C sum pw), the same expression from either side
+    of a pair. The right and lower sides come in (the loss needs them too)."""
     e_left, pw_left, e_up, pw_up = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW,
                                           W, HW, CHW, c, i, j, False, PS, CH)
-    col = (tl.where(j == PS - 1, pw_right[:, None, None, None] * e_right, 0.0)
-           + tl.where(j == 0, pw_left[:, None, None, None] * e_left, 0.0))
-    row = (tl.where(i == PS - 1, pw_down[:, None, None, None] * e_down, 0.0)
-           + tl.where(i == 0, pw_up[:, None, None, None] * e_up, 0.0))
-    grad -= (g_sc * std)[:, None, None, None] * (col + row)
-    tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
+    col = tl.where(j == PS - 1, _col(pw_right) * e_right, 0.0) + tl.where(j == 0, _col(pw_left) * e_left, 0.0)
+    row = tl.where(i == PS - 1, _col(pw_down) * e_down, 0.0) + tl.where(i == 0, _col(pw_up) * e_up, 0.0)
+    return _col(std) * (col + row)
 
 
 @triton.jit
-def _finish_kernel(PART, L_PIX, L_SC, NORMS, NP, BLOCK: tl.constexpr):
-    """One program: PART's rows (w * mse, w, pair error, pair w) [4, NP] summed in a fixed
-    order, then l_pix and l_sc (each exactly 0 when its weights sum to 0) and the normalizers."""
-    pair = tl.arange(0, 2)  # (l_pix, l_sc): their error rows are 0 and 2, their weight rows 1 and 3
-    err = tl.zeros((2, BLOCK), tl.float32)
-    norm = tl.zeros((2, BLOCK), tl.float32)
+def _twice_per_unit(g, norm, count):
+    """2 g / (count * norm): the gradient scale of a mean over `count` elements normalized by
+    `norm`; 0 when the normalizer is 0."""
+    return tl.where(norm > 0, 2.0 * g / (count * tl.where(norm > 0, norm, 1.0)), 0.0)
+
+
+@triton.jit
+def _norms_kernel(WGT, NORMS, NP, GH, GW, LPI, BLOCK: tl.constexpr):
+    """One program: the weight sum and the border-pair weight sum (pairs with the right and
+    lower neighbour, weight max(w, w_nb)), in a fixed order."""
+    sum_w = tl.zeros((BLOCK,), tl.float32)
+    sum_pw = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, NP, BLOCK):
         ids = start + tl.arange(0, BLOCK)
-        offs = (2 * pair)[:, None] * NP + ids[None, :]
-        err += tl.load(PART + offs, mask=ids[None, :] < NP, other=0.0)
-        norm += tl.load(PART + offs + NP, mask=ids[None, :] < NP, other=0.0)
-    err_sum = tl.sum(err, axis=1)
-    norm_sum = tl.sum(norm, axis=1)
-    loss = tl.where(norm_sum > 0, err_sum / tl.where(norm_sum > 0, norm_sum, 1.0), 0.0)
+        ok = ids < NP
+        g = ids % LPI
+        right = ok & (g % GW + 1 < GW)
+        down = ok & (g // GW + 1 < GH)
+        w = tl.load(WGT + ids, mask=ok, other=0.0)
+        sum_w += w
+        sum_pw += (tl.where(right, tl.maximum(w, tl.load(WGT + ids + 1, mask=right, other=0.0)), 0.0)
+                   + tl.where(down, tl.maximum(w, tl.load(WGT + ids + GW, mask=down, other=0.0)), 0.0))
+    tl.store(NORMS, tl.sum(sum_w, axis=0))
+    tl.store(NORMS + 1, tl.sum(sum_pw, axis=0))
+
+
+@triton.jit
+def _loss_kernel(PRED, IMG, WGT, STATS, PART, NORMS, GRAD, SYNC, sc_weight, eps, NP, NB, LAG, GH, GW, LPI, W, HW,
+                 CHW, PS: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                 FLAG_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
+                 BP: tl.constexpr):
+    """Statistics of block v into STATS (flag SYNC[v] set after), then for block v - LAG: the
+    per-patch parts w * mse into PART[0] and the right and lower pairs' pw * mean(err^2) into
+    PART[1], and with WRITE_GRAD the gradient of l_pix + sc_weight * l_sc (NORMS: the weight
+    sums). SYNC[NB] counts the programs that started. Grid: NB + LAG programs."""
+    P: tl.constexpr = PS * PS * CH
+    c, i, j = _axes(BC, BR, BP)
+    v = tl.atomic_add(SYNC + NB, 1)  # this program's block: every lower one has a running program
+    if v < NB:
+        ids, ok, b, gi, gj = _patches(v, NP, GW, LPI, BLOCK_L)
+        x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
+        m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
+        t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
+        if NORM:
+            mean = tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1) / P
+            std = tl.sqrt(_sum_sq(tl.where(m, t - _col(mean), 0.0)) / (P - 1) + eps)
+        else:
+            mean = tl.zeros((BLOCK_L,), tl.float32)
+            std = mean + 1.0
+        tl.store(STATS + ids, mean, mask=ok)
+        tl.store(STATS + NP + ids, std, mask=ok)
+        tl.debug_barrier()  # all of the block's statistics are stored before the flag
+        tl.atomic_xchg(SYNC + v, 1, sem="release")
+    q = v - LAG
+    if q >= 0:
+        # the blocks that hold this block's neighbours: q - LAG .. q + LAG = v, all claimed
+        blocks = q - LAG + tl.arange(0, FLAG_BLOCK)
+        need = (blocks >= 0) & (blocks <= tl.minimum(v, NB - 1))
+        waiting = 1
+        while waiting > 0:  # (a scalar carried by the loop: a tensor one trips the compiler)
+            ready = tl.atomic_add(SYNC + blocks, 0, mask=need, sem="acquire")
+            waiting = tl.sum((need & (ready == 0)).to(tl.int32), axis=0)
+        ids, ok, b, gi, gj = _patches(q, NP, GW, LPI, BLOCK_L)
+        x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
+        m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
+        w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
+        t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
+        r = tl.where(m, x - (t - _col(mean)) * _col(1.0 / std), 0.0)  # pred - normalized target
+        e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP,
+                                                    GH, GW, W, HW, CHW, c, i, j, True, PS, CH)
+        tl.store(PART + ids, w * _sum_sq(r) / P, mask=ok)
+        tl.store(PART + NP + ids, (pw_right * _sum_sq(e_right) + pw_down * _sum_sq(e_down)) / (PS * CH), mask=ok)
+        if WRITE_GRAD:
+            grad = _col(_twice_per_unit(1.0, tl.load(NORMS), P) * w) * r
+            if sc_weight != 0.0:
+                grad -= _twice_per_unit(sc_weight, tl.load(NORMS + 1), PS * CH) * _border_grad(
+                    PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, W, HW, CHW, c, i, j,
+                    e_right, pw_right, e_down, pw_down, PS, CH)
+            tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, sc_weight, NP, GH, GW, LPI, W, HW, CHW,
+                 PS: tl.constexpr, CH: tl.constexpr, RESCALE: tl.constexpr,
+                 BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
+    """d/dpred of g_pix * l_pix + g_sc * l_sc: the pixel term 2 g_pix w r / (P sum w) with
+    r = u / s; each border this patch shares adds -2 g_sc pw (u_nb - u) s / (p C sum pw) on its
+    line. RESCALE: GRAD holds the forward's gradient for (1, sc_weight); it is scaled by g_pix
+    and given the border term for g_sc - sc_weight * g_pix, and left alone when that is all
+    it already is."""
+    P: tl.constexpr = PS * PS * CH
+    g_pix = tl.load(G_PIX).to(tl.float32)
+    g_sc = tl.load(G_SC).to(tl.float32)
+    if RESCALE:
+        g_sc -= sc_weight * g_pix
+        todo = (g_pix != 1.0) | (g_sc != 0.0)
+    else:
+        todo = True
+    if todo:
+        ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
+        c, i, j = _axes(BC, BR, BP)
+        x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
+        m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
+        w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
+        if RESCALE:
+            grad = g_pix * tl.load(GRAD + x_off, mask=m, other=0.0).to(tl.float32)
+        else:
+            t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
+            x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
+            grad = _col(_twice_per_unit(g_pix, tl.load(NORMS), P) * w) * (x - (t - _col(mean)) * _col(1.0 / std))
+        if g_sc != 0.0:
+            e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP,
+                                                        GH, GW, W, HW, CHW, c, i, j, True, PS, CH)
+            grad -= _twice_per_unit(g_sc, tl.load(NORMS + 1), PS * CH) * _border_grad(
+                PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, W, HW, CHW, c, i, j,
+                e_right, pw_right, e_down, pw_down, PS, CH)
+        tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _finish_kernel(PART, NORMS, L_PIX, L_SC, NP, BLOCK: tl.constexpr):
+    """One program: PART's rows (w * mse, pair error) [2, NP] summed in a fixed order and
+    divided by the weight sums; each loss exactly 0 when its weights sum to 0."""
+    pair = tl.arange(0, 2)  # (l_pix, l_sc)
+    err = tl.zeros((2, BLOCK), tl.float32)
+    for start in range(0, NP, BLOCK):
+        ids = start + tl.arange(0, BLOCK)
+        err += tl.load(PART + pair[:, None] * NP + ids[None, :], mask=ids[None, :] < NP, other=0.0)
+    norm = tl.load(NORMS + pair)
+    loss = tl.where(norm > 0, tl.sum(err, axis=1) / tl.where(norm > 0, norm, 1.0), 0.0)
     tl.store(L_PIX, tl.sum(tl.where(pair == 0, loss, 0.0)))
     tl.store(L_SC, tl.sum(tl.where(pair == 1, loss, 0.0)))
-    tl.store(NORMS + pair, norm_sum)
 
 
-# Elements of the padded [patches, C, p, p] tile per program and warps, for the two full passes
-# (`_pix_kernel`, `_grad_kernel`); the border pass takes 512 elements of its lines per program.
-# The defaults keep both passes free of register spills on sm_80 and sm_90
+# Elements of the padded [patches, C, p, p] tile per program and warps, for the forward and
+# the gradient kernels. The defaults keep them free of register spills on sm_80 and sm_90
 # (benchmarks/compile_report.py); gpu_report.py times the SWEEP on a GPU.
 DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4)
 SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
          dict(BLOCK=4096, num_warps=8)]
 
 
-def _launch(kernel, config, num, tile, *args, **constexprs):
-    """Runs `kernel` over `num` patches, BLOCK_L patches per program: config["BLOCK"] elements
-    of the padded tile, or without a config many patches in the interpreter (its cost is per
-    block operation)."""
+def _blocking(config, tile):
+    """(patches per program, warps): config["BLOCK"] elements of the padded tile, or without a
+    config many patches in the interpreter (its cost is per block operation)."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    block_l = 64 if _interpreting() and config is None else max(1, cfg["BLOCK"] // tile)
-    kernel[(triton.cdiv(num, block_l),)](*args, BLOCK_L=block_l, num_warps=cfg["num_warps"], **constexprs)
+    return (64 if _interpreting() and config is None else max(1, cfg["BLOCK"] // tile)), cfg["num_warps"]
 
 
 def _geometry(images, patch_size):
@@ -239,25 +303,61 @@ def _geometry(images, patch_size):
     return b * gh * gw, (gh, gw, gh * gw, w, h * w, c * h * w), consts
 
 
+def _tile(consts):
+    return consts["BC"] * consts["BR"] * consts["BP"]
+
+
+def _forward(pred, images, weight, patch_size, norm_pix, eps, config, grad, sc_weight):
+    pred, images, weight = pred.contiguous(), images.contiguous(), weight.float().contiguous()
+    num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
+    device = pred.device
+    stats = torch.empty(2, num, dtype=torch.float32, device=device)
+    part = torch.empty(2, num, dtype=torch.float32, device=device)  # w * mse, pair error
+    norms = torch.empty(2, dtype=torch.float32, device=device)
+    block = 4096 if _interpreting() else 1024
+    _norms_kernel[(1,)](weight, norms, num, gh, gw, lpi, BLOCK=block)
+    if num:
+        block_l, warps = _blocking(config, _tile(consts))
+        nb = triton.cdiv(num, block_l)
+        lag = (gw + block_l - 1) // block_l  # blocks from a patch to its lower neighbour, at most
+        sync = torch.zeros(nb + 1, dtype=torch.int32, device=device)  # flags, then the counter
+        _loss_kernel[(nb + lag,)](pred, images, weight, stats, part, norms, pred if grad is None else grad, sync,
+                                  float(sc_weight or 0.0), float(eps), num, nb, lag, gh, gw, lpi, w, hw, chw,
+                                  NORM=bool(norm_pix), WRITE_GRAD=grad is not None,
+                                  FLAG_BLOCK=triton.next_power_of_2(2 * lag + 1), BLOCK_L=block_l, num_warps=warps,
+                                  **consts)
+    l_pix, l_sc = (torch.empty((), dtype=torch.float32, device=device) for _ in range(2))
+    _finish_kernel[(1,)](part, norms, l_pix, l_sc, num, BLOCK=block)
+    return l_pix, l_sc, stats, norms
+
+
 def patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps, config=None):
     """(l_pix, l_sc, stats, norms): the two losses as float32 scalars (each exactly 0 when its
     weights sum to 0); per-patch target (mean, std) [2, B*L] and the two normalizers (sum of
     weights, sum of pair weights) [2], which the backward takes. `config` overrides the
-    launch configuration of the full pass (see SWEEP)."""
+    launch configuration (see SWEEP)."""
+    return _forward(pred, images, weight, patch_size, norm_pix, eps, config, None, None)
+
+
+def patch_pixel_loss_forward_with_grad(pred, images, weight, patch_size, norm_pix, eps, sc_weight, out=None,
+                                       config=None):
+    """The forward's four results and the gradient of l_pix + sc_weight * l_sc w.r.t. pred
+    (written into `out` when given; its content is never read), from the same pass."""
+    grad = torch.empty_like(pred, memory_format=torch.contiguous_format) if out is None else out
+    return (*_forward(pred, images, weight, patch_size, norm_pix, eps, config, grad, sc_weight), grad)
+
+
+def _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, grad, sc_weight, config):
     pred, images, weight = pred.contiguous(), images.contiguous(), weight.float().contiguous()
     num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
-    stats = torch.empty(2, num, dtype=torch.float32, device=pred.device)
-    part = torch.empty(4, num, dtype=torch.float32, device=pred.device)  # w*mse, w, pair err, pair w
     if num:
-        tile = consts["BC"] * consts["BR"] * consts["BP"]
-        _launch(_pix_kernel, config, num, tile, pred, images, weight, stats, part, num, gw, lpi, w, hw, chw,
-                float(eps), NORM=bool(norm_pix), **consts)
-        _launch(_border_kernel, dict(BLOCK=512, num_warps=4), num, consts["BC"] * consts["BR"], pred, images, weight,
-                stats, part, num, gh, gw, lpi, w, hw, chw, **consts)
-    l_pix, l_sc = (torch.empty((), dtype=torch.float32, device=pred.device) for _ in range(2))
-    norms = torch.empty(2, dtype=torch.float32, device=pred.device)
-    _finish_kernel[(1,)](part, l_pix, l_sc, norms, num, BLOCK=4096 if _interpreting() else 1024)
-    return l_pix, l_sc, stats, norms
+        g_pix, g_sc = (torch.as_tensor(g, device=pred.device) for g in (grad_pix, grad_sc))
+        block_l, warps = _blocking(config, _tile(consts))
+        _grad_kernel[(triton.cdiv(num, block_l),)](pred, images, weight, stats, norms.float().contiguous(), g_pix,
+                                                  g_sc, grad, float(sc_weight or 0.0), num, gh, gw, lpi, w, hw, chw,
+                                                  RESCALE=sc_weight is not None, BLOCK_L=block_l, num_warps=warps,
+                                                  **consts)
+    return grad
 
 
 def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps,
@@ -265,11 +365,12 @@ def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, no
     """Gradient w.r.t. pred from the forward's `stats` and `norms` (written into `out` when
     given; its content is never read). norm_pix and eps are already in `stats`; `config` as in
     the forward."""
-    pred, images, weight = pred.contiguous(), images.contiguous(), weight.float().contiguous()
-    num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
-    grad = torch.empty_like(pred) if out is None else out
-    if num:
-        g_pix, g_sc = (torch.as_tensor(g, device=pred.device) for g in (grad_pix, grad_sc))
-        _launch(_grad_kernel, config, num, consts["BC"] * consts["BR"] * consts["BP"], pred, images, weight, stats,
-                norms.float().contiguous(), g_pix, g_sc, grad, num, gh, gw, lpi, w, hw, chw, **consts)
-    return grad
+    grad = torch.empty_like(pred, memory_format=torch.contiguous_format) if out is None else out
+    return _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, grad, None, config)
+
+
+def patch_pixel_loss_rescale(grad_pix, grad_sc, grad, sc_weight, pred, images, weight, stats, norms, patch_size,
+                             config=None):
+    """`grad`, the forward's gradient for upstream gradients (1, sc_weight), made in place the
+    gradient for (grad_pix, grad_sc) (tensors, read on the device); returns it."""
+    return _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, grad, sc_weight, config)

@@ -988,6 +988,65 @@ def test_patch_pixel_loss_gradcheck(use_backend, backend, norm_pix):
     assert torch.autograd.gradcheck(fn_terms, (pred,), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", PPL_BACKENDS)
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("coefficients", [(1.0, 0.3), (0.5, 0.15), (2.0, 0.1), (0.0, 1.0), (1.0, None)],
+                         ids=["as_told", "scaled", "other_ratio", "l_sc_only", "l_pix_only"])
+def test_patch_pixel_loss_terms_sc_weight_any_upstream(use_backend, backend, dtype, coefficients):
+    """Terms computed with `sc_weight=0.3` (Triton: the gradient comes from the forward) give
+    the float64 gradient of a * l_pix + b * l_sc for any a, b, the told ratio or not, and for
+    a term left out of the loss."""
+    dev = use_backend(backend)
+    size = (3, 40, 56, 8, 3)
+    pred, images, weight = _ppl_inputs(size, dtype, True, dev, seed=68)
+    pred.requires_grad_()
+    a, b = coefficients
+    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 8, sc_weight=0.3)
+    (a * l_pix + (b * l_sc if b is not None else 0)).backward()
+    pred64 = pred.detach().double().cpu().requires_grad_()
+    r_pix, r_sc = _ppl_ref(pred64, images.cpu(), weight.cpu(), 8, True, 1e-6)
+    (a * r_pix + (b * r_sc if b is not None else 0)).backward()
+    err = (pred.grad.double().cpu() - pred64.grad).abs().max().item()
+    assert err <= _GRAD_TOL[dtype] * pred64.grad.abs().max().item(), err
+
+
+@pytest.mark.parametrize("backend", PPL_BACKENDS)
+def test_patch_pixel_loss_second_backward_through_retained_graph(use_backend, backend):
+    """The forward's gradient is rescaled in place by the first backward; a second one through
+    the retained graph (other upstream gradients) still gets the exact gradient."""
+    dev = use_backend(backend)
+    pred, images, weight = _ppl_inputs((2, 32, 48, 8, 3), F32, True, dev, seed=69)
+    pred.requires_grad_()
+    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 8, sc_weight=0.5)
+    first, = torch.autograd.grad(0.5 * l_pix + 0.25 * l_sc, pred, retain_graph=True)
+    second, = torch.autograd.grad(l_pix + 2.0 * l_sc, pred)
+    pred64 = pred.detach().double().cpu().requires_grad_()
+    r_pix, r_sc = _ppl_ref(pred64, images.cpu(), weight.cpu(), 8, True, 1e-6)
+    for got, (a, b) in ((first, (0.5, 0.25)), (second, (1.0, 2.0))):
+        want, = torch.autograd.grad(a * r_pix + b * r_sc, pred64, retain_graph=True)
+        assert (got.double().cpu() - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_patch_pixel_loss_gradient_in_forward_only_when_needed(monkeypatch):
+    """The Triton forward computes the gradient only when pred needs one and the weight of
+    l_sc is told (spy on the kernel module's entry)."""
+    kernel = pytest.importorskip("pacofr.kernels.patch_pixel_loss")
+    if "triton" not in PPL_BACKENDS:
+        pytest.skip("Triton cannot run here")
+    monkeypatch.setenv("PACOFR_OPS", "triton")
+    calls = []
+    real = kernel.patch_pixel_loss_forward_with_grad
+    monkeypatch.setattr(kernel, "patch_pixel_loss_forward_with_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    pred, images, weight = _ppl_inputs((2, 32, 48, 8, 3), F32, True, _device("triton"), seed=70)
+    patch_pixel_loss(pred.requires_grad_(), images, weight, 8, boundary_weight=0.5).backward()
+    assert calls == [1]
+    with torch.no_grad():
+        patch_pixel_loss(pred, images, weight, 8, boundary_weight=0.5)
+    patch_pixel_loss_terms(pred, images, weight, 8)
+    patch_pixel_loss(pred.detach(), images, weight, 8, boundary_weight=0.5)
+    assert calls == [1]
+
+
 # --------------------------------------------------------------------------- autocast
 
 

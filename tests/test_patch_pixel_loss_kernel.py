@@ -63,3 +63,88 @@ def test_every_swept_launch_configuration_is_correct(config):
                                               torch.tensor(0.5, dtype=torch.float64), *args)
     assert not out.isnan().any()
     assert (out.double().cpu() - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 gradient rounding
+    fused = torch.full_like(pred, math.nan)
+    *losses, _, _, _ = kernel.patch_pixel_loss_forward_with_grad(pred, images, weight, p, True, 1e-6, 0.5, out=fused,
+                                                                 config=config)
+    assert torch.equal(torch.stack(losses), torch.stack([l_pix, l_sc]))
+    assert torch.allclose(fused.float(), out.float(), rtol=2**-7, atol=1e-6 * ref.abs().max().item())
+
+
+def _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix):
+    return reference.patch_pixel_loss_backward(torch.tensor(g_pix, dtype=torch.float64),
+                                               torch.tensor(g_sc, dtype=torch.float64), pred.double().cpu(),
+                                               images.double().cpu(), weight.double().cpu(), p, norm_pix, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h, w, p, c, norm_pix", [(64, 64, 8, 3, True), (96, 160, 16, 3, False), (64, 40, 8, 1, True)])
+def test_forward_with_grad_then_rescale(h, w, p, c, norm_pix, dtype):
+    """The forward's gradient of l_pix + sc_weight * l_sc, and the backward's in-place rescale
+    for upstream gradients equal to (1, sc_weight) (left alone, bitwise), a multiple of them
+    and others; against float64, every element written."""
+    gen = torch.Generator().manual_seed(h * w + c)
+    b, L, sc_weight = 3, (h // p) * (w // p), 0.3
+    pred = torch.randn(b, L, p * p * c, generator=gen).to(DEVICE, dtype)
+    images = torch.randn(b, c, h, w, generator=gen).to(DEVICE)
+    weight = (torch.rand(b, L, generator=gen) > 0.5).float().to(DEVICE)
+    out = torch.full_like(pred, math.nan)
+    l_pix, l_sc, stats, norms, grad = kernel.patch_pixel_loss_forward_with_grad(pred, images, weight, p, norm_pix,
+                                                                                1e-6, sc_weight, out=out)
+    assert grad is out and not out.isnan().any()
+    without = kernel.patch_pixel_loss_forward(pred, images, weight, p, norm_pix, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip((l_pix, l_sc, stats, norms), without))
+    # per element: the gradient's rounding (bf16: one ulp, the interpreter rounds toward zero)
+    # and fp32 arithmetic against the largest element
+    ulp = 2**-7 if dtype == torch.bfloat16 else 2**-23
+    ref = _reference_grad(1.0, sc_weight, pred, images, weight, p, norm_pix)
+    assert ((grad.double().cpu() - ref).abs() <= ulp * ref.abs() + 1e-6 * ref.abs().max()).all()
+    kept = grad.clone()
+    one, r = torch.tensor(1.0, device=DEVICE), torch.tensor(sc_weight, device=DEVICE)
+    assert kernel.patch_pixel_loss_rescale(one, r * one, grad, sc_weight, pred, images, weight, stats, norms, p) is grad
+    assert torch.equal(grad, kept)
+    for g_pix, g_sc in ((0.5, 0.5 * sc_weight), (0.7, 2.0), (1.0, 0.0), (0.0, 0.0), (-1.5, 0.25)):
+        g = kept.clone()
+        kernel.patch_pixel_loss_rescale(torch.tensor(g_pix, device=DEVICE), torch.tensor(g_sc, device=DEVICE), g,
+                                        sc_weight, pred, images, weight, stats, norms, p)
+        want = _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix)
+        # the stored gradient's rounding, scaled, and the result's own
+        bound = ulp * (abs(g_pix) * ref.abs() + want.abs()) + 1e-6 * want.abs().max()
+        assert ((g.double().cpu() - want).abs() <= bound).all(), (g_pix, g_sc)
+        if g_pix == g_sc == 0.0:
+            assert not g.any()
+
+
+def test_forward_with_grad_zero_weights():
+    """All-zero weights: both losses exactly 0 and a gradient of exact zeros."""
+    p, c, h, w = 8, 3, 32, 48
+    L = (h // p) * (w // p)
+    pred, images = torch.randn(2, L, p * p * c, device=DEVICE), torch.randn(2, c, h, w, device=DEVICE)
+    out = torch.full_like(pred, math.nan)
+    l_pix, l_sc, *_, grad = kernel.patch_pixel_loss_forward_with_grad(pred, images, torch.zeros(2, L, device=DEVICE),
+                                                                      p, True, 1e-6, 0.5, out=out)
+    assert l_pix.item() == 0.0 and l_sc.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(pred))
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter runs programs one after another: nothing to race")
+@pytest.mark.parametrize("config", [kernel.SWEEP[0], None], ids=["one_patch_per_program", "default"])
+def test_forward_programs_wait_for_the_statistics_they_read(config):
+    """On a GPU, thousands of programs read statistics that other programs store during the
+    same launch: repeated forwards give bitwise-equal results, equal to the two-pass ones."""
+    gen = torch.Generator().manual_seed(5)
+    b, p, c, size = 64, 16, 3, 224
+    L = (size // p) ** 2
+    pred = torch.randn(b, L, p * p * c, generator=gen).to(DEVICE, torch.bfloat16)
+    images = torch.randn(b, c, size, size, generator=gen).to(DEVICE)
+    weight = (torch.rand(b, L, generator=gen) > 0.4).float().to(DEVICE)
+    runs = [kernel.patch_pixel_loss_forward_with_grad(pred, images, weight, p, True, 1e-6, 0.1, config=config)
+            for _ in range(5)]
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
+    l_pix, l_sc, stats, norms, grad = runs[0]
+    want = kernel.patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, stats, norms,
+                                            p, True, 1e-6, config=config)
+    assert torch.allclose(grad.float(), want.float(), rtol=2**-7, atol=1e-6 * want.abs().max().item())
+    r_pix, r_sc = reference.patch_pixel_loss(pred.double(), images.double(), weight.double(), p, True, 1e-6)
+    assert abs(l_pix.item() - r_pix.item()) <= 1e-5 * r_pix.item()
+    assert abs(l_sc.item() - r_sc.item()) <= 1e-5 * r_sc.item()

@@ -89,7 +89,7 @@ class PaCoFR(nn.Module):
 
         lc = self.cfg.loss
         weight = self.patch_weights(masks)
-        l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, p, lc.norm_pix, lc.eps)
+        l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, p, lc.norm_pix, lc.eps, sc_weight=lc.w_sc)
         terms = {"l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit}
         loss = sum(w * terms[name] for name, w in self.loss_weights().items())
         return {

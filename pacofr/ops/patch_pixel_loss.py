@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, register_triton, with_eager_path
+from .dispatch import Backend, choose, register, register_triton
 
 
 def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
@@ -87,11 +87,55 @@ def _backward_with(run_backward):
 
 
 _forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
-_op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
+
+
+class PatchPixelLoss(torch.autograd.Function):
+    """The op outside torch.compile. Given the weight the caller will give l_sc against l_pix
+    (`sc_weight`), the Triton forward also writes the gradient of l_pix + sc_weight * l_sc in
+    its one pass over the data, and the backward only rescales it on the device (nothing to do
+    for upstream gradients (1, sc_weight)); other upstream gradients still get the exact
+    gradient. A second backward through a retained graph recomputes it."""
+
+    @staticmethod
+    def forward(ctx, pred, images, weight, patch_size, norm_pix, eps, sc_weight):
+        backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+        ctx.grad = None
+        if sc_weight is not None and backend.name == "triton":
+            from ..kernels.patch_pixel_loss import patch_pixel_loss_forward_with_grad
+
+            *output, ctx.grad = patch_pixel_loss_forward_with_grad(pred, images, weight, patch_size, norm_pix, eps,
+                                                                   sc_weight)
+        else:
+            output = backend.forward(pred, images, weight, patch_size, norm_pix, eps)
+        _setup_context(ctx, (pred, images, weight, patch_size, norm_pix, eps), output)
+        ctx.sc_weight = sc_weight
+        return tuple(output)
+
+    @staticmethod
+    def backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
+        if ctx.grad is None:
+            grad_pred = _run_backward(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
+        else:
+            from ..kernels.patch_pixel_loss import patch_pixel_loss_rescale
+
+            pred, images, weight, stats, norms = ctx.saved_tensors
+            grad_pred = patch_pixel_loss_rescale(grad_pix, grad_sc, ctx.grad, ctx.sc_weight, pred, images, weight,
+                                                 stats, norms, ctx.args[0])
+            ctx.grad = None  # rescaled in place: a later backward recomputes
+        return grad_pred, None, None, None, None, None, None
+
+
+def _op(pred, images, weight, patch_size, norm_pix, eps, sc_weight):
+    if torch.compiler.is_compiling():
+        return _forward(pred, images, weight, patch_size, norm_pix, eps)
+    if not (torch.is_grad_enabled() and pred.requires_grad):
+        sc_weight = None  # no gradient to compute ahead
+    return PatchPixelLoss.apply(pred, images, weight, patch_size, norm_pix, eps, sc_weight)
 
 
 def patch_pixel_loss_terms(
-    pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6
+    pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool = True, eps: float = 1e-6,
+    sc_weight: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`(l_pix, l_sc)`, the two terms that `patch_pixel_loss` adds up (for logging them apart).
 
@@ -101,6 +145,12 @@ def patch_pixel_loss_terms(
     predicted and target pixel differences across the border of each adjacent pair of patches
     (pair weight max(w_a, w_b)), the prediction de-normalized with the target's statistics.
     Both are exactly 0 when their weights sum to 0. Gradient w.r.t. `pred` only.
+
+    `sc_weight`: the weight the caller gives l_sc against l_pix, if it knows it. The Triton
+    forward then also computes the gradient, so that the loss reads its inputs once (the
+    backward is free when the upstream gradients are in that ratio, as with
+    `l_pix + sc_weight * l_sc`, and an in-place rescale otherwise), at the cost of holding a
+    pred-sized gradient from the forward to the backward.
     """
     p = int(patch_size)
     if images.dim() != 4 or images.shape[2] % p or images.shape[3] % p:
@@ -113,7 +163,7 @@ def patch_pixel_loss_terms(
         raise ValueError(f"patch_pixel_loss: weight must be [B, L]=({b}, {num_patches}), got {tuple(weight.shape)}")
     weight = weight.to(pred.device, torch.float32 if weight.dtype != torch.float64 else weight.dtype)
     l_pix, l_sc, _, _ = _op(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p,
-                            bool(norm_pix), float(eps))
+                            bool(norm_pix), float(eps), None if sc_weight is None else float(sc_weight))
     return l_pix, l_sc
 
 
@@ -130,5 +180,5 @@ def patch_pixel_loss(
     boundary_weight: float = 0.0, eps: float = 1e-6,
 ) -> Tensor:
     """Scalar `l_pix + boundary_weight * l_sc` (see `patch_pixel_loss_terms`)."""
-    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, patch_size, norm_pix, eps)
+    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, patch_size, norm_pix, eps, boundary_weight)
     return l_pix + boundary_weight * l_sc
