@@ -102,13 +102,14 @@ def cases():
     pred = torch.randn(2, 49, 768, requires_grad=True)
     images, weight = torch.randn(2, 3, 112, 112), torch.rand(2, 49)
 
-    def loss_launchers():
-        _, _, stats, norms = loss_kernels.patch_pixel_loss_forward(pred, images, weight, 16, True, 1e-6)
-        loss_kernels.patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.5), pred, images, weight, stats,
-                                               norms, 16, True, 1e-6)
+    def loss_launchers():  # the model's path: the gradient from the forward, then its rescale
+        *_, stats, norms, grad = loss_kernels.patch_pixel_loss_forward_with_grad(pred, images, weight, 16, True,
+                                                                                 1e-6, 0.5)
+        loss_kernels.patch_pixel_loss_rescale(torch.tensor(1.0), torch.tensor(0.5), grad, 0.5, pred, images, weight,
+                                              stats, norms, 16)
 
     def loss_op():
-        l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 16)
+        l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 16, sc_weight=0.5)
         return _grads(l_pix + 0.5 * l_sc, (pred,))
 
     yield "patch_pixel_loss B=2 112 px p=16", loss_op, loss_launchers
