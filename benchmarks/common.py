@@ -31,7 +31,7 @@ def forced_backend(name: str):
 
 
 # Launch options and their words in config_name: flags, then options with a value.
-_FLAGS = {"FLAT": "flat", "FUSED_BWD": "fused", "ATOMIC_DQ": "atomic", "PACKED": "packed"}
+_FLAGS = {"FLAT": "flat", "FUSED_BWD": "fused", "ATOMIC_DQ": "atomic", "PACKED": "packed", "PRELOAD": "preload"}
 _VALUES = {"maxnreg": "r", "DKDV_MAXNREG": "dkdv-r"}
 # the words of the options that change only the backward (a forward-only timing repeats the default's)
 BACKWARD_ONLY = (f" {_FLAGS['FUSED_BWD']}", f" {_FLAGS['ATOMIC_DQ']}", f" {_VALUES['DKDV_MAXNREG']}")
@@ -40,9 +40,9 @@ BACKWARD_ONLY = (f" {_FLAGS['FUSED_BWD']}", f" {_FLAGS['ATOMIC_DQ']}", f" {_VALU
 def config_name(config: dict) -> str:
     """A kernel launch configuration in a few characters: BLOCK_M x BLOCK_N (or the elements
     per program), warps, stages."""
-    if "BLOCK" in config:
-        return f"{config['BLOCK']} w{config['num_warps']}"
     flags = "".join(f" {word}" for key, word in _FLAGS.items() if config.get(key))
+    if "BLOCK" in config:
+        return f"{config['BLOCK']} w{config['num_warps']}{flags}"
     flags += "".join(f" {word}{config[key]}" for key, word in _VALUES.items() if config.get(key))
     return f"{config['BLOCK_M']}x{config['BLOCK_N']} w{config['num_warps']} s{config.get('num_stages', 3)}{flags}"
 

@@ -171,31 +171,40 @@ def _norms_kernel(WGT, NORMS, NP, GH, GW, LPI, BLOCK: tl.constexpr):
 @triton.jit
 def _loss_kernel(PRED, IMG, WGT, STATS, PART, NORMS, GRAD, SYNC, sc_weight, eps, NP, NB, LAG, GH, GW, LPI, W, HW,
                  CHW, PS: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                 FLAG_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr,
-                 BP: tl.constexpr):
-    """Statistics of block v into STATS (flag SYNC[v] set after), then for block v - LAG: the
-    per-patch parts w * mse into PART[0] and the right and lower pairs' pw * mean(err^2) into
-    PART[1], and with WRITE_GRAD the gradient of l_pix + sc_weight * l_sc (NORMS: the weight
-    sums). SYNC[NB] counts the programs that started. Grid: NB + LAG programs."""
+                 PRELOAD: tl.constexpr, FLAG_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BC: tl.constexpr,
+                 BR: tl.constexpr, BP: tl.constexpr):
+    """Statistics of block v into STATS (flag SYNC[v] set after), then for block q = v - LAG:
+    the per-patch parts w * mse into PART[0] and the right and lower pairs' pw * mean(err^2)
+    into PART[1], and with WRITE_GRAD the gradient of l_pix + sc_weight * l_sc (NORMS: the
+    weight sums). SYNC[NB] counts the programs that started. Grid: NB + LAG programs.
+    PRELOAD: block q's own tiles need no statistics, so they are loaded first, to be in flight
+    during block v's statistics and the wait (more bytes in flight per program)."""
     P: tl.constexpr = PS * PS * CH
     c, i, j = _axes(BC, BR, BP)
     v = tl.atomic_add(SYNC + NB, 1)  # this program's block: every lower one has a running program
+    q = v - LAG
+    ids, ok, b, gi, gj = _patches(tl.maximum(q, 0), NP, GW, LPI, BLOCK_L)
+    ok = ok & (q >= 0)
+    x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
+    m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
+    if PRELOAD:
+        t = tl.load(IMG + t_off, mask=m, other=0.0)
+        x = tl.load(PRED + x_off, mask=m, other=0.0)
     if v < NB:
-        ids, ok, b, gi, gj = _patches(v, NP, GW, LPI, BLOCK_L)
-        x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
-        m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
-        t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
+        ids_v, ok_v, b_v, gi_v, gj_v = _patches(v, NP, GW, LPI, BLOCK_L)
+        _, t_off_v = _offsets(ids_v, b_v, gi_v, gj_v, c, i, j, HW, W, CHW, PS, CH)
+        m_v = _col(ok_v) & (c < CH) & (i < PS) & (j < PS)
+        t_v = tl.load(IMG + t_off_v, mask=m_v, other=0.0).to(tl.float32)
         if NORM:
-            mean = tl.sum(tl.sum(tl.sum(t, axis=3), axis=2), axis=1) / P
-            std = tl.sqrt(_sum_sq(tl.where(m, t - _col(mean), 0.0)) / (P - 1) + eps)
+            mean = tl.sum(tl.sum(tl.sum(t_v, axis=3), axis=2), axis=1) / P
+            std = tl.sqrt(_sum_sq(tl.where(m_v, t_v - _col(mean), 0.0)) / (P - 1) + eps)
         else:
             mean = tl.zeros((BLOCK_L,), tl.float32)
             std = mean + 1.0
-        tl.store(STATS + ids, mean, mask=ok)
-        tl.store(STATS + NP + ids, std, mask=ok)
+        tl.store(STATS + ids_v, mean, mask=ok_v)
+        tl.store(STATS + NP + ids_v, std, mask=ok_v)
         tl.debug_barrier()  # all of the block's statistics are stored before the flag
         tl.atomic_xchg(SYNC + v, 1, sem="release")
-    q = v - LAG
     if q >= 0:
         # the blocks that hold this block's neighbours: q - LAG .. q + LAG = v, all claimed
         blocks = q - LAG + tl.arange(0, FLAG_BLOCK)
@@ -204,13 +213,12 @@ def _loss_kernel(PRED, IMG, WGT, STATS, PART, NORMS, GRAD, SYNC, sc_weight, eps,
         while waiting > 0:  # (a scalar carried by the loop: a tensor one trips the compiler)
             ready = tl.atomic_add(SYNC + blocks, 0, mask=need, sem="acquire")
             waiting = tl.sum((need & (ready == 0)).to(tl.int32), axis=0)
-        ids, ok, b, gi, gj = _patches(q, NP, GW, LPI, BLOCK_L)
-        x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
-        m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
+        if not PRELOAD:
+            t = tl.load(IMG + t_off, mask=m, other=0.0)
+            x = tl.load(PRED + x_off, mask=m, other=0.0)
         w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
-        t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
-        r = tl.where(m, x - (t - _col(mean)) * _col(1.0 / std), 0.0)  # pred - normalized target
+        # pred - normalized target
+        r = tl.where(m, x.to(tl.float32) - (t.to(tl.float32) - _col(mean)) * _col(1.0 / std), 0.0)
         e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP,
                                                     GH, GW, W, HW, CHW, c, i, j, True, PS, CH)
         tl.store(PART + ids, w * _sum_sq(r) / P, mask=ok)
@@ -278,18 +286,21 @@ def _finish_kernel(PART, NORMS, L_PIX, L_SC, NP, BLOCK: tl.constexpr):
 
 
 # Elements of the padded [patches, C, p, p] tile per program and warps, for the forward and
-# the gradient kernels. The defaults keep them free of register spills on sm_80 and sm_90
-# (benchmarks/compile_report.py); gpu_report.py times the SWEEP on a GPU.
-DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4)
+# the gradient kernels, and the forward's PRELOAD (see _loss_kernel). The defaults keep them
+# free of register spills on sm_80 and sm_90 (benchmarks/compile_report.py); gpu_report.py
+# times the SWEEP on a GPU.
+DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4, PRELOAD=False)
 SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
-         dict(BLOCK=4096, num_warps=8)]
+         dict(BLOCK=4096, num_warps=8), dict(BLOCK=1024, num_warps=4, PRELOAD=True),
+         dict(BLOCK=2048, num_warps=4, PRELOAD=True), dict(BLOCK=2048, num_warps=8, PRELOAD=True)]
 
 
 def _blocking(config, tile):
-    """(patches per program, warps): config["BLOCK"] elements of the padded tile, or without a
-    config many patches in the interpreter (its cost is per block operation)."""
+    """(patches per program, the whole launch configuration): config["BLOCK"] elements of the
+    padded tile, or without a config many patches in the interpreter (its cost is per block
+    operation)."""
     cfg = {**DEFAULT_CONFIG, **(config or {})}
-    return (64 if _interpreting() and config is None else max(1, cfg["BLOCK"] // tile)), cfg["num_warps"]
+    return (64 if _interpreting() and config is None else max(1, cfg["BLOCK"] // tile)), cfg
 
 
 def _geometry(images, patch_size):
@@ -317,15 +328,15 @@ def _forward(pred, images, weight, patch_size, norm_pix, eps, config, grad, sc_w
     block = 4096 if _interpreting() else 1024
     _norms_kernel[(1,)](weight, norms, num, gh, gw, lpi, BLOCK=block)
     if num:
-        block_l, warps = _blocking(config, _tile(consts))
+        block_l, cfg = _blocking(config, _tile(consts))
         nb = triton.cdiv(num, block_l)
         lag = (gw + block_l - 1) // block_l  # blocks from a patch to its lower neighbour, at most
         sync = torch.zeros(nb + 1, dtype=torch.int32, device=device)  # flags, then the counter
         _loss_kernel[(nb + lag,)](pred, images, weight, stats, part, norms, pred if grad is None else grad, sync,
                                   float(sc_weight or 0.0), float(eps), num, nb, lag, gh, gw, lpi, w, hw, chw,
-                                  NORM=bool(norm_pix), WRITE_GRAD=grad is not None,
-                                  FLAG_BLOCK=triton.next_power_of_2(2 * lag + 1), BLOCK_L=block_l, num_warps=warps,
-                                  **consts)
+                                  NORM=bool(norm_pix), WRITE_GRAD=grad is not None, PRELOAD=cfg["PRELOAD"],
+                                  FLAG_BLOCK=triton.next_power_of_2(2 * lag + 1), BLOCK_L=block_l,
+                                  num_warps=cfg["num_warps"], **consts)
     l_pix, l_sc = (torch.empty((), dtype=torch.float32, device=device) for _ in range(2))
     _finish_kernel[(1,)](part, norms, l_pix, l_sc, num, BLOCK=block)
     return l_pix, l_sc, stats, norms
@@ -352,11 +363,11 @@ def _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, gra
     num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
     if num:
         g_pix, g_sc = (torch.as_tensor(g, device=pred.device) for g in (grad_pix, grad_sc))
-        block_l, warps = _blocking(config, _tile(consts))
+        block_l, cfg = _blocking(config, _tile(consts))
         _grad_kernel[(triton.cdiv(num, block_l),)](pred, images, weight, stats, norms.float().contiguous(), g_pix,
                                                   g_sc, grad, float(sc_weight or 0.0), num, gh, gw, lpi, w, hw, chw,
-                                                  RESCALE=sc_weight is not None, BLOCK_L=block_l, num_warps=warps,
-                                                  **consts)
+                                                  RESCALE=sc_weight is not None, BLOCK_L=block_l,
+                                                  num_warps=cfg["num_warps"], **consts)
     return grad
 
 

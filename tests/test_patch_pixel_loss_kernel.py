@@ -41,7 +41,8 @@ def test_loss_and_every_gradient_element(h, w, p, c, norm_pix):
     assert (grad.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("config", kernel.SWEEP, ids=lambda c: "{BLOCK}w{num_warps}".format(**c))
+@pytest.mark.parametrize("config", kernel.SWEEP,
+                         ids=lambda c: "{BLOCK}w{num_warps}".format(**c) + ("_preload" if c.get("PRELOAD") else ""))
 def test_every_swept_launch_configuration_is_correct(config):
     """The alternatives gpu_report.py times (a few patches per program, so programs also end
     mid-image) give the float64 loss and gradient, bf16 pred, the gradient buffer poisoned."""
