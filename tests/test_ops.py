@@ -1047,6 +1047,26 @@ def test_patch_pixel_loss_gradient_in_forward_only_when_needed(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("backend", PPL_BACKENDS)
+@pytest.mark.parametrize("sc_weight", [None, 0.5])
+def test_patch_pixel_loss_nan_in_pred_is_reported(use_backend, backend, sc_weight):
+    """A NaN in a prediction gives NaN losses and NaN gradient elements exactly where the
+    float64 reference has them (that patch, and its neighbours' border lines), not a
+    finite number that hides it."""
+    dev = use_backend(backend)
+    pred, images, weight = _ppl_inputs((2, 32, 48, 8, 3), F32, True, dev, seed=72)
+    pred[1, 7, 11] = float("nan")
+    pred.requires_grad_()
+    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 8, sc_weight=sc_weight)
+    (l_pix + 0.5 * l_sc).backward()
+    pred64 = pred.detach().double().cpu().requires_grad_()
+    r_pix, r_sc = _ppl_ref(pred64, images.cpu(), weight.cpu(), 8, True, 1e-6)
+    (r_pix + 0.5 * r_sc).backward()
+    assert l_pix.isnan() and l_sc.isnan() and r_pix.isnan() and r_sc.isnan()
+    assert torch.equal(pred.grad.isnan().cpu(), pred64.grad.isnan())
+    assert pred64.grad.isnan().any() and not pred64.grad.isnan().all()
+
+
 # --------------------------------------------------------------------------- autocast
 
 
