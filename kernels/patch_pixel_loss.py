@@ -8,10 +8,10 @@ mean((u / s)^2) and the border error of a pair is u_nb - u on the shared border 
 Forward (`_loss_kernel`, one launch): a program first computes the statistics of one block of
 patches (reading its pixels) and flags them stored; then it computes the loss parts of the
 block LAG blocks before it: everything its borders need (the neighbours' statistics) was
-flagged by programs that started earlier, and its pixels are still in L2. Programs take their
-block from a counter in the order they start, so any block they wait for belongs to a program
-that is running and waits on nothing later: no deadlock, whatever order the GPU schedules
-them in. Which program handles a block changes from run to run, the arithmetic does not:
+flagged by programs that started earlier, and its pixels were read a moment ago (likely
+still in L2). Programs take their block from a counter in the order they start, so any block
+they wait for belongs to a program that is running and waits on nothing later: no deadlock,
+whatever order the GPU schedules them in. Which program handles a block changes from run to run, the arithmetic does not:
 results are bitwise reproducible. The weight sums come first (`_norms_kernel`, one small
 program) and the per-patch parts are summed in a fixed order last (`_finish_kernel`).
 
@@ -245,8 +245,11 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, sc_weight, NP,
     g_pix = tl.load(G_PIX).to(tl.float32)
     g_sc = tl.load(G_SC).to(tl.float32)
     if RESCALE:
-        g_sc -= sc_weight * g_pix
-        todo = (g_pix != 1.0) | (g_sc != 0.0)
+        # a compare, not the difference: a fused multiply-add would leave its rounding error
+        # and take the border path for upstream gradients exactly in the ratio
+        border = g_sc != sc_weight * g_pix
+        g_sc = tl.where(border, g_sc - sc_weight * g_pix, 0.0)
+        todo = (g_pix != 1.0) | border
     else:
         todo = True
     if todo:
