@@ -12,8 +12,9 @@ flagged by programs that started earlier, and its pixels were read a moment ago 
 still in L2). Programs take their block from a counter in the order they start, so any block
 they wait for belongs to a program that is running and waits on nothing later: no deadlock,
 whatever order the GPU schedules them in. Which program handles a block changes from run to run, the arithmetic does not:
-results are bitwise reproducible. The weight sums come first (`_norms_kernel`, one small
-program) and the per-patch parts are summed in a fixed order last (`_finish_kernel`).
+results are bitwise reproducible. Partial weight sums come first (`_norms_kernel`, a few
+programs); the per-block parts are summed in two levels by the last program to finish each
+group of blocks, then by the last group's: fixed orders, and no launch after the forward's.
 
 Asked to (`patch_pixel_loss_forward_with_grad`), the same pass also writes the gradient of
 l_pix + sc_weight * l_sc, so the whole loss reads pred and the image once and writes the
@@ -149,34 +150,56 @@ def _twice_per_unit(g, norm, count):
 
 
 @triton.jit
-def _norms_kernel(WGT, NORMS, NP, GH, GW, LPI, BLOCK: tl.constexpr):
-    """One program: the weight sum and the border-pair weight sum (pairs with the right and
-    lower neighbour, weight max(w, w_nb)), in a fixed order."""
-    sum_w = tl.zeros((BLOCK,), tl.float32)
-    sum_pw = tl.zeros((BLOCK,), tl.float32)
-    for start in range(0, NP, BLOCK):
-        ids = start + tl.arange(0, BLOCK)
-        ok = ids < NP
-        g = ids % LPI
-        right = ok & (g % GW + 1 < GW)
-        down = ok & (g // GW + 1 < GH)
-        w = tl.load(WGT + ids, mask=ok, other=0.0)
-        sum_w += w
-        sum_pw += (tl.where(right, tl.maximum(w, tl.load(WGT + ids + 1, mask=right, other=0.0)), 0.0)
-                   + tl.where(down, tl.maximum(w, tl.load(WGT + ids + GW, mask=down, other=0.0)), 0.0))
-    tl.store(NORMS, tl.sum(sum_w, axis=0))
-    tl.store(NORMS + 1, tl.sum(sum_pw, axis=0))
+def _norms_kernel(WGT, NSUM, B, GH, GW, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Partial weight sums of BLOCK_B images' grids: the weights into NSUM[0, pid] and the
+    border-pair weights (pairs with the right and lower neighbour, max(w, w_nb)) into
+    NSUM[1, pid]; no index division."""
+    pid = tl.program_id(0)
+    b = pid * BLOCK_B + tl.arange(0, BLOCK_B)[:, None, None]
+    gi = tl.arange(0, BLOCK_H)[None, :, None]
+    gj = tl.arange(0, BLOCK_W)[None, None, :]
+    ok = (b < B) & (gi < GH) & (gj < GW)
+    ids = (b * GH + gi) * GW + gj
+    right = ok & (gj + 1 < GW)
+    down = ok & (gi + 1 < GH)
+    w = tl.load(WGT + ids, mask=ok, other=0.0)
+    pw = (tl.where(right, tl.maximum(w, tl.load(WGT + ids + 1, mask=right, other=0.0)), 0.0)
+          + tl.where(down, tl.maximum(w, tl.load(WGT + ids + GW, mask=down, other=0.0)), 0.0))
+    tl.store(NSUM + pid, tl.sum(tl.sum(tl.sum(w, axis=2), axis=1), axis=0))
+    tl.store(NSUM + tl.num_programs(0) + pid, tl.sum(tl.sum(tl.sum(pw, axis=2), axis=1), axis=0))
 
 
 @triton.jit
-def _loss_kernel(PRED, IMG, WGT, STATS, PART, NORMS, GRAD, SYNC, sc_weight, eps, NP, NB, LAG, GH, GW, LPI, W, HW,
-                 CHW, PS: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                 PRELOAD: tl.constexpr, FLAG_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, BC: tl.constexpr,
-                 BR: tl.constexpr, BP: tl.constexpr):
+def _sum_rows(PTR, n, BLOCK: tl.constexpr):
+    """The sums of the two rows of a [2, n] array, in a fixed order (the same in every
+    program); loads bypass L1 (other programs of the launch may have written them)."""
+    pair = tl.arange(0, 2)
+    acc = tl.zeros((2, BLOCK), tl.float32)
+    for start in range(0, n, BLOCK):
+        k = start + tl.arange(0, BLOCK)[None, :]
+        acc += tl.load(PTR + pair[:, None] * n + k, mask=k < n, other=0.0, cache_modifier=".cg")
+    sums = tl.sum(acc, axis=1)
+    return tl.sum(tl.where(pair == 0, sums, 0.0), axis=0), tl.sum(tl.where(pair == 1, sums, 0.0), axis=0)
+
+
+@triton.jit
+def _mean_of(err, norm):
+    """err / norm, exactly 0 when the weights sum to 0."""
+    return tl.where(norm > 0, err / tl.where(norm > 0, norm, 1.0), 0.0)
+
+
+@triton.jit
+def _loss_kernel(PRED, IMG, WGT, STATS, PART, NSUM, NPART, NORMS, L_PIX, L_SC, GRAD, SYNC, sc_weight, eps, NP, NB,
+                 NG, LAG, GH, GW, LPI, W, HW, CHW, PS: tl.constexpr, CH: tl.constexpr, NORM: tl.constexpr,
+                 WRITE_GRAD: tl.constexpr, PRELOAD: tl.constexpr, FLAG_BLOCK: tl.constexpr, GROUP: tl.constexpr,
+                 NPART_P: tl.constexpr, BLOCK_L: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr):
     """Statistics of block v into STATS (flag SYNC[v] set after), then for block q = v - LAG:
-    the per-patch parts w * mse into PART[0] and the right and lower pairs' pw * mean(err^2)
-    into PART[1], and with WRITE_GRAD the gradient of l_pix + sc_weight * l_sc (NORMS: the
-    weight sums). SYNC[NB] counts the programs that started. Grid: NB + LAG programs.
+    its sums of w * mse and of the right and lower pairs' pw * mean(err^2) into PART[:, q], and
+    with WRITE_GRAD the gradient of l_pix + sc_weight * l_sc (the weight sums from their
+    partials NSUM [2, NPART]). The last program of each GROUP of blocks to finish sums theirs
+    into PART[:, NB + group], and the last group's sums them into the losses and NORMS: fixed
+    orders, no launch after this one. SYNC: NB block flags, the start counter, NG group
+    counters, the group counter. Grid: NB + LAG programs.
     PRELOAD: block q's own tiles need no statistics, so they are loaded first, to be in flight
     during block v's statistics and the wait (more bytes in flight per program)."""
     P: tl.constexpr = PS * PS * CH
@@ -221,15 +244,33 @@ def _loss_kernel(PRED, IMG, WGT, STATS, PART, NORMS, GRAD, SYNC, sc_weight, eps,
         r = tl.where(m, x.to(tl.float32) - (t.to(tl.float32) - _col(mean)) * _col(1.0 / std), 0.0)
         e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP,
                                                     GH, GW, W, HW, CHW, c, i, j, True, PS, CH)
-        tl.store(PART + ids, w * _sum_sq(r) / P, mask=ok)
-        tl.store(PART + NP + ids, (pw_right * _sum_sq(e_right) + pw_down * _sum_sq(e_down)) / (PS * CH), mask=ok)
         if WRITE_GRAD:
-            grad = _col(_twice_per_unit(1.0, tl.load(NORMS), P) * w) * r
+            sum_w, sum_pw = _sum_rows(NSUM, NPART, NPART_P)
+            grad = _col(_twice_per_unit(1.0, sum_w, P) * w) * r
             if sc_weight != 0.0:
-                grad -= _twice_per_unit(sc_weight, tl.load(NORMS + 1), PS * CH) * _border_grad(
+                grad -= _twice_per_unit(sc_weight, sum_pw, PS * CH) * _border_grad(
                     PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, W, HW, CHW, c, i, j,
                     e_right, pw_right, e_down, pw_down, PS, CH)
             tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
+        parts = PART + 2 * NB  # [2, NG]: the groups' sums
+        tl.store(PART + q, tl.sum(w * _sum_sq(r), axis=0) / P)
+        tl.store(PART + NB + q, tl.sum(pw_right * _sum_sq(e_right) + pw_down * _sum_sq(e_down), axis=0) / (PS * CH))
+        tl.debug_barrier()  # the block's sums are stored before it counts as done
+        group = q // GROUP
+        if tl.atomic_add(SYNC + NB + 1 + group, 1, sem="acq_rel") == tl.minimum(GROUP, NB - group * GROUP) - 1:
+            # the group's last block: its sums, in block order
+            k = group * GROUP + tl.arange(0, GROUP)
+            tl.store(parts + group, tl.sum(tl.load(PART + k, mask=k < NB, other=0.0, cache_modifier=".cg"), axis=0))
+            tl.store(parts + NG + group,
+                     tl.sum(tl.load(PART + NB + k, mask=k < NB, other=0.0, cache_modifier=".cg"), axis=0))
+            tl.debug_barrier()
+            if tl.atomic_add(SYNC + NB + 1 + NG, 1, sem="acq_rel") == NG - 1:  # the last group: the losses
+                err_pix, err_sc = _sum_rows(parts, NG, GROUP)
+                sum_w, sum_pw = _sum_rows(NSUM, NPART, NPART_P)
+                tl.store(L_PIX, _mean_of(err_pix, sum_w))
+                tl.store(L_SC, _mean_of(err_sc, sum_pw))
+                tl.store(NORMS, sum_w)
+                tl.store(NORMS + 1, sum_pw)
 
 
 @triton.jit
@@ -273,21 +314,6 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, sc_weight, NP,
         tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)
 
 
-@triton.jit
-def _finish_kernel(PART, NORMS, L_PIX, L_SC, NP, BLOCK: tl.constexpr):
-    """One program: PART's rows (w * mse, pair error) [2, NP] summed in a fixed order and
-    divided by the weight sums; each loss exactly 0 when its weights sum to 0."""
-    pair = tl.arange(0, 2)  # (l_pix, l_sc)
-    err = tl.zeros((2, BLOCK), tl.float32)
-    for start in range(0, NP, BLOCK):
-        ids = start + tl.arange(0, BLOCK)
-        err += tl.load(PART + pair[:, None] * NP + ids[None, :], mask=ids[None, :] < NP, other=0.0)
-    norm = tl.load(NORMS + pair)
-    loss = tl.where(norm > 0, tl.sum(err, axis=1) / tl.where(norm > 0, norm, 1.0), 0.0)
-    tl.store(L_PIX, tl.sum(tl.where(pair == 0, loss, 0.0)))
-    tl.store(L_SC, tl.sum(tl.where(pair == 1, loss, 0.0)))
-
-
 # Elements of the padded [patches, C, p, p] tile per program and warps, for the forward and
 # the gradient kernels, and the forward's PRELOAD (see _loss_kernel). The defaults keep them
 # free of register spills on sm_80 and sm_90 (benchmarks/compile_report.py); gpu_report.py
@@ -296,6 +322,9 @@ DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4, PRELOAD=False)
 SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
          dict(BLOCK=4096, num_warps=8), dict(BLOCK=1024, num_warps=4, PRELOAD=True),
          dict(BLOCK=2048, num_warps=4, PRELOAD=True), dict(BLOCK=2048, num_warps=8, PRELOAD=True)]
+
+
+GROUP = 1024  # blocks per group of the forward's two-level sum of its per-block parts
 
 
 def _blocking(config, tile):
@@ -326,22 +355,31 @@ def _forward(pred, images, weight, patch_size, norm_pix, eps, config, grad, sc_w
     num, (gh, gw, lpi, w, hw, chw), consts = _geometry(images, patch_size)
     device = pred.device
     stats = torch.empty(2, num, dtype=torch.float32, device=device)
-    part = torch.empty(2, num, dtype=torch.float32, device=device)  # w * mse, pair error
-    norms = torch.empty(2, dtype=torch.float32, device=device)
-    block = 4096 if _interpreting() else 1024
-    _norms_kernel[(1,)](weight, norms, num, gh, gw, lpi, BLOCK=block)
-    if num:
-        block_l, cfg = _blocking(config, _tile(consts))
-        nb = triton.cdiv(num, block_l)
-        lag = (gw + block_l - 1) // block_l  # blocks from a patch to its lower neighbour, at most
-        sync = torch.zeros(nb + 1, dtype=torch.int32, device=device)  # flags, then the counter
-        _loss_kernel[(nb + lag,)](pred, images, weight, stats, part, norms, pred if grad is None else grad, sync,
-                                  float(sc_weight or 0.0), float(eps), num, nb, lag, gh, gw, lpi, w, hw, chw,
-                                  NORM=bool(norm_pix), WRITE_GRAD=grad is not None, PRELOAD=cfg["PRELOAD"],
-                                  FLAG_BLOCK=triton.next_power_of_2(2 * lag + 1), BLOCK_L=block_l,
-                                  num_warps=cfg["num_warps"], **consts)
+    if not num:
+        return (*(torch.zeros((), dtype=torch.float32, device=device) for _ in range(2)), stats,
+                torch.zeros(2, dtype=torch.float32, device=device))
     l_pix, l_sc = (torch.empty((), dtype=torch.float32, device=device) for _ in range(2))
-    _finish_kernel[(1,)](part, norms, l_pix, l_sc, num, BLOCK=block)
+    norms = torch.empty(2, dtype=torch.float32, device=device)
+    # partial weight sums: a tile of about 8192 grid entries (whole images) per program
+    grid = triton.next_power_of_2(gh), triton.next_power_of_2(gw)
+    images_per = max(1, 8192 // (grid[0] * grid[1]))
+    npart = triton.cdiv(images.shape[0], images_per)
+    nsum = torch.empty(2, npart, dtype=torch.float32, device=device)
+    _norms_kernel[(npart,)](weight, nsum, images.shape[0], gh, gw, BLOCK_B=images_per, BLOCK_H=grid[0],
+                            BLOCK_W=grid[1], num_warps=8)
+    block_l, cfg = _blocking(config, _tile(consts))
+    nb = triton.cdiv(num, block_l)
+    group = 4 if _interpreting() else GROUP  # (the interpreter's tests then see several groups)
+    ng = triton.cdiv(nb, group)
+    lag = (gw + block_l - 1) // block_l  # blocks from a patch to its lower neighbour, at most
+    part = torch.empty(2 * (nb + ng), dtype=torch.float32, device=device)  # per block, then per group
+    sync = torch.zeros(nb + ng + 2, dtype=torch.int32, device=device)  # flags, counters (see _loss_kernel)
+    _loss_kernel[(nb + lag,)](pred, images, weight, stats, part, nsum, npart, norms, l_pix, l_sc,
+                              pred if grad is None else grad, sync, float(sc_weight or 0.0), float(eps), num, nb, ng,
+                              lag, gh, gw, lpi, w, hw, chw, NORM=bool(norm_pix), WRITE_GRAD=grad is not None,
+                              PRELOAD=cfg["PRELOAD"], FLAG_BLOCK=triton.next_power_of_2(2 * lag + 1), GROUP=group,
+                              NPART_P=triton.next_power_of_2(npart), BLOCK_L=block_l, num_warps=cfg["num_warps"],
+                              **consts)
     return l_pix, l_sc, stats, norms
 
 
