@@ -324,6 +324,9 @@ SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOC
          dict(BLOCK=2048, num_warps=4, PRELOAD=True), dict(BLOCK=2048, num_warps=8, PRELOAD=True)]
 
 
+# The rescale has most often nothing to do (each program reads two scalars) or streams the
+# gradient: four times fewer programs than the default, still without spills.
+RESCALE_CONFIG = dict(BLOCK=4096, num_warps=8)
 GROUP = 1024  # blocks per group of the forward's two-level sum of its per-block parts
 
 
@@ -424,5 +427,8 @@ def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, no
 def patch_pixel_loss_rescale(grad_pix, grad_sc, grad, sc_weight, pred, images, weight, stats, norms, patch_size,
                              config=None):
     """`grad`, the forward's gradient for upstream gradients (1, sc_weight), made in place the
-    gradient for (grad_pix, grad_sc) (tensors, read on the device); returns it."""
+    gradient for (grad_pix, grad_sc) (tensors, read on the device); returns it. Without a
+    config, RESCALE_CONFIG."""
+    if config is None and not _interpreting():
+        config = RESCALE_CONFIG
     return _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, grad, sc_weight, config)
