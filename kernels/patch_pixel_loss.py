@@ -280,18 +280,25 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, sc_weight, NP,
     """d/dpred of g_pix * l_pix + g_sc * l_sc: the pixel term 2 g_pix w r / (P sum w) with
     r = u / s; each border this patch shares adds -2 g_sc pw (u_nb - u) s / (p C sum pw) on its
     line. RESCALE: GRAD holds the forward's gradient for (1, sc_weight); it is scaled by g_pix
-    and given the border term for g_sc - sc_weight * g_pix, and left alone when that is all
-    it already is."""
+    and given the border term for g_sc - sc_weight * g_pix (computed afresh when g_sc is far
+    below sc_weight * g_pix), and left alone when that is all it already is."""
     P: tl.constexpr = PS * PS * CH
     g_pix = tl.load(G_PIX).to(tl.float32)
     g_sc = tl.load(G_SC).to(tl.float32)
     if RESCALE:
+        told = sc_weight * g_pix
         # a compare, not the difference: a fused multiply-add would leave its rounding error
         # and take the border path for upstream gradients exactly in the ratio
-        border = g_sc != sc_weight * g_pix
-        g_sc = tl.where(border, g_sc - sc_weight * g_pix, 0.0)
+        border = g_sc != told
+        # Far below the told ratio most of the stored border part must be taken out again, and
+        # its rounding in pred's dtype would not go with it (up to 2^-8 |told / g_sc| of the
+        # result in bf16): there the gradient is computed afresh, as without RESCALE.
+        fresh = tl.abs(told) > 2.0 * tl.abs(g_sc)
+        g_border = tl.where(fresh, g_sc, tl.where(border, g_sc - told, 0.0))
         todo = (g_pix != 1.0) | border
     else:
+        fresh = True
+        g_border = g_sc
         todo = True
     if todo:
         ids, ok, b, gi, gj = _patches(tl.program_id(0), NP, GW, LPI, BLOCK_L)
@@ -299,16 +306,16 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, sc_weight, NP,
         x_off, t_off = _offsets(ids, b, gi, gj, c, i, j, HW, W, CHW, PS, CH)
         m = _col(ok) & (c < CH) & (i < PS) & (j < PS)
         w, mean, std = _weight_and_stats(WGT, STATS, ids, ok, NP)
-        if RESCALE:
-            grad = g_pix * tl.load(GRAD + x_off, mask=m, other=0.0).to(tl.float32)
-        else:
+        if fresh:
             t = tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32)
             x = tl.load(PRED + x_off, mask=m, other=0.0).to(tl.float32)
             grad = _col(_twice_per_unit(g_pix, tl.load(NORMS), P) * w) * (x - (t - _col(mean)) * _col(1.0 / std))
-        if g_sc != 0.0:
+        else:
+            grad = g_pix * tl.load(GRAD + x_off, mask=m, other=0.0).to(tl.float32)
+        if g_border != 0.0:
             e_right, pw_right, e_down, pw_down = _sides(PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP,
                                                         GH, GW, W, HW, CHW, c, i, j, True, PS, CH)
-            grad -= _twice_per_unit(g_sc, tl.load(NORMS + 1), PS * CH) * _border_grad(
+            grad -= _twice_per_unit(g_border, tl.load(NORMS + 1), PS * CH) * _border_grad(
                 PRED, IMG, WGT, STATS, ids, ok, b, gi, gj, w, mean, std, NP, GH, GW, W, HW, CHW, c, i, j,
                 e_right, pw_right, e_down, pw_down, PS, CH)
         tl.store(GRAD + x_off, grad.to(GRAD.dtype.element_ty), mask=m)

@@ -1067,6 +1067,30 @@ def test_patch_pixel_loss_nan_in_pred_is_reported(use_backend, backend, sc_weigh
     assert pred64.grad.isnan().any() and not pred64.grad.isnan().all()
 
 
+@pytest.mark.parametrize("op", ["codebook_topk", "masked_attention", "masked_attention_qkv", "patch_pixel_loss"])
+def test_second_order_gradients_are_refused(op):
+    """The ops are differentiable once: create_graph=True raises (naming the op) instead of
+    giving gradients that silently leave the op out of a second-order gradient. First-order
+    gradients from the same inputs still work."""
+    torch.manual_seed(73)
+    if op == "codebook_topk":
+        x = torch.randn(7, 16, requires_grad=True)
+        out = lambda: codebook_topk(x, torch.randn(9, 16), 3)[0].sum()  # noqa: E731
+    elif op == "masked_attention":
+        x = torch.randn(2, 2, 5, 32, requires_grad=True)
+        out = lambda: masked_attention(x, x, x, torch.tensor([5, 3])).sum()  # noqa: E731
+    elif op == "masked_attention_qkv":
+        x = torch.randn(2, 5, 3, 2, 32, requires_grad=True)
+        out = lambda: masked_attention_qkv(x, torch.tensor([5, 3])).sum()  # noqa: E731
+    else:
+        x = torch.randn(2, 12, 192, requires_grad=True)
+        out = lambda: patch_pixel_loss(x, torch.randn(2, 3, 24, 32), torch.rand(2, 12), 8, boundary_weight=0.5)  # noqa: E731
+    with pytest.raises(RuntimeError, match=op.removesuffix("_qkv") + ": gradients of gradients"):
+        torch.autograd.grad(out(), x, create_graph=True)
+    grad, = torch.autograd.grad(out(), x)
+    assert grad.abs().sum() > 0
+
+
 # --------------------------------------------------------------------------- autocast
 
 

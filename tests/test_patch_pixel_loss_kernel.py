@@ -82,9 +82,10 @@ def _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix):
 def test_forward_with_grad_then_rescale(h, w, p, c, norm_pix, dtype):
     """The forward's gradient of l_pix + sc_weight * l_sc, and the backward's in-place rescale
     for upstream gradients equal to (1, sc_weight) (left alone, bitwise), a multiple of them
-    and others; against float64, every element written."""
+    and others, near the told ratio and far below it (where the stored border part would
+    have to be taken out again); against float64, every element written."""
     gen = torch.Generator().manual_seed(h * w + c)
-    b, L, sc_weight = 3, (h // p) * (w // p), 0.3
+    b, L, sc_weight = 3, (h // p) * (w // p), 2.0
     pred = torch.randn(b, L, p * p * c, generator=gen).to(DEVICE, dtype)
     images = torch.randn(b, c, h, w, generator=gen).to(DEVICE)
     weight = (torch.rand(b, L, generator=gen) > 0.5).float().to(DEVICE)
@@ -103,13 +104,17 @@ def test_forward_with_grad_then_rescale(h, w, p, c, norm_pix, dtype):
     one, r = torch.tensor(1.0, device=DEVICE), torch.tensor(sc_weight, device=DEVICE)
     assert kernel.patch_pixel_loss_rescale(one, r * one, grad, sc_weight, pred, images, weight, stats, norms, p) is grad
     assert torch.equal(grad, kept)
-    for g_pix, g_sc in ((0.5, 0.5 * sc_weight), (0.7, 2.0), (1.0, 0.0), (0.0, 0.0), (-1.5, 0.25)):
+    pix = _reference_grad(1.0, 0.0, pred, images, weight, p, norm_pix).abs()  # the two terms' gradients
+    border = _reference_grad(0.0, 1.0, pred, images, weight, p, norm_pix).abs()
+    for g_pix, g_sc in ((0.5, 0.5 * sc_weight), (0.7, 2.0), (1.0, 3.0), (1.0, 0.5), (1.0, 0.0), (0.0, 0.0),
+                        (-1.5, 0.25)):
         g = kept.clone()
         kernel.patch_pixel_loss_rescale(torch.tensor(g_pix, device=DEVICE), torch.tensor(g_sc, device=DEVICE), g,
                                         sc_weight, pred, images, weight, stats, norms, p)
         want = _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix)
-        # the stored gradient's rounding, scaled, and the result's own
-        bound = ulp * (abs(g_pix) * ref.abs() + want.abs()) + 1e-6 * want.abs().max()
+        # the result's rounding, and the stored gradient's, scaled: at most twice each term's
+        # share of the result (so not the stored border part left over far below the ratio)
+        bound = ulp * (want.abs() + abs(g_pix) * pix + 2 * abs(g_sc) * border) + 1e-6 * want.abs().max()
         assert ((g.double().cpu() - want).abs() <= bound).all(), (g_pix, g_sc)
         if g_pix == g_sc == 0.0:
             assert not g.any()

@@ -101,19 +101,36 @@ def register_triton(op: str, supports: Callable[..., str | None]) -> None:
     register(op, Backend("triton", kernel("forward"), kernel("backward"), triton_available, check))
 
 
+def first_order(op: str) -> Callable:
+    """Decorates an autograd backward to refuse create_graph=True: the kernels' backwards are
+    not differentiable, and their gradients would silently leave the op out of a
+    second-order gradient."""
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def call(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"{op}: gradients of gradients (create_graph=True) are not supported")
+            return backward(ctx, *grads)
+        return call
+    return decorate
+
+
 def with_eager_path(custom_op: Callable, run: Callable, setup_context: Callable, backward: Callable) -> Callable:
     """`custom_op` under torch.compile, which needs it (fake impl, one graph node); otherwise
     the same computation `run` with the same autograd as a plain torch.autograd.Function,
     which skips the custom op's per-call Python dispatch: 0.1-0.2 ms of host time per forward
-    and backward on a 2-core CPU (benchmarks/host_overhead.py), which a GPU spends waiting."""
+    and backward on a 2-core CPU (benchmarks/host_overhead.py), which a GPU spends waiting.
+    Differentiable once (see `first_order`)."""
     def forward(ctx, *inputs):
         output = run(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
     # named after the op's module, so that grad_fn reads e.g. MaskedAttentionBackward
-    name = "".join(word.title() for word in run.__module__.rsplit(".", 1)[-1].split("_"))
-    Eager = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    op = run.__module__.rsplit(".", 1)[-1]
+    name = "".join(word.title() for word in op.split("_"))
+    Eager = type(name, (torch.autograd.Function,), {"forward": staticmethod(forward),
+                                                    "backward": staticmethod(first_order(op)(backward))})
 
     def call(*inputs):
         return custom_op(*inputs) if torch.compiler.is_compiling() else Eager.apply(*inputs)

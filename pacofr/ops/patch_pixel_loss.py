@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, register, register_triton
+from .dispatch import Backend, choose, first_order, register, register_triton
 
 
 def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
@@ -112,6 +112,7 @@ class PatchPixelLoss(torch.autograd.Function):
         return tuple(output)
 
     @staticmethod
+    @first_order("patch_pixel_loss")
     def backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
         if ctx.grad is None:
             grad_pred = _run_backward(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
@@ -123,6 +124,7 @@ class PatchPixelLoss(torch.autograd.Function):
                                                  stats, norms, ctx.args[0])
             ctx.grad = None  # rescaled in place: a later backward recomputes
         return grad_pred, None, None, None, None, None, None
+
 
 
 def _op(pred, images, weight, patch_size, norm_pix, eps, sc_weight):
