@@ -126,7 +126,6 @@ class PatchPixelLoss(torch.autograd.Function):
         return grad_pred, None, None, None, None, None, None
 
 
-
 def _op(pred, images, weight, patch_size, norm_pix, eps, sc_weight):
     if torch.compiler.is_compiling():
         return _forward(pred, images, weight, patch_size, norm_pix, eps)
