@@ -353,13 +353,16 @@ def bench_patch_pixel_loss(device, run, ceil, quick):
                 loss = fn(pred, images, weight)
                 return (loss, *grads_of(loss, (pred,)))
 
-            add_sweep(impls, SWEEP, lambda cfg: lambda pr, im, w: _ConfiguredLoss.apply(pr, im, w, shape[2], cfg),
-                      result, lambda a, b: all(torch.allclose(x.float(), y.float(), 1e-2, 1e-5)  # a bf16 ulp
+            # within a bf16 ulp of the largest element (gradients are about 1e-6 at B=256)
+            add_sweep(impls, SWEEP, lambda cfg: lambda pr, im, w: _ConfiguredLoss.apply(pr, im, w, shape[2], cfg,
+                                                                                       torch.is_grad_enabled()),
+                      result, lambda a, b: all((x.float() - y.float()).abs().max() <= 1e-2 * y.float().abs().max()
                                                for x, y in zip(a, b)),
                       failed, {"op": "patch_pixel_loss", "shape": "B={} {}px p={}".format(*shape)})
         for backward in (False, True):
             def call(fn, pred, images, weight, backward=backward):
-                loss = fn(pred, images, weight)
+                with torch.set_grad_enabled(backward):  # forward rows: no gradient to prepare
+                    loss = fn(pred, images, weight)
                 if backward:
                     grads_of(loss, (pred,))
             times = {}
@@ -383,11 +386,14 @@ class _ConfiguredLoss(torch.autograd.Function):
     with a given launch configuration, the gradient from the forward as in the op."""
 
     @staticmethod
-    def forward(ctx, pred, images, weight, p, config):
-        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_forward_with_grad
+    def forward(ctx, pred, images, weight, p, config, with_grad):
+        from pacofr.kernels.patch_pixel_loss import patch_pixel_loss_forward, patch_pixel_loss_forward_with_grad
 
-        l_pix, l_sc, stats, norms, ctx.grad = patch_pixel_loss_forward_with_grad(pred, images, weight, p, True, 1e-6,
-                                                                                 0.1, config=config)
+        if with_grad:
+            l_pix, l_sc, stats, norms, ctx.grad = patch_pixel_loss_forward_with_grad(pred, images, weight, p, True,
+                                                                                     1e-6, 0.1, config=config)
+        else:
+            l_pix, l_sc, stats, norms = patch_pixel_loss_forward(pred, images, weight, p, True, 1e-6, config=config)
         ctx.save_for_backward(pred, images, weight, stats, norms)
         ctx.args = (p, config)
         return l_pix + 0.1 * l_sc
@@ -400,7 +406,7 @@ class _ConfiguredLoss(torch.autograd.Function):
         p, config = ctx.args
         g = patch_pixel_loss_rescale(grad, 0.1 * grad, ctx.grad, 0.1, pred, images, weight, stats, norms, p,
                                      config=config)
-        return g, None, None, None, None
+        return g, None, None, None, None, None
 
 
 # DESIGN.md section 4 (bf16 on one H100): (what, op, shape, value from the row lookup, "ge" or

@@ -1,8 +1,8 @@
 """pytest-benchmark: patch_pixel_loss forward and forward+backward, Triton against the eager
 torch reference and torch.compile of it. GB/s counts the minimal bytes: pred read, image read,
-and (with backward) the gradient written. pred requires grad in every row, so the "triton"
-forward also computes the gradient (the backward then has nothing left to do); the
-"triton_recompute" one does not (its backward reads pred and the image again)."""
+and (with backward) the gradient written. Forward rows run without grad mode; with a backward
+to come, the "triton" forward also computes the gradient (the backward then has nothing left
+to do), the "triton_recompute" one does not (its backward reads pred and the image again)."""
 
 import pytest
 import torch
@@ -61,7 +61,8 @@ def test_patch_pixel_loss(benchmark, shape, impl, backward):
     fn = implementations(shape[2])[impl]
 
     def run():
-        loss = fn(pred, images, weight)
+        with torch.set_grad_enabled(backward):  # forward only: no gradient to prepare
+            loss = fn(pred, images, weight)
         if backward:
             grads_of(loss, (pred,))
         if DEVICE == "cuda":

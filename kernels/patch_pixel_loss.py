@@ -17,11 +17,13 @@ programs); the per-block parts are summed in two levels by the last program to f
 group of blocks, then by the last group's: fixed orders, and no launch after the forward's.
 
 Asked to (`patch_pixel_loss_forward_with_grad`), the same pass also writes the gradient of
-l_pix + sc_weight * l_sc, so the whole loss reads pred and the image once and writes the
-gradient once, the minimal traffic. The backward (`patch_pixel_loss_rescale`) then has
-nothing to do when the upstream gradients are (1, sc_weight); otherwise it scales that
-gradient in place and adds the border term's missing share, reading only border lines. Both
-choices are made on the device from the upstream gradients (no host synchronisation).
+l_pix + sc_weight * l_sc, so the whole loss reads pred once, the image twice (the second time
+a moment after the first: likely from L2) and writes the gradient once. The backward
+(`patch_pixel_loss_rescale`) then has nothing to do when the upstream gradients are
+(1, sc_weight); in that ratio with another factor it scales the gradient in place; in another
+ratio it also adds the border term's missing share (reading border lines), and far below the
+told ratio it computes the gradient afresh. The choice is made on the device from the
+upstream gradients (no host synchronisation).
 `patch_pixel_loss_backward` computes the gradient from scratch (pred, image, statistics).
 
 Tiles are [patches, channel, row, column] with the patch size and channel count as

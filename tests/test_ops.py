@@ -990,18 +990,20 @@ def test_patch_pixel_loss_gradcheck(use_backend, backend, norm_pix):
 
 @pytest.mark.parametrize("backend", PPL_BACKENDS)
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("coefficients", [(1.0, 0.3), (0.5, 0.15), (2.0, 0.1), (0.0, 1.0), (1.0, None)],
+@pytest.mark.parametrize("sc_weight", [0.3, 10.0])
+@pytest.mark.parametrize("unit", [(1.0, 1.0), (0.5, 0.5), (2.0, 1 / 3), (0.0, 1.0), (1.0, None)],
                          ids=["as_told", "scaled", "other_ratio", "l_sc_only", "l_pix_only"])
-def test_patch_pixel_loss_terms_sc_weight_any_upstream(use_backend, backend, dtype, coefficients):
-    """Terms computed with `sc_weight=0.3` (Triton: the gradient comes from the forward) give
-    the float64 gradient of a * l_pix + b * l_sc for any a, b, the told ratio or not, and for
-    a term left out of the loss."""
+def test_patch_pixel_loss_terms_sc_weight_any_upstream(use_backend, backend, dtype, sc_weight, unit):
+    """Terms computed with `sc_weight` (Triton: the gradient comes from the forward) give the
+    float64 gradient of a * l_pix + b * l_sc for any a, b: the told ratio (b = sc_weight * a),
+    a multiple of it, another, and a term left out of the loss (far below the told ratio
+    with l_pix alone after sc_weight=10)."""
     dev = use_backend(backend)
     size = (3, 40, 56, 8, 3)
     pred, images, weight = _ppl_inputs(size, dtype, True, dev, seed=68)
     pred.requires_grad_()
-    a, b = coefficients
-    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 8, sc_weight=0.3)
+    a, b = unit[0], None if unit[1] is None else unit[1] * sc_weight
+    l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 8, sc_weight=sc_weight)
     (a * l_pix + (b * l_sc if b is not None else 0)).backward()
     pred64 = pred.detach().double().cpu().requires_grad_()
     r_pix, r_sc = _ppl_ref(pred64, images.cpu(), weight.cpu(), 8, True, 1e-6)
@@ -1011,15 +1013,24 @@ def test_patch_pixel_loss_terms_sc_weight_any_upstream(use_backend, backend, dty
 
 
 @pytest.mark.parametrize("backend", PPL_BACKENDS)
-def test_patch_pixel_loss_second_backward_through_retained_graph(use_backend, backend):
-    """The forward's gradient is rescaled in place by the first backward; a second one through
-    the retained graph (other upstream gradients) still gets the exact gradient."""
+def test_patch_pixel_loss_second_backward_through_retained_graph(use_backend, backend, monkeypatch):
+    """The forward's gradient is rescaled in place by the first backward (Triton: the rescale
+    kernel runs, the recomputing one does not); a second one through the retained graph
+    (other upstream gradients) recomputes and still gets the exact gradient."""
     dev = use_backend(backend)
+    calls = []
+    if backend == "triton":
+        kernel = pytest.importorskip("pacofr.kernels.patch_pixel_loss")
+        for name in ("patch_pixel_loss_rescale", "patch_pixel_loss_backward"):
+            real = getattr(kernel, name)
+            monkeypatch.setattr(kernel, name, lambda *a, _n=name, _f=real, **k: calls.append(_n) or _f(*a, **k))
     pred, images, weight = _ppl_inputs((2, 32, 48, 8, 3), F32, True, dev, seed=69)
     pred.requires_grad_()
     l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, 8, sc_weight=0.5)
     first, = torch.autograd.grad(0.5 * l_pix + 0.25 * l_sc, pred, retain_graph=True)
+    assert calls == (["patch_pixel_loss_rescale"] if backend == "triton" else [])
     second, = torch.autograd.grad(l_pix + 2.0 * l_sc, pred)
+    assert calls == (["patch_pixel_loss_rescale", "patch_pixel_loss_backward"] if backend == "triton" else [])
     pred64 = pred.detach().double().cpu().requires_grad_()
     r_pix, r_sc = _ppl_ref(pred64, images.cpu(), weight.cpu(), 8, True, 1e-6)
     for got, (a, b) in ((first, (0.5, 0.25)), (second, (1.0, 2.0))):

@@ -67,7 +67,8 @@ def test_every_swept_launch_configuration_is_correct(config):
     fused = torch.full_like(pred, math.nan)
     *losses, _, _, _ = kernel.patch_pixel_loss_forward_with_grad(pred, images, weight, p, True, 1e-6, 0.5, out=fused,
                                                                  config=config)
-    assert torch.equal(torch.stack(losses), torch.stack([l_pix, l_sc]))
+    # (two compiled variants: equal up to fp32 rounding, bitwise in the interpreter)
+    assert torch.allclose(torch.stack(losses), torch.stack([l_pix, l_sc]), rtol=1e-6, atol=0)
     assert torch.allclose(fused.float(), out.float(), rtol=2**-7, atol=1e-6 * ref.abs().max().item())
 
 
@@ -81,7 +82,7 @@ def _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix):
 @pytest.mark.parametrize("h, w, p, c, norm_pix", [(64, 64, 8, 3, True), (96, 160, 16, 3, False), (64, 40, 8, 1, True)])
 def test_forward_with_grad_then_rescale(h, w, p, c, norm_pix, dtype):
     """The forward's gradient of l_pix + sc_weight * l_sc, and the backward's in-place rescale
-    for upstream gradients equal to (1, sc_weight) (left alone, bitwise), a multiple of them
+    for upstream gradients equal to (1, sc_weight) (unchanged), a multiple of them
     and others, near the told ratio and far below it (where the stored border part would
     have to be taken out again); against float64, every element written."""
     gen = torch.Generator().manual_seed(h * w + c)
@@ -94,7 +95,7 @@ def test_forward_with_grad_then_rescale(h, w, p, c, norm_pix, dtype):
                                                                                 1e-6, sc_weight, out=out)
     assert grad is out and not out.isnan().any()
     without = kernel.patch_pixel_loss_forward(pred, images, weight, p, norm_pix, 1e-6)
-    assert all(torch.equal(a, b) for a, b in zip((l_pix, l_sc, stats, norms), without))
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip((l_pix, l_sc, stats, norms), without))
     # per element: the gradient's rounding (bf16: one ulp, the interpreter rounds toward zero)
     # and fp32 arithmetic against the largest element
     ulp = 2**-7 if dtype == torch.bfloat16 else 2**-23

@@ -92,9 +92,10 @@ _forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_co
 class PatchPixelLoss(torch.autograd.Function):
     """The op outside torch.compile. Given the weight the caller will give l_sc against l_pix
     (`sc_weight`), the Triton forward also writes the gradient of l_pix + sc_weight * l_sc in
-    its one pass over the data, and the backward only rescales it on the device (nothing to do
-    for upstream gradients (1, sc_weight)); other upstream gradients still get the exact
-    gradient. A second backward through a retained graph recomputes it."""
+    its one pass over the data, and the backward adapts it on the device (nothing to do for
+    upstream gradients (1, sc_weight), an in-place rescale near that ratio, a fresh gradient
+    far below it; see kernels/patch_pixel_loss.py). A second backward through a retained
+    graph recomputes it."""
 
     @staticmethod
     def forward(ctx, pred, images, weight, patch_size, norm_pix, eps, sc_weight):
