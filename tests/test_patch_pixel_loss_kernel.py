@@ -15,6 +15,12 @@ pytestmark = pytest.mark.skipif("triton" not in backends("patch_pixel_loss"), re
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix):
+    return reference.patch_pixel_loss_backward(torch.tensor(g_pix, dtype=torch.float64),
+                                               torch.tensor(g_sc, dtype=torch.float64), pred.double().cpu(),
+                                               images.double().cpu(), weight.double().cpu(), p, norm_pix, 1e-6)
+
+
 @pytest.mark.parametrize("h, w, p, c", [(224, 224, 16, 3), (112, 112, 16, 3), (64, 64, 8, 3), (224, 224, 14, 3),
                                         (96, 160, 16, 3), (64, 40, 8, 1)])
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -35,9 +41,7 @@ def test_loss_and_every_gradient_element(h, w, p, c, norm_pix):
     grad = kernel.patch_pixel_loss_backward(torch.tensor(0.7), torch.tensor(0.3), pred, images, weight, stats, norms,
                                             p, norm_pix, 1e-6, out=out)
     assert grad is out and not out.isnan().any()
-    ref = reference.patch_pixel_loss_backward(torch.tensor(0.7, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64),
-                                              pred.double().cpu(), images.double().cpu(), weight.double().cpu(), p,
-                                              norm_pix, 1e-6)
+    ref = _reference_grad(0.7, 0.3, pred, images, weight, p, norm_pix)
     assert (grad.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
@@ -60,8 +64,7 @@ def test_every_swept_launch_configuration_is_correct(config):
     out = torch.full_like(pred, math.nan)
     kernel.patch_pixel_loss_backward(torch.tensor(1.0), torch.tensor(0.5), pred, images, weight, stats, norms, p,
                                      True, 1e-6, out=out, config=config)
-    ref = reference.patch_pixel_loss_backward(torch.tensor(1.0, dtype=torch.float64),
-                                              torch.tensor(0.5, dtype=torch.float64), *args)
+    ref = _reference_grad(1.0, 0.5, pred, images, weight, p, True)
     assert not out.isnan().any()
     assert (out.double().cpu() - ref).abs().max() <= 1e-2 * ref.abs().max()  # bf16 gradient rounding
     fused = torch.full_like(pred, math.nan)
@@ -70,12 +73,6 @@ def test_every_swept_launch_configuration_is_correct(config):
     # (two compiled variants: equal up to fp32 rounding, bitwise in the interpreter)
     assert torch.allclose(torch.stack(losses), torch.stack([l_pix, l_sc]), rtol=1e-6, atol=0)
     assert torch.allclose(fused.float(), out.float(), rtol=2**-7, atol=1e-6 * ref.abs().max().item())
-
-
-def _reference_grad(g_pix, g_sc, pred, images, weight, p, norm_pix):
-    return reference.patch_pixel_loss_backward(torch.tensor(g_pix, dtype=torch.float64),
-                                               torch.tensor(g_sc, dtype=torch.float64), pred.double().cpu(),
-                                               images.double().cpu(), weight.double().cpu(), p, norm_pix, 1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -33,14 +33,17 @@ def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> str | Non
 register_triton("patch_pixel_loss", _triton_supports)
 
 
+def _backend(pred: Tensor, images: Tensor, patch_size: int) -> Backend:
+    return choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+
+
 def _run(pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float):
-    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
-    return backend.forward(pred, images, weight, patch_size, norm_pix, eps)
+    return _backend(pred, images, patch_size).forward(pred, images, weight, patch_size, norm_pix, eps)
 
 
 def _run_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
-    backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
-    return backend.backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps)
+    return _backend(pred, images, patch_size).backward(grad_pix, grad_sc, pred, images, weight, stats, norms,
+                                                       patch_size, norm_pix, eps)
 
 
 @torch.library.custom_op("pacofr::patch_pixel_loss", mutates_args=())
@@ -99,7 +102,7 @@ class PatchPixelLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pred, images, weight, patch_size, norm_pix, eps, sc_weight):
-        backend = choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
+        backend = _backend(pred, images, patch_size)
         ctx.grad = None
         if sc_weight is not None and backend.name == "triton":
             from ..kernels.patch_pixel_loss import patch_pixel_loss_forward_with_grad
