@@ -1,6 +1,7 @@
 """Triton kernels, one module per fused op; imported as `pacofr.kernels` and reached by model
 code only through `pacofr.ops`."""
 
+import functools
 import os
 
 
@@ -25,3 +26,18 @@ def hopper() -> bool:
 
     target = driver.active.get_current_target()
     return target.backend == "cuda" and target.arch == 90
+
+
+def on_device(launcher):
+    """Runs a launcher with its first tensor argument's CUDA device current: Triton launches
+    on the current device and its stream, whatever device the pointers belong to."""
+    import torch
+
+    @functools.wraps(launcher)
+    def call(*args, **kwargs):
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launcher(*args, **kwargs)
+    return call

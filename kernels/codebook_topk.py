@@ -39,6 +39,7 @@ import triton.language as tl
 from . import deterministic_default
 from . import hopper as _hopper
 from . import interpreting as _interpreting
+from . import on_device
 
 # Keys (higher is better) that stand for a score of NaN and for a key of -inf: the lowest two
 # finite floats, so both rank below every other number and above the empty slot's -inf, NaN
@@ -342,7 +343,7 @@ SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=1
 
 def _splits(n: int, k_codes: int, block_m: int, block_n: int, device: torch.device) -> int:
     """How many K ranges: enough programs to fill the GPU when N alone cannot."""
-    if device.type != "cuda":
+    if device.type != "cuda" or n == 0:
         return 1
     row_blocks = triton.cdiv(n, block_m)
     want = 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -354,6 +355,7 @@ def _common(x: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torc
     return x.to(dtype).contiguous(), codebook.to(dtype).contiguous()
 
 
+@on_device
 def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metric: str,
                           splits: int | None = None, out: tuple[torch.Tensor, torch.Tensor] | None = None,
                           config: dict | None = None):
@@ -396,6 +398,7 @@ def codebook_topk_forward(x: torch.Tensor, codebook: torch.Tensor, k: int, metri
 MERGE_WIDTH = 2048
 
 
+@on_device
 def merge_splits(part_s: torch.Tensor, part_i: torch.Tensor, k: int, metric: str, out=None):
     """Best k of the per-split lists [S, N, k], best first, ties to the lower index, in one
     launch (no host synchronisation). A split shorter than k (the last one can be) leaves
@@ -422,7 +425,8 @@ def _topk_bwd_kernel(G, X, C, IDX, GX, GC, N, D, stride_g, stride_x, stride_c, s
                      METRIC_L2: tl.constexpr, TOPK: tl.constexpr, ATOMIC_C: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """grad_x for a block of rows; with ATOMIC_C also their codebook contributions (fp32
-    atomics), from the same loads of g, the indices and the selected codes."""
+    atomics, relaxed: only later launches read the sums), from the same loads of g, the indices
+    and the selected codes."""
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -438,11 +442,12 @@ def _topk_bwd_kernel(G, X, C, IDX, GX, GC, N, D, stride_g, stride_x, stride_c, s
         if METRIC_L2:  # d|x - c|^2 = 2 (x - c) dx - 2 (x - c) dc
             acc += 2.0 * g[:, None] * (x - c)
             if ATOMIC_C:
-                tl.atomic_add(GC + code[:, None] * D + d[None, :], 2.0 * g[:, None] * (c - x), mask=m2)
+                tl.atomic_add(GC + code[:, None] * D + d[None, :], 2.0 * g[:, None] * (c - x), mask=m2,
+                              sem="relaxed")
         else:
             acc += g[:, None] * c
             if ATOMIC_C:
-                tl.atomic_add(GC + code[:, None] * D + d[None, :], g[:, None] * x, mask=m2)
+                tl.atomic_add(GC + code[:, None] * D + d[None, :], g[:, None] * x, mask=m2, sem="relaxed")
     tl.store(GX + rows[:, None] * stride_gx + d[None, :], acc.to(GX.dtype.element_ty), mask=m2)
 
 
@@ -471,6 +476,7 @@ def _topk_bwd_c_segment_kernel(G, X, C, ROW, OFFSETS, GC, D, stride_x, stride_c,
     tl.store(GC + code * D + d, acc, mask=d_ok)
 
 
+@on_device
 def codebook_topk_backward(grad_scores: torch.Tensor, x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor,
                            metric: str, deterministic: bool | None = None):
     """(grad_x, grad_codebook) of sum(grad_scores * scores). The codebook gradient is a

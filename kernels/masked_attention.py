@@ -39,6 +39,7 @@ import triton.language as tl
 from . import deterministic_default
 from . import hopper as _hopper
 from . import interpreting as _interpreting
+from . import on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)  # the kernels work in base 2: exp(x) = exp2(x * LOG2E)
 
@@ -135,12 +136,14 @@ def _slab(SEQ, H, N, D, SB, SH, OB, OH, GB, GH, HAS_SEQ: tl.constexpr, BLOCK: tl
     slab's offset in q/k/v, in out/dout and in the gradients, the sample's length,
     the program's BLOCK positions along N, the (padded) head dims, the in-bounds mask of that
     tile, and where its loop over the other side stops (0 for a block wholly past the length:
-    no work)."""
-    bh = tl.program_id(1)
+    no work). One grid axis, the slab's blocks next to each other (grid y would cap B x H at
+    65535)."""
+    blocks = tl.cdiv(N, BLOCK)
+    bh = tl.program_id(0) // blocks
     b = bh // H
     h = bh - b * H
     length = _row_length(SEQ, b, N, HAS_SEQ)
-    first = tl.program_id(0) * BLOCK
+    first = (tl.program_id(0) - bh * blocks) * BLOCK
     idx = first + tl.arange(0, BLOCK)
     dims = tl.arange(0, BLOCK_D)
     mask = (idx[:, None] < N) & (dims[None, :] < D)
@@ -356,7 +359,7 @@ def _config(d: int, dtype: torch.dtype) -> dict:
                     num_warps=8)
     # On sm_90, from d = 64, the forward is held to 128 registers: reading strided q, k, v
     # lets ptxas take 135-142, which would cost a block per SM (3 instead of 4 at d = 64, 1
-    # instead of 2 with 8 warps). No spill at d = 64; from d = 80, 16 bytes stored before the
+    # instead of 2 with 8 warps). No spill at d = 64; from d = 80, 24 bytes stored before the
     # key loop and loaded after it. At d = 32 it needs 95; on sm_80 the cap would spill.
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False, PRECISION="tf32",
                 num_warps=4 if block_d <= 64 else 8, FWD_MAXNREG=128 if block_d >= 64 and _hopper() else None,
@@ -431,6 +434,7 @@ def _output_like(q):
     return torch.empty_like(q) if q.is_contiguous() else q.new_empty(b, n, h, d).transpose(1, 2)
 
 
+@on_device
 def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config=None):
     """(out [B, H, N, d] in q's dtype, lse [B, H, N] f32). q, k, v are read in place when
     they share strides (unit stride along d); `out` receives the result (any strides with
@@ -445,13 +449,14 @@ def masked_attention_forward(q, k, v, seqlens, key_mask, scale, out=None, config
     if out.numel():
         seq, km, flags = _masks(q, seqlens, key_mask)
         cfg, _, peel, fwd_extra, _ = _launch_config(d, q.dtype, config)
-        grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
+        grid = (triton.cdiv(n, cfg["BLOCK_M"]) * b * h,)
         # unmasked tiles take the row max before scaling, which needs a positive scale
         _attn_fwd_kernel[grid](q, k, v, out, lse, seq, km, float(scale), h, n, d, *in_strides, *out.stride()[:3],
                                **flags, **cfg, **fwd_extra, PEEL=peel and key_mask is None and scale > 0)
     return out, lse
 
 
+@on_device
 def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, config=None, grads=None):
     """(dq, dk, dv); bitwise reproducible unless `config` asks for ATOMIC_DQ outside the
     deterministic mode (torch's, or PACOFR_DETERMINISTIC=1). q, k, v as in the forward;
@@ -489,13 +494,13 @@ def masked_attention_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, sc
             args = (q, k, v, grad_out, lse, delta)
             atomic = backward == "atomic"
             acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic else dq
-            _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
+            _attn_bwd_dkdv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]) * b * h,)](
                 *args, dk, dv, acc, seq, km, float(scale), h, n, d, *strides, **flags, **cfg, **dkdv_extra,
                 ATOMIC_DQ=atomic)
             if atomic:  # the sums' order varies from run to run: not bitwise reproducible
                 dq.copy_(acc)
             else:
-                _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
+                _attn_bwd_dq_kernel[(triton.cdiv(n, cfg["BLOCK_M"]) * b * h,)](
                     *args, dq, seq, km, float(scale), h, n, d, *strides, **flags, **cfg,
                     PEEL=peel and key_mask is None)
     return dq, dk, dv

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import interpreting as _interpreting
+from . import on_device
 
 
 @triton.jit
@@ -90,6 +91,12 @@ def _weight_and_stats(WGT, STATS, ids, ok, NP):
 
 
 @triton.jit
+def _pair_weight(w, w_nb):
+    """max(w, w_nb), NaN if either is (as torch.maximum; the GPU's max.f32 would drop it)."""
+    return tl.maximum(w, w_nb, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _border(PRED, IMG, WGT, STATS, x_off, t_off, m, ids, has, w, mean, std, NP, step, x_shift, t_shift,
             P: tl.constexpr):
     """One side's border: the error u_nb - u on a line of this patch (offsets x_off, t_off,
@@ -104,7 +111,7 @@ def _border(PRED, IMG, WGT, STATS, x_off, t_off, m, ids, has, w, mean, std, NP, 
          + _col(mean) - tl.load(IMG + t_off, mask=m, other=0.0).to(tl.float32))
     u_nb = (std_nb * tl.load(PRED + x_off + (step * P + x_shift), mask=m, other=0.0).to(tl.float32) + mean_nb
             - tl.load(IMG + t_off + t_shift, mask=m, other=0.0).to(tl.float32))
-    pw = tl.where(has, tl.maximum(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
+    pw = tl.where(has, _pair_weight(w, tl.load(WGT + nb, mask=has, other=0.0)), 0.0)
     return tl.where(m, u_nb - u, 0.0), pw
 
 
@@ -165,8 +172,8 @@ def _norms_kernel(WGT, NSUM, B, GH, GW, BLOCK_B: tl.constexpr, BLOCK_H: tl.const
     right = ok & (gj + 1 < GW)
     down = ok & (gi + 1 < GH)
     w = tl.load(WGT + ids, mask=ok, other=0.0)
-    pw = (tl.where(right, tl.maximum(w, tl.load(WGT + ids + 1, mask=right, other=0.0)), 0.0)
-          + tl.where(down, tl.maximum(w, tl.load(WGT + ids + GW, mask=down, other=0.0)), 0.0))
+    pw = (tl.where(right, _pair_weight(w, tl.load(WGT + ids + 1, mask=right, other=0.0)), 0.0)
+          + tl.where(down, _pair_weight(w, tl.load(WGT + ids + GW, mask=down, other=0.0)), 0.0))
     tl.store(NSUM + pid, tl.sum(tl.sum(tl.sum(w, axis=2), axis=1), axis=0))
     tl.store(NSUM + tl.num_programs(0) + pid, tl.sum(tl.sum(tl.sum(pw, axis=2), axis=1), axis=0))
 
@@ -395,6 +402,7 @@ def _forward(pred, images, weight, patch_size, norm_pix, eps, config, grad, sc_w
     return l_pix, l_sc, stats, norms
 
 
+@on_device
 def patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps, config=None):
     """(l_pix, l_sc, stats, norms): the two losses as float32 scalars (each exactly 0 when its
     weights sum to 0); per-patch target (mean, std) [2, B*L] and the two normalizers (sum of
@@ -403,6 +411,7 @@ def patch_pixel_loss_forward(pred, images, weight, patch_size, norm_pix, eps, co
     return _forward(pred, images, weight, patch_size, norm_pix, eps, config, None, None)
 
 
+@on_device
 def patch_pixel_loss_forward_with_grad(pred, images, weight, patch_size, norm_pix, eps, sc_weight, out=None,
                                        config=None):
     """The forward's four results and the gradient of l_pix + sc_weight * l_sc w.r.t. pred
@@ -424,6 +433,7 @@ def _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, gra
     return grad
 
 
+@on_device
 def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps,
                               out=None, config=None):
     """Gradient w.r.t. pred from the forward's `stats` and `norms` (written into `out` when
@@ -433,6 +443,7 @@ def patch_pixel_loss_backward(grad_pix, grad_sc, pred, images, weight, stats, no
     return _grad(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, grad, None, config)
 
 
+@on_device
 def patch_pixel_loss_rescale(grad_pix, grad_sc, grad, sc_weight, pred, images, weight, stats, norms, patch_size,
                              config=None):
     """`grad`, the forward's gradient for upstream gradients (1, sc_weight), made in place the

@@ -12,6 +12,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output) or a checkpoint directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON",
+                   help="DeepSpeed ZeRO (stage 1 or 2) with this config; the same as --set train.deepspeed=JSON")
+    p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's usual switch
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
@@ -24,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import NonFiniteLossError, pretrain
 
     overrides = list(args.set)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed={args.deepspeed_config}")
+    elif args.deepspeed:
+        parser.error("--deepspeed needs --deepspeed_config JSON (e.g. configs/zero2.json)")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.seed is not None:

@@ -70,8 +70,8 @@ def test_every_kernel_compiles_and_fits(compiled):
 
 def test_fast_paths_do_not_spill_in_loops(sm90):
     """On sm_90 the default configurations have no spill load or store inside a loop, except
-    fp32 attention (IEEE products on CUDA cores, the exact path), and spill at most 16 bytes
-    in all (the register-capped attention forward from d = 80 keeps four values in local memory
+    fp32 attention (IEEE products on CUDA cores, the exact path), and spill at most 24 bytes
+    in all (the register-capped attention forward from d = 80 keeps six values in local memory
     across its key loop: a few instructions per program, for twice the blocks per SM). The
     alternatives that gpu_report.py sweeps only have to launch."""
     rows, _, _ = sm90
@@ -80,7 +80,7 @@ def test_fast_paths_do_not_spill_in_loops(sm90):
         return r["case"].startswith("sweep") or (r["case"].startswith("masked_attention") and r["dtype"] == "fp32")
 
     spills = [f"{r['case']} {r['kernel']}: {r['spill_bytes']} B, {r['loop_spills']} in loops" for r in rows
-              if (r["loop_spills"] or r["spill_bytes"] > 16) and not allowed(r)]
+              if (r["loop_spills"] or r["spill_bytes"] > 24) and not allowed(r)]
     assert not spills, "\n".join(spills)
     assert any(r["loop_instructions"] for r in rows if r["kernel"] == "_attn_fwd_kernel")  # loops are found
 

@@ -911,6 +911,19 @@ def test_patch_pixel_loss_zero_weights(use_backend, backend, dtype, norm_pix):
 
 
 @pytest.mark.parametrize("backend", PPL_BACKENDS)
+def test_patch_pixel_loss_empty_batch(use_backend, backend):
+    dev = use_backend(backend)
+    pred = torch.randn(0, 16, 192, device=dev, requires_grad=True)
+    for sc_weight in (None, 0.5):
+        pred.grad = None
+        l_pix, l_sc = patch_pixel_loss_terms(pred, torch.randn(0, 3, 32, 32, device=dev), torch.ones(0, 16, device=dev),
+                                             8, sc_weight=sc_weight)
+        assert l_pix.item() == 0.0 and l_sc.item() == 0.0
+        (l_pix + l_sc).backward()
+        assert pred.grad.shape == pred.shape
+
+
+@pytest.mark.parametrize("backend", PPL_BACKENDS)
 @pytest.mark.parametrize("boundary_weight", [0.0, 0.5])
 @pytest.mark.parametrize("norm_pix", [True, False])
 @pytest.mark.parametrize("where", ["corner", "edge", "interior"])

@@ -66,3 +66,15 @@ def test_masked_attention_qkv_ops_pass_opcheck(monkeypatch, backend):
         out, lse = torch.ops.pacofr.masked_attention_qkv(x.detach(), seqlens, None, 0.3)
         torch.library.opcheck(torch.ops.pacofr.masked_attention_qkv_backward.default,
                               (torch.randn_like(out), x.detach(), out, lse, seqlens, None, 0.3))
+
+
+def test_fake_impls_promote_like_eager_with_float64_inputs(monkeypatch):
+    """A float64 codebook (or key) against float32 queries: eager accumulates and returns in
+    float64, and the fake impls that torch.compile traces with must say so too."""
+    monkeypatch.setenv("PACOFR_OPS", "reference")  # the only backend that takes float64
+    torch.manual_seed(2)
+    x, codebook = torch.randn(10, 8), torch.randn(20, 8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pacofr.codebook_topk.default, (x, codebook, 2, "l2"))
+    q, v = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    k = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.pacofr.masked_attention.default, (q, k, v, None, None, 0.3))

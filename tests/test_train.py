@@ -2,6 +2,7 @@
 and data parallelism matching a single process."""
 
 import csv
+import importlib.util
 import math
 import os
 import shutil
@@ -185,6 +186,69 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         assert abs(a - b) < 1e-5, (one, dp)
 
 
+def test_gradient_accumulation_equals_the_whole_batch(faces64):
+    """Two micro-batches of 4 give the losses and gradients of one batch of 8: every term is a
+    mean over the step's whole batch, weighed by each micro-batch's share of its normalizer
+    (their masked areas differ), not a mean of the micro-batches' means."""
+    from contextlib import nullcontext
+
+    from pacofr.engine.distributed import Dist
+    from pacofr.engine.pretrain import _train_step
+    from pacofr.masking import Masks, sample_masks
+    from pacofr.model import PaCoFR
+
+    cfg = _cfg(**{"train.clip_grad": 0})
+    masks = sample_masks(list(range(100, 108)), (64, 64), cfg.model.patch_size, cfg.masking)
+
+    def batch(part):
+        return {"images": faces64[part], "masks": Masks(masks.mask[part], masks.replace[part], masks.regions[part]),
+                "issues": {}}
+
+    sums = [float(masks.mask[part].sum()) for part in (slice(0, 4), slice(4, 8))]
+    assert sums[0] != sums[1]  # the halves weigh differently: a mean of means would be off
+    runs = []
+    for group in ([batch(slice(0, 8))], [batch(slice(0, 4)), batch(slice(4, 8))]):
+        cfg.train.accum_steps = len(group)
+        torch.manual_seed(0)
+        model = PaCoFR(cfg)
+        model.set_incubation(False)  # (incubation's codebook updates follow each micro-batch)
+        metrics = _train_step(cfg, model, model, group, nullcontext(), Dist(0, 1, torch.device("cpu")), 0, {})
+        runs.append((metrics, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (whole, g_whole), (accum, g_accum) = runs
+    for name in ("l_pix", "l_sc", "l_belief", "l_commit", "loss"):
+        assert abs(whole[name] - accum[name]) <= 1e-5 * abs(whole[name]) + 1e-7, (name, whole[name], accum[name])
+    assert g_whole.keys() == g_accum.keys()
+    for name, g in g_whole.items():
+        assert torch.allclose(g_accum[name], g, rtol=1e-4, atol=1e-6 * g.abs().max()), name
+
+
+@pytest.mark.parametrize("empty", ["step", "micro-batch"])
+def test_unusable_micro_batches_are_skipped(tmp_path, empty):
+    """One process: a step whose micro-batches are all unusable is skipped and counted; one
+    unusable micro-batch leaves the step to the others. The same under ZeRO (one process):
+    its micro-step count stays aligned and the losses are the plain run's."""
+    last = 8 if empty == "step" else 6  # the second step's calls 5-8 (loaded in order), or its first half
+
+    class Unusable(_NaNAt):
+        def __getitem__(self, i):
+            self.calls = getattr(self, "calls", 0) + 1
+            item = super().__getitem__(i)
+            return {**item, "image": None, "landmarks": None, "issue": "too_small"} if 4 < self.calls <= last else item
+
+    runs = {}
+    engines = ["plain"] + (["zero"] if importlib.util.find_spec("deepspeed") else [])
+    for engine in engines:
+        extra = {"train.deepspeed": str(ROOT / "configs" / "zero2.json")} if engine == "zero" else {}
+        cfg = _cfg(**{"train.max_steps": 3, "train.batch_size": 4, "train.accum_steps": 2, **extra})
+        summary = pretrain(cfg, tmp_path / engine, dataset=Unusable(cfg, bad=[]))
+        assert summary["steps"] == 3 and summary["skipped_steps"] == (empty == "step")
+        assert summary["skipped_or_repaired_samples"] == {"too_small": last - 4}
+        runs[engine] = _losses(tmp_path / engine)
+        assert [step for step, _ in runs[engine]] == ([1, 3] if empty == "step" else [1, 2, 3])
+    for (_, a), (_, b) in zip(runs["plain"], runs.get("zero", runs["plain"])):
+        assert abs(a - b) < 1e-5, runs
+
+
 def test_gradient_accumulation_runs_micro_batches(tmp_path):
     cfg = _cfg(**{"train.max_steps": 3, "train.accum_steps": 2})
     summary = pretrain(cfg, tmp_path / "run")
@@ -194,3 +258,96 @@ def test_gradient_accumulation_runs_micro_batches(tmp_path):
     assert all(math.isfinite(float(r["loss"])) and float(r["grad_norm"]) > 0 for r in rows)
     with pytest.raises(Exception, match="divisible"):
         pretrain(_cfg(**{"train.batch_size": 15, "train.accum_steps": 2}), tmp_path / "bad")
+
+
+def _zero_config(tmp_path, **entries):
+    import json
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **entries}))
+    return str(path)
+
+
+def test_deepspeed_config_takes_pacofr_settings_and_refuses_what_it_sets(tmp_path):
+    from pacofr.config import ConfigError
+    from pacofr.engine import zero
+
+    cfg = _cfg(**{"train.accum_steps": 2, "train.clip_grad": 1.5})
+    ds = zero.config(_zero_config(tmp_path, train_batch_size="auto"), cfg, per_rank=4)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["gradient_clipping"]) == (16, 4, 2, 1.5)
+    refused = [({"train_batch_size": 32}, "train_batch_size=32 disagrees"),
+               ({"optimizer": {"type": "Adam"}}, "remove \"optimizer\""),
+               ({"bf16": {"enabled": True}}, "remove \"bf16\""),
+               ({"zero_optimization": {"stage": 3}}, "stage=3 is not supported"),
+               ({"zero_optimization": {"stage": 0}}, "stage=0 is not supported"),
+               ({"torch_autocast": {"enabled": True}}, "remove \"torch_autocast\""),
+               ({"managed_gradient_accumulation": False}, "managed_gradient_accumulation must be true"),
+               ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "compute_grad_norm must be true"),
+               ({"zero_optimization": {"stage": 1, "elastic_checkpoint": True}}, "elastic_checkpoint must be false")]
+    for entries, message in refused:
+        with pytest.raises(ConfigError, match=message):
+            zero.config(_zero_config(tmp_path, **entries), cfg, per_rank=4)
+    assert zero.config(_zero_config(tmp_path, bf16={"enabled": False}), cfg, 4)["bf16"] == {"enabled": False}
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        zero.config(str(tmp_path / "missing.json"), cfg, 4)
+    with pytest.raises(ConfigError, match="written by 2 ZeRO ranks"):
+        zero.load_partition(None, tmp_path, 0, 1, saved_world=2)
+    with pytest.raises(ConfigError, match="not a ZeRO checkpoint"):
+        zero.load_partition(None, tmp_path, 0, 1, saved_world=None)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_deepspeed_zero2_two_ranks_match_one_process_and_resume_exactly(tmp_path):
+    """ZeRO-2 on 2 ranks (gloo, CPU) over the end of incubation gives the losses of one plain
+    process, and a run resumed from its step-4 checkpoint ends with the same weights."""
+    pytest.importorskip("deepspeed")
+    args = ["--max-steps", "8", "--set", "train.ckpt_every=4"]  # 6 incubation steps, 2 after
+    single = _train("--output", str(tmp_path / "one"), *args)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port", "29733",
+                str(ROOT / "train.py"), *BASE, "--deepspeed", "--deepspeed_config",
+                str(ROOT / "configs" / "zero2.json")]
+
+    def zero_run(output, *extra):
+        run = subprocess.run([*torchrun, "--output", str(output), *args, *extra], capture_output=True, text=True,
+                             env=_env(), timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+    zero_run(tmp_path / "zero")
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "zero")
+    assert [s for s, _ in one] == [s for s, _ in two] == list(range(1, 9))
+    for (_, a), (_, b) in zip(one, two):
+        assert abs(a - b) < 1e-5, (one, two)
+    ckpt = tmp_path / "zero" / "checkpoints"
+    assert sorted(p.name for p in (ckpt / "ckpt-00000004").iterdir()) == [
+        "model.safetensors", "state.pt", "zero-rank00000.pt", "zero-rank00001.pt"]
+    shutil.copytree(ckpt / "ckpt-00000004", tmp_path / "resumed" / "checkpoints" / "ckpt-00000004")
+    zero_run(tmp_path / "resumed", "--resume", "auto")
+    assert [s for s, _ in _losses(tmp_path / "resumed")] == [5, 6, 7, 8]  # it went on from step 4
+    a = load_file(str(ckpt / "ckpt-00000008" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "checkpoints" / "ckpt-00000008" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_optimizer_states_saved_with_two_groups_resume(faces64):
+    """Checkpoints from before the code table had a param group of its own (two groups, the
+    table in the second) load into the present three groups, each parameter with its state."""
+    from pacofr.engine.pretrain import _no_decay, _with_codes_group, param_groups
+    from pacofr.model import PaCoFR
+
+    cfg = _cfg()
+    model = PaCoFR(cfg)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    old = torch.optim.AdamW([{"params": [p for n, p in trained if not _no_decay(n, p)], "weight_decay": 0.05},
+                             {"params": [p for n, p in trained if _no_decay(n, p)], "weight_decay": 0.0}])
+    for i, (_, p) in enumerate(trained):
+        p.grad = torch.full_like(p, float(i + 1))
+    old.step()
+    new = torch.optim.AdamW(param_groups(model, 0.05))
+    new.load_state_dict(_with_codes_group(old.state_dict(), model))
+    assert [len(g["params"]) for g in new.param_groups] == [len(old.param_groups[0]["params"]),
+                                                           len(old.param_groups[1]["params"]) - 1, 1]
+    for _, p in trained:
+        assert torch.equal(new.state[p]["exp_avg"], old.state[p]["exp_avg"])

@@ -3,6 +3,8 @@
     ckpt-00000020/model.safetensors   model weights and buffers (no pickle)
     ckpt-00000020/state.pt            optimizer, scheduler, RNG, step and data position
                                       (tensors and plain values only: loaded with weights_only)
+    ckpt-00000020/zero-rank00000.pt   under ZeRO, each rank's optimizer partition instead
+                                      (written by every rank into the staging directory first)
 """
 
 import os
@@ -23,13 +25,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(directory: Path, step: int, model: torch.nn.Module, state: dict, keep_last: int) -> Path:
-    """Writes ckpt-<step> atomically and keeps the newest `keep_last` checkpoints."""
+def staging(directory: Path, step: int) -> Path:
+    """Where ckpt-<step> is written before it is renamed into place."""
+    return directory / f".{PREFIX}{step:08d}.tmp"
+
+
+def save(directory: Path, step: int, model: torch.nn.Module, state: dict, keep_last: int, staged: bool = False) -> Path:
+    """Writes ckpt-<step> atomically and keeps the newest `keep_last` checkpoints. `staged`:
+    files already written into staging(directory, step) (by every rank) go with it."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:08d}"
-    tmp = directory / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = staging(directory, step)
+    if not staged:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(exist_ok=staged)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")

@@ -2,6 +2,7 @@
 resume, a non-finite loss guard, and logs."""
 
 import math
+import shutil
 import time
 import zlib
 from collections import Counter
@@ -18,7 +19,7 @@ from ..config import Config, ConfigError, to_dict
 from ..data import REASONS, build_dataset, collate
 from ..masking import sample_masks
 from ..model import PaCoFR
-from . import checkpoint, distributed
+from . import checkpoint, distributed, zero
 from .monitor import Monitor
 
 
@@ -34,15 +35,36 @@ def _check_batch_sizes(cfg: Config, world: int) -> int:
     return t.batch_size // (world * t.accum_steps)
 
 
+CODES_GROUP = 2  # the code table's param group (see zero.restart_moments)
+
+
+def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
+    return p.ndim <= 1 or name.endswith(("cls_token", "mask_token")) or name.startswith("codebook.")
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, tokens and code tables (1-d or embedding-like)."""
+    """No weight decay on biases, norms, tokens and code tables (1-d or embedding-like). The
+    code table (no gradient during incubation) has a group of its own."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        skip = p.ndim <= 1 or name.endswith(("cls_token", "mask_token")) or name.startswith("codebook.")
-        (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if p.requires_grad and p is not model.codebook.codes:
+            (no_decay if _no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+            {"params": [model.codebook.codes], "weight_decay": 0.0}]
+
+
+def _with_codes_group(saved: dict, model: torch.nn.Module) -> dict:
+    """An optimizer state saved before the code table had a group of its own (two groups, the
+    table among the second's parameters) in the present layout."""
+    if len(saved["param_groups"]) != 2:
+        return saved
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad and _no_decay(n, p)]
+    at = next(i for i, (_, p) in enumerate(trained) if p is model.codebook.codes)
+    groups = [dict(g) for g in saved["param_groups"]]
+    ids = list(groups[1]["params"])
+    groups.append({**groups[1], "params": [ids.pop(at)]})
+    groups[1]["params"] = ids
+    return {**saved, "param_groups": groups}
 
 
 def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -120,6 +142,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     t = cfg.train
     output = Path(output)
     per_rank = _check_batch_sizes(cfg, d.world)
+    ds_config = zero.config(t.deepspeed, cfg, per_rank) if t.deepspeed else None
     dataset = dataset if dataset is not None else build_dataset(cfg.data, cfg.model.img_size, seed=t.seed,
                                                                  rank=d.rank, world_size=d.world)
     iterable = isinstance(dataset, IterableDataset)
@@ -144,9 +167,12 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
 
     ckpt_dir = output / "checkpoints"
     found = checkpoint.resolve(resume, output)
-    if found is not None:
+    if found is not None:  # (the weights before ZeRO copies them into its partitions)
         saved = checkpoint.load(found, model, d.device)
-        optimizer.load_state_dict(saved["optimizer"])
+        if ds_config is None:
+            if "optimizer" not in saved:
+                raise ConfigError(f"{found}: a ZeRO checkpoint (optimizer partitions): resume it with train.deepspeed")
+            optimizer.load_state_dict(_with_codes_group(saved["optimizer"], model))
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
@@ -155,8 +181,11 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     monitor = Monitor(output, state["step"] if found is not None else None) if d.main else None
 
-    net = model
-    if d.world > 1:  # unused parameters: codes get no gradient during incubation
+    engine = zero.initialize(model, optimizer, ds_config, d.device) if ds_config is not None else None
+    if engine is not None and found is not None:
+        zero.load_partition(engine, found, d.rank, d.world, saved.get("zero_world"))
+    net = model if engine is None else engine
+    if engine is None and d.world > 1:  # unused parameters: codes get no gradient during incubation
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
     masking_collate = MaskingCollate(cfg)
@@ -171,6 +200,8 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         dataset.set_epoch(epoch)
         masking_collate.epoch = epoch
         model.set_incubation(epoch < t.incubation_epochs)
+        if engine is not None and epoch == t.incubation_epochs and state["epoch_step"] == 0:
+            zero.restart_moments(engine, CODES_GROUP)
         micro_batches = _micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d)
         epoch_done = False
         while state["step"] < total_steps:
@@ -178,25 +209,30 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
             if len(group) < t.accum_steps:
                 epoch_done = True
                 break
-            metrics = _train_step(cfg, net, model, optimizer, group, amp, d, state["step"], issues)
-            finite = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-            if finite:
-                optimizer.step()
+            metrics = _train_step(cfg, net, model, group, amp, d, state["step"], issues, engine)
+            images = metrics.pop("images")
+            if engine is None:
+                applied = images and math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+                if applied:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:  # DeepSpeed stepped already, unless the gradients were not finite
+                applied = images and metrics.pop("applied") and math.isfinite(metrics["loss"])
+            if applied:
                 nonfinite_run = 0
-            else:
+            else:  # skipped and counted; a step without a usable sample is no sign of divergence
                 state["skipped_steps"] += 1
-                nonfinite_run += 1
-            optimizer.zero_grad(set_to_none=True)
+                nonfinite_run += bool(images)
             scheduler.step()
             state["step"] += 1
             state["epoch_step"] += 1
-            seen += metrics.pop("images")
+            seen += images
             if nonfinite_run >= t.max_nonfinite:
                 raise NonFiniteLossError(
                     f"stopping at step {state['step']}: {nonfinite_run} non-finite losses in a row; "
                     f"last good checkpoint: {last_ckpt or 'none'}")
             progress.update(1)
-            if d.main and (state["step"] % t.log_every == 0 or state["step"] == total_steps):
+            if d.main and images and (state["step"] % t.log_every == 0 or state["step"] == total_steps):
                 rate = seen / max(time.time() - tick, 1e-9)
                 tick, seen = time.time(), 0
                 row = {"step": state["step"], "epoch": epoch, "lr": scheduler.get_last_lr()[0], "images_per_s": rate,
@@ -209,7 +245,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
             # No checkpoint right after a skipped step: the last one stays the last good one.
             if (state["step"] % t.ckpt_every == 0 or state["step"] == total_steps) and nonfinite_run == 0:
                 _merge_issues(state, issues, d)
-                last_ckpt = _save(ckpt_dir, model, optimizer, scheduler, state, t.keep_last, d)
+                last_ckpt = _save(ckpt_dir, model, optimizer, scheduler, state, t.keep_last, d, engine)
         if epoch_done:
             state["epoch"] += 1
             state["epoch_step"] = 0
@@ -227,16 +263,20 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
         monitor.close()
         _print_summary(summary)
-    distributed.shutdown()
+    zero.shutdown() if engine is not None else distributed.shutdown()
     return summary
 
 
-def _train_step(cfg, net, model, optimizer, group, amp, d, step, issues) -> dict:
+def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> dict:
     """One optimizer step's forward and backward over `accum` micro-batches. Each loss term
-    is a mean over the global batch: per-rank terms are rescaled by their share of the
-    global normalizer (mask weights, border pairs, rows), since DDP averages gradients."""
+    is a mean over the global batch (all micro-batches of all ranks): a micro-batch's term is
+    weighed by its share of the global normalizer (mask weights, border pairs, rows), known
+    from the masks before any forward, and times the world size, since DDP averages gradients.
+    Under DeepSpeed (`engine`) each micro-batch's backward goes through it (not rescaled for
+    accumulation: the shares do that) and so does the step."""
     t = cfg.train
     totals, images = Counter(), 0
+    usable = []
     for i, batch in enumerate(group):
         issues.update(batch["issues"])
         if batch["images"].shape[0] == 0:  # every sample of this micro-batch was unusable
@@ -244,21 +284,40 @@ def _train_step(cfg, net, model, optimizer, group, amp, d, step, issues) -> dict
                 raise RuntimeError(f"rank {d.rank}: a micro-batch with no usable sample at step {step}; "
                                    f"clean the data or raise the per-rank batch size")
             continue
+        usable.append((i, batch))
+    if engine is not None and usable:  # DeepSpeed steps after accum micro-steps: the empty ones are zeros
+        for _ in range(len(group) - len(usable)):
+            engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, scale_wrt_gas=False)
+            engine.step()
+    masks = [b["masks"].to(d.device, non_blocking=True) for _, b in usable]
+    names = list(model.loss_weights())  # loss terms, in a fixed order
+    norms = [torch.stack([n[name].float() for name in names]) for n in map(model.loss_norms, masks)]
+    if norms:
+        total = distributed.all_sum(torch.stack(norms).sum(0))
+    for (i, batch), m, norm in zip(usable, masks, norms):
         images += batch["images"].shape[0]
         gen = torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
-        sync = i == len(group) - 1 or d.world == 1
+        sync = i == usable[-1][0] or d.world == 1 or engine is not None
         with (nullcontext() if sync else net.no_sync()), amp:
-            out = net(batch["images"].to(d.device, non_blocking=True),
-                      masks=batch["masks"].to(d.device, non_blocking=True), generator=gen)
-        names = list(out["weights"])  # loss terms, in a fixed order
-        norms = torch.stack([out["norms"][n].float() for n in names])
-        share = norms * d.world / distributed.all_sum(norms)
+            out = net(batch["images"].to(d.device, non_blocking=True), masks=m, generator=gen)
+        share = norm * d.world / total
         share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
-        loss = sum(out["weights"][n] * out[n].float() * share[j] for j, n in enumerate(names)) / t.accum_steps
-        loss.backward()
+        loss = sum(out["weights"][n] * out[n].float() * share[j] for j, n in enumerate(names))
+        if engine is None:
+            loss.backward()
+        else:
+            zero.take_over(model.updated_in_place())
+            engine.backward(loss, scale_wrt_gas=False)
+            engine.step()  # the optimizer step at the last micro-batch, with clipping
         terms = torch.stack([out[n].detach().float() * share[j] for j, n in enumerate(names)] + [loss.detach()])
         for j, v in enumerate((distributed.all_sum(terms) / d.world).tolist()):
-            totals[(names + ["loss"])[j]] += v / (1 if j == len(names) else t.accum_steps)
+            totals[(names + ["loss"])[j]] += v
+    if not images:  # (one process) no usable sample in the whole step
+        return {"images": 0}
+    if engine is not None:
+        norm = engine.get_global_grad_norm()
+        return {**totals, "grad_norm": float(norm) if norm is not None else math.nan, "images": images,
+                "applied": engine.was_step_applied()}
     params = [p for p in model.parameters() if p.grad is not None]
     if t.clip_grad > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.clip_grad))
@@ -285,13 +344,22 @@ def _merge_issues(state: dict, issues: Counter, d) -> None:
     issues.clear()
 
 
-def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d):
+def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d, engine=None):
     path = ckpt_dir / f"{checkpoint.PREFIX}{state['step']:08d}"
+    saved = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "state": dict(state)}
+    if engine is None:
+        saved["optimizer"] = optimizer.state_dict()
+    else:  # every rank writes its optimizer partition into the staging directory first
+        staging = checkpoint.staging(ckpt_dir, state["step"])
+        if d.main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        torch.distributed.barrier()
+        zero.save_partition(engine, staging, d.rank)
+        torch.distributed.barrier()
+        saved["zero_world"] = d.world
     if d.main:
-        path = checkpoint.save(ckpt_dir, state["step"], model, {
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "state": dict(state),
-        }, keep_last)
+        path = checkpoint.save(ckpt_dir, state["step"], model, saved, keep_last, staged=engine is not None)
     if d.world > 1:
         torch.distributed.barrier()
     return path

@@ -34,14 +34,14 @@ class PaCoFR(nn.Module):
         inputs. After it, codes and predictor learn end to end through the reconstruction."""
         self.incubating = bool(on)
 
-    def replace_patches(self, patches: Tensor, masks: Masks, generator=None) -> tuple[Tensor, Tensor, Tensor, int, int]:
-        """(patches with the replace set swapped for codebook mixtures, l_belief, l_commit, and
-        the number of rows each loss averages over).
+    def replace_patches(self, patches: Tensor, masks: Masks, generator=None) -> tuple[Tensor, Tensor, Tensor]:
+        """(patches with the replace set swapped for codebook mixtures, l_belief, l_commit; the
+        rows each loss averages over are in `loss_norms`).
 
         During incubation the predictor is trained on every visible patch; after it, on the
         replaced ones only."""
         cb = self.cfg.model.codebook
-        rows = ~masks.mask if self.incubating else masks.replace
+        rows = self.search_rows(masks)
         src = patches[rows]  # [M, P]
         if self.incubating and self.training:
             self.codebook.init_from(src.detach(), generator)
@@ -63,7 +63,18 @@ class PaCoFR(nn.Module):
         l_commit = ((mixed - src.detach().float()) ** 2).mean(-1)[is_replaced]
         full = patches.float().masked_scatter(rows[..., None].expand_as(patches), mixed)
         out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
-        return out, _mean(l_belief), _mean(l_commit), l_belief.numel(), l_commit.numel()
+        return out, _mean(l_belief), _mean(l_commit)
+
+    def updated_in_place(self) -> list[nn.Parameter]:
+        """Parameters that a training forward changes in place, outside the optimizer: the code
+        table during incubation (initialization, EMA steps, restarts). An optimizer that keeps
+        its own master copy (ZeRO) must take these values over."""
+        return [self.codebook.codes] if self.incubating and self.training else []
+
+    def search_rows(self, masks: Masks) -> Tensor:
+        """The patches the Belief Predictor sees: every visible one during incubation, the
+        replaced ones after it."""
+        return ~masks.mask if self.incubating else masks.replace
 
     def patch_weights(self, masks: Masks) -> Tensor:
         lc = self.cfg.loss
@@ -80,7 +91,7 @@ class PaCoFR(nn.Module):
         if masks is None:
             masks = structured_masks(b, (h, w), p, self.cfg.masking, landmarks, generator, images.device)
         patches = patchify(images, p)
-        replaced, l_belief, l_commit, n_belief, n_commit = self.replace_patches(patches, masks, generator)
+        replaced, l_belief, l_commit = self.replace_patches(patches, masks, generator)
         encoder_input = unpatchify(replaced, p, h, w)
 
         keep, seqlens = visible_index(masks.mask)
@@ -95,7 +106,7 @@ class PaCoFR(nn.Module):
         return {
             "loss": loss, "l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit,
             "mask": masks.mask, "replace": masks.replace, "pred": pred, "input": encoder_input,
-            "weights": self.loss_weights(), "norms": self.loss_norms(weight, n_belief, n_commit),
+            "weights": self.loss_weights(), "norms": self.loss_norms(masks),
         }
 
     def loss_weights(self) -> dict[str, float]:
@@ -103,11 +114,13 @@ class PaCoFR(nn.Module):
         return {"l_pix": 1.0, "l_sc": lc.w_sc, "l_belief": lc.w_belief_incubation if self.incubating else lc.w_belief,
                 "l_commit": lc.w_commit}
 
-    def loss_norms(self, weight: Tensor, n_belief: int, n_commit: int) -> dict[str, Tensor]:
-        """What each loss term is averaged over in this batch: data-parallel training sums
-        these over ranks so that every term is a mean over the global batch."""
-        sum_w, sum_pairs = patch_pixel_loss_normalizers(weight, self.encoder.grid)
-        counts = torch.tensor([n_belief, n_commit], dtype=torch.float32, device=weight.device)
+    def loss_norms(self, masks: Masks) -> dict[str, Tensor]:
+        """What each loss term is averaged over in a batch with these masks (they alone decide
+        it, so it is known before the forward): training sums these over micro-batches and
+        ranks so that every term is a mean over the global batch."""
+        sum_w, sum_pairs = patch_pixel_loss_normalizers(self.patch_weights(masks), self.encoder.grid)
+        rows = self.search_rows(masks)
+        counts = torch.stack([rows.sum(), (rows & masks.replace).sum()]).float()
         return {"l_pix": sum_w, "l_sc": sum_pairs, "l_belief": counts[0], "l_commit": counts[1]}
 
 

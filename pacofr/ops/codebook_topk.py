@@ -23,10 +23,6 @@ def _triton_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> str | 
 register_triton("codebook_topk", _triton_supports)
 
 
-def _score_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _run(x: Tensor, codebook: Tensor, k: int, metric: str):
     backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=k, metric=metric)
     return backend.forward(x, codebook, k, metric)
@@ -44,7 +40,8 @@ def _forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, 
 
 @_forward.register_fake
 def _(x, codebook, k, metric):
-    return x.new_empty(x.shape[0], k, dtype=_score_dtype(x)), x.new_empty(x.shape[0], k, dtype=torch.int64)
+    n = x.shape[0]
+    return x.new_empty(n, k, dtype=reference.accumulation_dtype(x, codebook)), x.new_empty(n, k, dtype=torch.int64)
 
 
 @torch.library.custom_op("pacofr::codebook_topk_backward", mutates_args=())

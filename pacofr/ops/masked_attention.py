@@ -32,10 +32,6 @@ def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, ke
 register_triton("masked_attention", _triton_supports)
 
 
-def _acc_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _output_strides(q: Tensor) -> tuple[int, ...]:
     """The output's layout, whatever the backend (torch.compile relies on it): contiguous when
     q is, else [B, N, H, d] memory seen as [B, H, N, d], so that a ViT block's
@@ -69,7 +65,8 @@ def _forward(
 
 @_forward.register_fake
 def _(q, k, v, seqlens, key_mask, scale):
-    return q.new_empty_strided(q.shape, _output_strides(q)), q.new_empty(q.shape[:3], dtype=_acc_dtype(q))
+    lse = q.new_empty(q.shape[:3], dtype=reference.accumulation_dtype(q, k, v))
+    return q.new_empty_strided(q.shape, _output_strides(q)), lse
 
 
 @torch.library.custom_op("pacofr::masked_attention_backward", mutates_args=())
@@ -130,7 +127,7 @@ def _qkv_forward(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, s
 @_qkv_forward.register_fake
 def _(qkv, seqlens, key_mask, scale):
     b, n, _, h, d = qkv.shape
-    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, h, n, dtype=_acc_dtype(qkv))
+    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, h, n, dtype=reference.accumulation_dtype(qkv))
 
 
 @torch.library.custom_op("pacofr::masked_attention_qkv_backward", mutates_args=())

@@ -15,7 +15,7 @@ TOPK_ROW_TILE = 2048
 TOPK_CODE_TILE = 1024
 
 
-def _acc_dtype(*tensors: Tensor) -> torch.dtype:
+def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
     """float64 stays float64 (gradcheck); everything else accumulates in float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -50,7 +50,7 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Ten
     so column order is index order and ties go to the lower index. Infinitely bad scores rank
     after every finite one, NaN scores last.
     """
-    acc = _acc_dtype(x, codebook)
+    acc = accumulation_dtype(x, codebook)
     n, k_codes = x.shape[0], codebook.shape[0]
     scores = torch.empty(n, k, dtype=acc, device=x.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
@@ -76,7 +76,7 @@ def codebook_topk_backward(
     grad_scores: Tensor, x: Tensor, codebook: Tensor, idx: Tensor, metric: str
 ) -> tuple[Tensor, Tensor]:
     """Gradients of sum(grad_scores * scores) w.r.t. x and codebook (scatter-add over codes)."""
-    acc = _acc_dtype(x, codebook)
+    acc = accumulation_dtype(x, codebook)
     grad_x = torch.empty_like(x)
     grad_codebook = torch.zeros(codebook.shape, dtype=acc, device=codebook.device)
     for r0 in range(0, x.shape[0], TOPK_ROW_TILE):
@@ -122,7 +122,7 @@ def masked_attention(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, lse). lse is +inf on rows that take no part (padded queries, no valid
     key), so exp(s - lse) is exactly 0 there in forward and backward."""
-    acc = _acc_dtype(q, k, v)
+    acc = accumulation_dtype(q, k, v)
     b, _, n, _ = q.shape
     query_valid, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
@@ -138,7 +138,7 @@ def masked_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     seqlens: Tensor | None, key_mask: Tensor | None, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    acc = _acc_dtype(q, k, v)
+    acc = accumulation_dtype(q, k, v)
     b, _, n, _ = q.shape
     _, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
     qf, kf, vf, of, go = (t.to(acc) for t in (q, k, v, out, grad_out))
@@ -166,7 +166,7 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
 
 
 def _pixel_loss_parts(pred, images, weight, p, norm_pix, eps):
-    acc = _acc_dtype(pred, images)
+    acc = accumulation_dtype(pred, images)
     b, c, hh, ww = images.shape
     gh, gw = hh // p, ww // p
     t = _patches(images, p).to(acc)
@@ -182,12 +182,14 @@ def _target_stats(t, norm_pix, eps):
     if not norm_pix:
         return torch.zeros((), dtype=t.dtype, device=t.device), torch.ones((), dtype=t.dtype, device=t.device)
     mean = t.mean(dim=(3, 4, 5), keepdim=True)
-    return mean, torch.sqrt(t.var(dim=(3, 4, 5), keepdim=True, correction=1) + eps)
+    # unbiased variance, written out: torch.var warns on an empty batch
+    var = ((t - mean) ** 2).sum(dim=(3, 4, 5), keepdim=True) / (math.prod(t.shape[3:]) - 1)
+    return mean, torch.sqrt(var + eps)
 
 
 def patch_stats(images: Tensor, patch_size: int, norm_pix: bool, eps: float) -> Tensor:
     """float32 [2, B*L]: each patch's target mean and std, patches row-major over the grid."""
-    t = _patches(images, patch_size).to(_acc_dtype(images))
+    t = _patches(images, patch_size).to(accumulation_dtype(images))
     mean, std = _target_stats(t, norm_pix, eps)
     shape = t.shape[:3] + (1, 1, 1)
     return torch.stack([mean.expand(shape).flatten(), std.expand(shape).flatten()]).float()
@@ -227,7 +229,7 @@ def patch_pixel_loss_backward(
 ) -> Tensor:
     p = patch_size
     t, x, w, mean, std = _pixel_loss_parts(pred, images, weight, p, norm_pix, eps)
-    n_pix = x[0, 0, 0].numel()
+    n_pix = p * p * x.shape[-1]  # (also for an empty batch)
     g = _safe_div(2.0 * grad_pix.to(x.dtype), w.sum()) / n_pix
     grad = g * w[..., None, None, None] * (x - (t - mean) / std)
     # Border term: d(l_sc)/d(denormalized pred), then the chain rule through `* std`.

@@ -1,0 +1,155 @@
+"""DeepSpeed ZeRO stages 1 and 2 for the pretraining loop (`train.deepspeed`: a DeepSpeed JSON
+config, e.g. configs/zero2.json).
+
+DeepSpeed partitions the optimizer states (stage 1) and the gradients (stage 2) over the ranks
+and averages gradients as DDP does. Everything else stays pacofr's, so a ZeRO run gives the
+losses of a DDP or single-process run: the batch sizes, accumulation and clipping (train.*,
+written into the DeepSpeed config), the AdamW groups and their schedule, bf16 autocast on CUDA
+with fp32 weights, the loss normalization, and the checkpoints (each rank's optimizer
+partition beside the weights, loaded with weights_only). A step whose gradients are not
+finite is skipped by DeepSpeed and counted by the loop.
+
+Stage 3 is refused: it partitions the parameters themselves and gathers them only for the
+forward of the module that owns them, while the model reads the code tables (the fused ops
+take them as tensors) and updates them in place from its parent module.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import Config, ConfigError
+
+_PRECISION = "precision is pacofr's: bf16 autocast on CUDA with fp32 weights, gradients and their sums"
+# Sections of a DeepSpeed config that pacofr sets itself, and why.
+_REFUSED = {
+    "optimizer": "the optimizer is pacofr's AdamW (train.blr, beta1, beta2, weight_decay)",
+    "scheduler": "the schedule is pacofr's warmup + cosine (train.warmup_epochs, min_lr)",
+    "fp16": _PRECISION, "bf16": _PRECISION, "torch_autocast": _PRECISION, "data_types": _PRECISION,
+    "communication_data_type": _PRECISION,
+}
+# Settings the loop relies on: (section or None for the top level, key, the value it needs, why).
+_REQUIRED = [
+    (None, "managed_gradient_accumulation", True, "DeepSpeed steps once per train.accum_steps micro-batches"),
+    ("zero_optimization", "compute_grad_norm", True, "a step with non-finite gradients is found by their norm"),
+    ("zero_optimization", "elastic_checkpoint", False, "each rank resumes from its own optimizer partition"),
+]
+
+
+def _partition_file(directory: Path, rank: int) -> Path:
+    return Path(directory) / f"zero-rank{rank:05d}.pt"
+
+
+def config(path: str, cfg: Config, per_rank: int) -> dict:
+    """The DeepSpeed config at `path` with pacofr's batch sizes, accumulation and clipping
+    written in; values that disagree with them (other than "auto") and sections pacofr sets
+    itself fail with the key's name."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"train.deepspeed: no such file: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed: {path} is not JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object")
+    t = cfg.train
+    ours = {"train_batch_size": t.batch_size, "train_micro_batch_size_per_gpu": per_rank,
+            "gradient_accumulation_steps": t.accum_steps, "gradient_clipping": float(t.clip_grad)}
+    for key, value in ours.items():
+        if raw.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{path}: {key}={raw[key]!r} disagrees with pacofr's config ({value}); "
+                              f"set it through train.* or write \"auto\"")
+    for key, why in _REFUSED.items():
+        section = raw.get(key)
+        if section is not None and (not isinstance(section, dict) or section.get("enabled", True)):
+            raise ConfigError(f"{path}: remove \"{key}\": {why}")
+    for section, key, value, why in _REQUIRED:
+        where = raw if section is None else raw.get(section, {})
+        if where.get(key, value) != value:
+            raise ConfigError(f"{path}: {key} must be {json.dumps(value)} ({why})")
+    stage = raw.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2):
+        why = ("stage 0 is plain data parallelism: run without train.deepspeed" if stage == 0 else
+               "stage 3 partitions the parameters, and the model reads and updates the code tables outside "
+               "their module's forward, which stage 3 does not gather")
+        raise ConfigError(f"{path}: zero_optimization.stage={stage} is not supported (1 or 2): {why}")
+    return {"steps_per_print": 2**31 - 1, **raw, **ours,
+            "zero_allow_untested_optimizer": True}  # a torch AdamW: its state partitions as DeepSpeed's own
+
+
+def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict, device: torch.device):
+    """The DeepSpeed engine around the model and pacofr's optimizer (whose param groups, and so
+    the lr the scheduler sets, the ZeRO optimizer steps). Joins DeepSpeed's communication to the
+    process group (a single process gets a group of one)."""
+    try:
+        import deepspeed
+    except ImportError:
+        raise ConfigError("train.deepspeed needs DeepSpeed: pip install deepspeed") from None
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():  # one process: a group of one on a free local port
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        os.environ.setdefault("LOCAL_RANK", "0")  # which DeepSpeed reads (launchers set it)
+    deepspeed.init_distributed(dist_backend=backend)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def take_over(params: list[torch.nn.Parameter]) -> None:
+    """Values the model wrote into these parameters in place (see PaCoFR.updated_in_place) into
+    ZeRO's fp32 master copy, which the next step would otherwise copy back over them."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    for p in params:
+        safe_set_full_fp32_param(p, p.detach())
+
+
+def restart_moments(engine, group: int) -> None:
+    """AdamW's step count and moments of a param group back to zero, on this rank's
+    partition. ZeRO steps every group every step, gradient or not, while torch's AdamW skips a
+    parameter without one (the code table during incubation): at the end of incubation the
+    code table's moments are zero either way, and its step count now starts again, as in a
+    DDP run, so that its first updates are bias-corrected alike."""
+    flat = engine.optimizer.single_partition_of_fp32_groups[group]
+    for value in engine.optimizer.optimizer.state.get(flat, {}).values():
+        value.zero_()
+
+
+def shutdown() -> None:
+    """Ends the process group through DeepSpeed, which also forgets the groups it cached (a
+    later run in the same process would find them dead)."""
+    import deepspeed.comm
+
+    torch.distributed.barrier()
+    deepspeed.comm.destroy_process_group()
+
+
+def save_partition(engine, directory: Path, rank: int) -> None:
+    """This rank's ZeRO optimizer partition (fp32 master weights and AdamW moments)."""
+    torch.save(engine.optimizer.state_dict(), _partition_file(directory, rank))
+
+
+def load_partition(engine, directory: Path, rank: int, world: int, saved_world: int | None) -> None:
+    """Restores this rank's partition saved by save_partition. The partitions follow the rank
+    count: a checkpoint resumes with as many ranks as wrote it."""
+    if saved_world is None:
+        raise ConfigError(f"{directory}: not a ZeRO checkpoint (resume it without train.deepspeed)")
+    if saved_world != world:
+        raise ConfigError(f"{directory}: written by {saved_world} ZeRO ranks; resume it with {saved_world}, "
+                          f"not {world}")
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    # weights_only, with the three plain records DeepSpeed keeps beside the tensors allowed
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        state = torch.load(_partition_file(directory, rank), map_location="cpu", weights_only=True)
+    partitions = [None] * world
+    partitions[rank] = state  # a rigid checkpoint: each rank reads only its own
+    engine.optimizer.load_state_dict(partitions, load_optimizer_states=True, load_from_fp32_weights=True)
