@@ -16,7 +16,7 @@ setup(
     extras_require={
         "triton": ["triton"],  # GPU machines ship it with torch; on CPU it runs the interpreter
         # timm is installed with --no-deps by the Makefile: see the comment there.
-        "deepspeed": ["deepspeed"],  # ZeRO stages 1-2 (train.deepspeed)
+        "deepspeed": ["deepspeed"],  # ZeRO (train.deepspeed)
         "test": ["pytest", "pytest-benchmark", "huggingface_hub", "deepspeed"],
     },
     entry_points={"console_scripts": ["pacofr = pacofr.cli:main"]},

@@ -13,7 +13,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON",
-                   help="DeepSpeed ZeRO (stage 1 or 2) with this config; the same as --set train.deepspeed=JSON")
+                   help="DeepSpeed ZeRO (stage 1, 2 or 3) with this config; the same as --set train.deepspeed=JSON")
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's usual switch
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 

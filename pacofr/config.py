@@ -118,7 +118,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     image_every: int = 500
-    deepspeed: str = ""  # a DeepSpeed JSON config: ZeRO stage 1 or 2 (see pacofr/engine/zero.py); "" = DDP
+    deepspeed: str = ""  # a DeepSpeed JSON config: ZeRO stage 1, 2 or 3 (pacofr/engine/zero.py); "" = DDP
 
 
 @dataclass

@@ -240,7 +240,9 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
                        "skipped_steps": state["skipped_steps"], **metrics}
                 monitor.log(row)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
-            if d.main and t.image_every and state["step"] % t.image_every == 0 and len(group[0]["images"]):
+            # (under ZeRO-3 every rank runs the forward: it gathers the parameters collectively)
+            if t.image_every and state["step"] % t.image_every == 0 and len(group[0]["images"]) and (
+                    d.main or zero.partitions_parameters(engine)):
                 _grid(cfg, model, group[0], d, monitor, state["step"])
             # No checkpoint right after a skipped step: the last one stays the last good one.
             if (state["step"] % t.ckpt_every == 0 or state["step"] == total_steps) and nonfinite_run == 0:
@@ -255,9 +257,11 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     summary = {"steps": state["step"], "epochs_started": state["epoch"] + 1, "skipped_steps": state["skipped_steps"],
                "skipped_or_repaired_samples": dict(sorted(state["issues"].items())),
                "output": str(output), "last_checkpoint": str(last_ckpt)}
+    with zero.gathered(engine, model):
+        if d.main:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
+                      str(output / "encoder.safetensors"))
     if d.main:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
-                  str(output / "encoder.safetensors"))
         summary.update(encoder=str(output / "encoder.safetensors"), metrics=str(output / "metrics.csv"),
                        images=str(output / "images"), tensorboard=str(output / "tensorboard"))
         (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
@@ -306,7 +310,7 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
         if engine is None:
             loss.backward()
         else:
-            zero.take_over(model.updated_in_place())
+            zero.take_over(engine, model.updated_in_place())
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()  # the optimizer step at the last micro-batch, with clipping
         terms = torch.stack([out[n].detach().float() * share[j] for j, n in enumerate(names)] + [loss.detach()])
@@ -332,8 +336,9 @@ def _grid(cfg, model, batch, d, monitor, step):
     model.eval()
     out = model(batch["images"].to(d.device), masks=batch["masks"].to(d.device))
     model.train(was_training)
-    monitor.reconstruction_grid(step, batch["images"].to(d.device), out, cfg.model.patch_size,
-                                cfg.loss.norm_pix, cfg.loss.eps)
+    if monitor is not None:
+        monitor.reconstruction_grid(step, batch["images"].to(d.device), out, cfg.model.patch_size,
+                                    cfg.loss.norm_pix, cfg.loss.eps)
 
 
 def _merge_issues(state: dict, issues: Counter, d) -> None:
@@ -358,8 +363,9 @@ def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d, engine=Non
         zero.save_partition(engine, staging, d.rank)
         torch.distributed.barrier()
         saved["zero_world"] = d.world
-    if d.main:
-        path = checkpoint.save(ckpt_dir, state["step"], model, saved, keep_last, staged=engine is not None)
+    with zero.gathered(engine, model):
+        if d.main:
+            path = checkpoint.save(ckpt_dir, state["step"], model, saved, keep_last, staged=engine is not None)
     if d.world > 1:
         torch.distributed.barrier()
     return path

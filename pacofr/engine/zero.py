@@ -1,19 +1,23 @@
-"""DeepSpeed ZeRO stages 1 and 2 for the pretraining loop (`train.deepspeed`: a DeepSpeed JSON
-config, e.g. configs/zero2.json).
+"""DeepSpeed ZeRO for the pretraining loop (`train.deepspeed`: a DeepSpeed JSON config, e.g.
+configs/zero2.json).
 
-DeepSpeed partitions the optimizer states (stage 1) and the gradients (stage 2) over the ranks
-and averages gradients as DDP does. Everything else stays pacofr's, so a ZeRO run gives the
-losses of a DDP or single-process run: the batch sizes, accumulation and clipping (train.*,
-written into the DeepSpeed config), the AdamW groups and their schedule, bf16 autocast on CUDA
-with fp32 weights, the loss normalization, and the checkpoints (each rank's optimizer
-partition beside the weights, loaded with weights_only). A step whose gradients are not
-finite is skipped by DeepSpeed and counted by the loop.
+DeepSpeed partitions the optimizer states (stage 1), the gradients (stage 2) and the parameters
+(stage 3) over the ranks and averages gradients as DDP does. Everything else stays pacofr's,
+so a ZeRO run gives the losses of a DDP or single-process run: the batch sizes, accumulation
+and clipping (train.*, written into the DeepSpeed config), the AdamW groups and their
+schedule, bf16 autocast on CUDA with fp32 weights, the loss normalization, and the
+checkpoints (each rank's optimizer partition beside the full weights, loaded with
+weights_only). A step whose gradients are not finite is skipped by DeepSpeed and counted by
+the loop.
 
-Stage 3 is refused: it partitions the parameters themselves and gathers them only for the
-forward of the module that owns them, while the model reads the code tables (the fused ops
-take them as tensors) and updates them in place from its parent module.
+What the model does outside the optimizer goes through here: during incubation it writes the
+code table in place (PaCoFR.updated_in_place), which ZeRO's own copies take over; under stage 3
+the parameters it reads outside their module's forward (PaCoFR.direct_parameters: the code
+tables the fused ops take) are gathered with the model's, and the full weights are gathered
+for checkpoints and reconstruction grids.
 """
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -70,11 +74,9 @@ def config(path: str, cfg: Config, per_rank: int) -> dict:
         if where.get(key, value) != value:
             raise ConfigError(f"{path}: {key} must be {json.dumps(value)} ({why})")
     stage = raw.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2):
-        why = ("stage 0 is plain data parallelism: run without train.deepspeed" if stage == 0 else
-               "stage 3 partitions the parameters, and the model reads and updates the code tables outside "
-               "their module's forward, which stage 3 does not gather")
-        raise ConfigError(f"{path}: zero_optimization.stage={stage} is not supported (1 or 2): {why}")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage} is not supported (1, 2 or 3; stage 0 is "
+                          f"plain data parallelism: run without train.deepspeed)")
     return {"steps_per_print": 2**31 - 1, **raw, **ours,
             "zero_allow_untested_optimizer": True}  # a torch AdamW: its state partitions as DeepSpeed's own
 
@@ -98,16 +100,39 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ds_conf
         os.environ.setdefault("LOCAL_RANK", "0")  # which DeepSpeed reads (launchers set it)
     deepspeed.init_distributed(dist_backend=backend)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if partitions_parameters(engine):
+        for p in model.direct_parameters():
+            deepspeed.zero.register_external_parameter(model, p)
     return engine
 
 
-def take_over(params: list[torch.nn.Parameter]) -> None:
-    """Values the model wrote into these parameters in place (see PaCoFR.updated_in_place) into
-    ZeRO's fp32 master copy, which the next step would otherwise copy back over them."""
+def partitions_parameters(engine) -> bool:
+    """Stage 3: a rank holds only its slice of each parameter outside the forward."""
+    return engine is not None and engine.zero_optimization_stage() == 3
+
+
+def gathered(engine, model: torch.nn.Module):
+    """A context in which every rank holds the model's full parameters (under stage 3; entered
+    by all ranks), for its state dict or a forward outside the engine."""
+    if not partitions_parameters(engine):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def take_over(engine, updates: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:
+    """Values the model wrote into parameters in place (see PaCoFR.updated_in_place) into
+    ZeRO's fp32 master copy, which the next step would otherwise copy back over them, and under
+    stage 3 into each rank's slice (the gathered parameter they were written to is gone)."""
+    import deepspeed
     from deepspeed.utils import safe_set_full_fp32_param
 
-    for p in params:
-        safe_set_full_fp32_param(p, p.detach())
+    for p, value in updates:
+        if partitions_parameters(engine):
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(value)
+        safe_set_full_fp32_param(p, value)
 
 
 def restart_moments(engine, group: int) -> None:
@@ -116,7 +141,9 @@ def restart_moments(engine, group: int) -> None:
     parameter without one (the code table during incubation): at the end of incubation the
     code table's moments are zero either way, and its step count now starts again, as in a
     DDP run, so that its first updates are bias-corrected alike."""
-    flat = engine.optimizer.single_partition_of_fp32_groups[group]
+    opt = engine.optimizer
+    flats = opt.fp32_partitioned_groups_flat if partitions_parameters(engine) else opt.single_partition_of_fp32_groups
+    flat = flats[group]
     for value in engine.optimizer.optimizer.state.get(flat, {}).values():
         value.zero_()
 

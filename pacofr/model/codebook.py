@@ -29,10 +29,17 @@ class PixelCodebook(nn.Module):
         self.register_buffer("ema_count", torch.zeros(num_codes))
         self.register_buffer("ema_sum", torch.zeros(num_codes, code_dim))
         self.register_buffer("initialized", torch.tensor(False))
+        self.written = None  # the code table as last written in place (see take_written)
 
     @property
     def num_codes(self) -> int:
-        return self.codes.shape[0]
+        return self.ema_count.shape[0]  # (a buffer: never partitioned away, unlike a ZeRO-3 parameter)
+
+    def take_written(self) -> Tensor | None:
+        """A copy of the code table as the last initialization or EMA step wrote it in place,
+        once (None if none since): for an optimizer that keeps its own copy of the parameter."""
+        written, self.written = self.written, None
+        return written
 
     def _sample(self, patches: Tensor, count: int, generator: torch.Generator | None) -> Tensor | None:
         """`count` random patches of the global batch. With data parallelism every rank draws
@@ -67,6 +74,7 @@ class PixelCodebook(nn.Module):
         self.ema_sum.copy_(self.codes)
         self.ema_count.fill_(1.0)
         self.initialized.fill_(True)
+        self.written = self.codes.detach().clone()
 
     @torch.no_grad()
     def ema_update(self, patches: Tensor, assign: Tensor, generator: torch.Generator | None = None) -> int:
@@ -94,6 +102,7 @@ class PixelCodebook(nn.Module):
             self.codes[dead] = fresh
             self.ema_sum[dead] = fresh
             self.ema_count[dead] = 1.0
+        self.written = self.codes.detach().clone()
         return int(dead.numel())
 
     @torch.no_grad()

@@ -65,11 +65,17 @@ class PaCoFR(nn.Module):
         out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
         return out, _mean(l_belief), _mean(l_commit)
 
-    def updated_in_place(self) -> list[nn.Parameter]:
-        """Parameters that a training forward changes in place, outside the optimizer: the code
-        table during incubation (initialization, EMA steps, restarts). An optimizer that keeps
-        its own master copy (ZeRO) must take these values over."""
-        return [self.codebook.codes] if self.incubating and self.training else []
+    def updated_in_place(self) -> list[tuple[nn.Parameter, Tensor]]:
+        """(parameter, value) for what the last training forward wrote in place, outside the
+        optimizer: the code table during incubation (initialization, EMA steps, restarts). An
+        optimizer that keeps its own copy of the parameters (ZeRO) must take these values over."""
+        written = self.codebook.take_written()
+        return [] if written is None else [(self.codebook.codes, written)]
+
+    def direct_parameters(self) -> list[nn.Parameter]:
+        """Parameters that the forward reads outside their own module's forward: the code
+        tables, which the fused ops take as tensors (ZeRO-3 gathers these with this module's)."""
+        return [self.codebook.codes, self.codebook.keys]
 
     def search_rows(self, masks: Masks) -> Tensor:
         """The patches the Belief Predictor sees: every visible one during incubation, the
