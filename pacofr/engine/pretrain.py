@@ -291,7 +291,8 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
         usable.append((i, batch))
     if engine is not None and usable:  # DeepSpeed steps after accum micro-steps: the empty ones are zeros
         for _ in range(len(group) - len(usable)):
-            engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, scale_wrt_gas=False)
+            with zero.gathered(engine, model):  # (outside a forward, ZeRO-3 parameters are empty slices)
+                engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, scale_wrt_gas=False)
             engine.step()
     masks = [b["masks"].to(d.device, non_blocking=True) for _, b in usable]
     names = list(model.loss_weights())  # loss terms, in a fixed order

@@ -142,10 +142,13 @@ def restart_moments(engine, group: int) -> None:
     code table's moments are zero either way, and its step count now starts again, as in a
     DDP run, so that its first updates are bias-corrected alike."""
     opt = engine.optimizer
-    flats = opt.fp32_partitioned_groups_flat if partitions_parameters(engine) else opt.single_partition_of_fp32_groups
-    flat = flats[group]
-    for value in engine.optimizer.optimizer.state.get(flat, {}).values():
-        value.zero_()
+    if partitions_parameters(engine):  # stage 3 may split a group into several flat sub-groups
+        flats = [f for i, f in enumerate(opt.fp32_partitioned_groups_flat) if opt.sub_group_to_group_id[i] == group]
+    else:
+        flats = [opt.single_partition_of_fp32_groups[group]]
+    for flat in flats:
+        for value in opt.optimizer.state.get(flat, {}).values():
+            value.zero_()
 
 
 def shutdown() -> None:
