@@ -29,14 +29,14 @@ def hopper() -> bool:
 
 
 def on_device(launcher):
-    """Runs a launcher with its first tensor argument's CUDA device current: Triton launches
-    on the current device and its stream, whatever device the pointers belong to."""
+    """Runs a launcher with the device of its first CUDA tensor argument current: Triton
+    launches on the current device and its stream, whatever device the pointers belong to."""
     import torch
 
     @functools.wraps(launcher)
     def call(*args, **kwargs):
-        device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if device is None or device.type != "cuda" or device.index == torch.cuda.current_device():
+        device = next((a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"), None)
+        if device is None or device.index == torch.cuda.current_device():
             return launcher(*args, **kwargs)
         with torch.cuda.device(device):
             return launcher(*args, **kwargs)

@@ -45,6 +45,9 @@ def test_launchers_run_with_their_tensors_device_current(monkeypatch):
     t = torch.Tensor._make_subclass(_OnCuda1, torch.zeros(2))
     assert launch(3, t, k=4) == "done"
     assert seen == [(t, {"k": 4}, [torch.device("cuda", 1)])]
+    entered.clear()
+    launch(torch.zeros(()), t)  # a CPU scalar first (an upstream gradient): the CUDA tensor decides
+    assert entered == [torch.device("cuda", 1)]
     current[0] = 1  # already current: no switch
     entered.clear()
     launch(3, t)
