@@ -25,9 +25,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def staging(directory: Path, step: int) -> Path:
-    """Where ckpt-<step> is written before it is renamed into place."""
-    return directory / f".{PREFIX}{step:08d}.tmp"
+def staging(directory: Path, step: int, fresh: bool = False) -> Path:
+    """Where ckpt-<step> is written before it is renamed into place; `fresh`: emptied first."""
+    tmp = directory / f".{PREFIX}{step:08d}.tmp"
+    if fresh:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    return tmp
 
 
 def save(directory: Path, step: int, model: torch.nn.Module, state: dict, keep_last: int, staged: bool = False) -> Path:
@@ -35,10 +39,7 @@ def save(directory: Path, step: int, model: torch.nn.Module, state: dict, keep_l
     files already written into staging(directory, step) (by every rank) go with it."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:08d}"
-    tmp = staging(directory, step)
-    if not staged:
-        shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(exist_ok=staged)
+    tmp = staging(directory, step, fresh=not staged)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")

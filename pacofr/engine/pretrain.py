@@ -2,7 +2,6 @@
 resume, a non-finite loss guard, and logs."""
 
 import math
-import shutil
 import time
 import zlib
 from collections import Counter
@@ -267,7 +266,10 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
         monitor.close()
         _print_summary(summary)
-    zero.shutdown() if engine is not None else distributed.shutdown()
+    if engine is not None:
+        zero.shutdown()
+    else:
+        distributed.shutdown()
     return summary
 
 
@@ -356,10 +358,7 @@ def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d, engine=Non
     if engine is None:
         saved["optimizer"] = optimizer.state_dict()
     else:  # every rank writes its optimizer partition into the staging directory first
-        staging = checkpoint.staging(ckpt_dir, state["step"])
-        if d.main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+        staging = checkpoint.staging(ckpt_dir, state["step"], fresh=d.main)
         torch.distributed.barrier()
         zero.save_partition(engine, staging, d.rank)
         torch.distributed.barrier()

@@ -112,7 +112,7 @@ class PaCoFR(nn.Module):
         return {
             "loss": loss, "l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit,
             "mask": masks.mask, "replace": masks.replace, "pred": pred, "input": encoder_input,
-            "weights": self.loss_weights(), "norms": self.loss_norms(masks),
+            "weights": self.loss_weights(),
         }
 
     def loss_weights(self) -> dict[str, float]:
