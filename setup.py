@@ -17,7 +17,8 @@ setup(
         "triton": ["triton"],  # GPU machines ship it with torch; on CPU it runs the interpreter
         # timm is installed with --no-deps by the Makefile: see the comment there.
         "deepspeed": ["deepspeed"],  # ZeRO (train.deepspeed)
-        "test": ["pytest", "pytest-benchmark", "huggingface_hub", "deepspeed"],
+        "dali": ["nvidia-dali-cuda130"],  # data.decoder='dali' (the build for CUDA 13; others exist)
+        "test": ["pytest", "pytest-benchmark", "huggingface_hub", "deepspeed", "nvidia-dali-cuda130"],
     },
     entry_points={"console_scripts": ["pacofr = pacofr.cli:main"]},
 )

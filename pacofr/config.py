@@ -96,6 +96,9 @@ class DataConfig:
     color_jitter: float = 0.1  # brightness / contrast / saturation strength
     num_workers: int = 2
     shuffle_buffer: int = 1000  # WebDataset shards only
+    decoder: str = "pil"  # pil (decode in DataLoader workers) | dali (NVIDIA DALI, pacofr/data/dali.py)
+    dali_device: str = "auto"  # dali: mixed (GPU decode) | cpu; auto = mixed on a GPU, cpu otherwise
+    dali_threads: int = 4  # dali: CPU threads of its pipeline
 
 
 @dataclass
@@ -223,6 +226,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.codebook.topk={m.codebook.topk} must be in [1, min(32, num_codes)]")
     if m.attn_impl not in ("pacofr", "sdpa"):
         raise ConfigError(f"model.attn_impl must be 'pacofr' or 'sdpa', got '{m.attn_impl}'")
+    if cfg.data.decoder not in ("pil", "dali"):
+        raise ConfigError(f"data.decoder must be 'pil' or 'dali', got '{cfg.data.decoder}'")
+    if cfg.data.dali_device not in ("auto", "mixed", "cpu"):
+        raise ConfigError(f"data.dali_device must be 'auto', 'mixed' or 'cpu', got '{cfg.data.dali_device}'")
+    if cfg.data.dali_threads < 1:
+        raise ConfigError(f"data.dali_threads must be >= 1, got {cfg.data.dali_threads}")
     if m.codebook.mixing not in ("soft", "gumbel"):
         raise ConfigError(f"model.codebook.mixing must be 'soft' or 'gumbel', got '{m.codebook.mixing}'")
 

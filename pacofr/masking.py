@@ -32,6 +32,10 @@ class Masks:
     def to(self, device, non_blocking: bool = False) -> "Masks":
         return Masks(*(t.to(device, non_blocking=non_blocking) for t in (self.mask, self.replace, self.regions)))
 
+    def select(self, rows: Tensor) -> "Masks":
+        """The masks of the samples at `rows` (indices into the batch)."""
+        return Masks(self.mask[rows], self.replace[rows], self.regions[rows])
+
 
 def five_points(landmarks: Tensor) -> Tensor:
     """[B, 5, 2] or 68-point [B, 68, 2] (iBUG order) -> [B, 5, 2]."""

@@ -10,15 +10,18 @@ Sources: "faces" (101 real faces embedded in scikit-image), an image folder, a .
 WebDataset .tar shards. See datasets.py (sources, splitting, seeding), decode.py (the reasons a
 sample is skipped or repaired), transforms.py (augmentation and the landmark coordinate
 convention), landmarks.py (landmark file formats).
+
+With data.decoder='dali' the items stay encoded (collate_encoded) and dali.DaliDecoder decodes
+each batch in the main process: `images = DaliDecoder(S, max_batch)(collate_encoded(items))`.
 """
 
 from .datasets import (ASTRONAUT_FACE_BOX, IMAGE_EXTENSIONS, FacesDataset, ImageFilesDataset, ShardDataset,
-                       build_dataset, collate, embedded_faces)
+                       build_dataset, collate, collate_encoded, embedded_faces)
 from .decode import REASONS, REPAIR_REASONS, SKIP_REASONS
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, FaceTransform, denormalize, sample_seed
 
 __all__ = [
-    "build_dataset", "collate", "denormalize", "IMAGENET_MEAN", "IMAGENET_STD", "REASONS", "SKIP_REASONS",
+    "build_dataset", "collate", "collate_encoded", "denormalize", "IMAGENET_MEAN", "IMAGENET_STD", "REASONS", "SKIP_REASONS",
     "REPAIR_REASONS", "IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "FaceTransform", "FacesDataset",
     "ImageFilesDataset", "ShardDataset", "embedded_faces", "sample_seed",
 ]

@@ -12,6 +12,7 @@ the run was resumed. `set_epoch(epoch)` must be called before the DataLoader ite
 (workers copy the dataset when they start: use persistent_workers=False).
 """
 
+import io
 import json
 import os
 import random
@@ -30,6 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # bottom), chosen by eye on a 32-px grid drawn over the image: hair top to chin, both ears.
 ASTRONAUT_FACE_BOX = (150, 30, 300, 180)
 N_LFW_FACES = 100  # lfw_subset(): the first 100 of its 200 images are faces
+MASK_KEY = 0x6D61736B  # derives a sample's mask seed from its augmentation seed
 
 
 def skipped(reason: str) -> dict:
@@ -53,6 +55,14 @@ def collate(items: list[dict]) -> dict:
     return dict(images=torch.zeros(0, 3, 0, 0), landmarks=torch.zeros(0, 5, 2), issues=issues)
 
 
+def _given_points(points: np.ndarray | None, width: int, height: int) -> tuple[np.ndarray, list[str]]:
+    if points is None:
+        return NAN5, []
+    if not check_landmarks(points, width, height):
+        return NAN5, ["landmarks_invalid"]
+    return points, []
+
+
 def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
               seed: int) -> dict:
     """Encoded image (+ given landmarks in original pixels, or None) -> item."""
@@ -60,12 +70,7 @@ def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTrans
     if im is None:
         return skipped(reason)
     width, height = im.size
-    issues = []
-    if points is None:
-        points = NAN5
-    elif not check_landmarks(points, width, height):
-        points = NAN5
-        issues.append("landmarks_invalid")
+    points, issues = _given_points(points, width, height)
     params = transform.params(width, height, seed)
     scale = draft(im, transform.draft_size(params, width, height))
     reason = load(im)
@@ -76,6 +81,72 @@ def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTrans
         return skipped(repair)
     image, lm = transform.apply(rgb, params, torch.from_numpy(np.array(points, dtype=np.float32)), scale)
     return dict(image=image, landmarks=lm, issue=join_issues([repair] + issues))
+
+
+# What DALI decodes as PIL does; anything else (alpha, CMYK, palette, 16 bits, BMP's many
+# layouts, other formats) is decoded and repaired in the worker and passed on as PNG.
+DALI_FORMATS = ("JPEG", "PNG")
+DALI_MODES = ("RGB", "L")
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", compress_level=1)  # (fast; DALI decodes it anywhere)
+    return buf.getvalue()
+
+
+def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
+                      seed: int) -> dict:
+    """Like make_item, but leaves the pixels encoded for DaliDecoder (data.decoder='dali'):
+    dict(encoded=uint8 array, params (crop, flip, jitter), landmarks=[5, 2] (output pixels),
+    mask_seed, issue). A JPEG or PNG in a mode DALI reads as PIL does, and ending with its end
+    marker, is passed on as read (only its header is parsed here); anything else is decoded
+    here, skipped or repaired as make_item does. A file broken inside is caught by the
+    decoder (DaliDecoder falls back to PIL)."""
+    im, reason = open_image(raw, min_size)
+    if im is None:
+        return skipped(reason)
+    width, height = im.size
+    points, issues = _given_points(points, width, height)
+    repair = None
+    if (im.format not in DALI_FORMATS or im.mode not in DALI_MODES or "transparency" in im.info
+            or not raw.rstrip(b"\0").endswith(_END_MARKERS[im.format])):  # (cut short: nvJPEG might not tell)
+        reason = load(im)
+        if reason:
+            return skipped(reason)
+        rgb, repair = to_rgb(im)
+        if rgb is None:
+            return skipped(repair)
+        raw = png_bytes(rgb)
+    elif im.mode == "L":
+        repair = "gray_converted"  # DALI decodes it to RGB, as to_rgb does
+    params = transform.params(width, height, seed)
+    return dict(encoded=np.frombuffer(raw, dtype=np.uint8), params=params,
+                landmarks=transform.landmarks(torch.from_numpy(np.array(points, dtype=np.float32)), params),
+                mask_seed=sample_seed(seed, MASK_KEY), issue=join_issues([repair] + issues))
+
+
+def collate_encoded(items: list[dict]) -> dict:
+    """Encoded items -> dict(encoded, params, mask_seeds, row_issues: lists; landmarks
+    [B, 5, 2]; issues), the skipped items dropped and counted as in `collate`. The repairs and
+    landmark issues of the kept rows stay in row_issues until DaliDecoder has decoded them (a
+    row it cannot decode is counted by its skip reason alone, as make_item does)."""
+    issues: dict[str, int] = {}
+    kept = []
+    for it in items:
+        if it.get("encoded") is not None:
+            kept.append(it)
+        elif it.get("image") is not None:
+            raise TypeError("data.decoder='dali' needs items with encoded pixels (make_encoded_item); this "
+                            "dataset decodes its images itself: use data.decoder='pil'")
+        else:
+            for r in split_issues(it.get("issue")):
+                issues[r] = issues.get(r, 0) + 1
+    return dict(encoded=[it["encoded"] for it in kept], params=[it["params"] for it in kept],
+                mask_seeds=[it["mask_seed"] for it in kept], row_issues=[split_issues(it["issue"]) for it in kept],
+                landmarks=torch.stack([it["landmarks"] for it in kept]) if kept else torch.zeros(0, 5, 2),
+                issues=issues)
 
 
 def embedded_faces(img_size: int) -> np.ndarray:
@@ -96,10 +167,11 @@ def embedded_faces(img_size: int) -> np.ndarray:
 
 
 class _MapDataset(Dataset):
-    def __init__(self, transform: FaceTransform, seed: int):
+    def __init__(self, transform: FaceTransform, seed: int, encoded: bool):
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
+        self.make_item = make_encoded_item if encoded else make_item
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -109,10 +181,11 @@ class _MapDataset(Dataset):
 
 
 class FacesDataset(_MapDataset):
-    """Source "faces": 101 real faces embedded in scikit-image; landmarks unknown (NaN)."""
+    """Source "faces": 101 real faces embedded in scikit-image; landmarks unknown (NaN).
+    `encoded`: items for DaliDecoder (make_encoded_item), the faces encoded as PNG."""
 
-    def __init__(self, img_size: int, transform: FaceTransform, seed: int = 0):
-        super().__init__(transform, seed)
+    def __init__(self, img_size: int, transform: FaceTransform, seed: int = 0, encoded: bool = False):
+        super().__init__(transform, seed, encoded)
         self.images = embedded_faces(img_size)
 
     def __len__(self) -> int:
@@ -120,17 +193,19 @@ class FacesDataset(_MapDataset):
 
     def __getitem__(self, index: int) -> dict:
         im = Image.fromarray(self.images[index])
+        if self.make_item is make_encoded_item:
+            return make_encoded_item(png_bytes(im), None, self.transform, 0, self.sample_seed(index))
         image, lm = self.transform(im, torch.from_numpy(NAN5.copy()), self.sample_seed(index))
         return dict(image=image, landmarks=lm, issue=None)
 
 
 class ImageFilesDataset(_MapDataset):
     """An image folder or a file list. `keys` are the paths relative to the folder (or as the
-    list writes them), the names a landmarks file uses."""
+    list writes them), the names a landmarks file uses. `encoded`: items for DaliDecoder."""
 
     def __init__(self, paths: list[str], keys: list[str], transform: FaceTransform, min_size: int,
-                 seed: int = 0, landmarks: dict[str, np.ndarray] | None = None):
-        super().__init__(transform, seed)
+                 seed: int = 0, landmarks: dict[str, np.ndarray] | None = None, encoded: bool = False):
+        super().__init__(transform, seed, encoded)
         self.paths, self.keys, self.min_size = list(paths), list(keys), int(min_size)
         self.points = np.full((len(keys), 5, 2), np.nan, dtype=np.float32)
         self.has_points = np.zeros(len(keys), dtype=bool)
@@ -145,7 +220,7 @@ class ImageFilesDataset(_MapDataset):
     def __getitem__(self, index: int) -> dict:
         raw, _ = read_bytes(self.paths[index])
         points = self.points[index] if self.has_points[index] else None
-        return make_item(raw, points, self.transform, self.min_size, self.sample_seed(index))
+        return self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index))
 
 
 def _shuffled(items, bufsize: int, rng: random.Random):
@@ -191,11 +266,13 @@ class ShardDataset(IterableDataset):
     shuffled with local RNGs seeded from (seed, epoch, rank[, worker]). A sample's image is
     its first member named .jpg/.jpeg/.png/.bmp/.webp; its landmarks come from .json. A tar
     that breaks off (or cannot be opened, or lacks its end-of-archive marker) yields one item
-    skipped as "unreadable" after the samples read before the break."""
+    skipped as "unreadable" after the samples read before the break. `encoded`: items for
+    DaliDecoder."""
 
     def __init__(self, shards: list[str], transform: FaceTransform, min_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0):
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, encoded: bool = False):
         self.shards = list(shards)
+        self.make_item = make_encoded_item if encoded else make_item
         self.transform, self.min_size, self.seed = transform, int(min_size), int(seed)
         self.rank, self.world_size, self.shuffle_buffer = int(rank), int(world_size), int(shuffle_buffer)
         self.epoch = 0
@@ -251,7 +328,7 @@ class ShardDataset(IterableDataset):
         if raw is None:
             return skipped("not_an_image")
         seed = sample_seed(self.seed, self.epoch, shard, pos)
-        return make_item(raw, _shard_points(sample.get("json")), self.transform, self.min_size, seed)
+        return self.make_item(raw, _shard_points(sample.get("json")), self.transform, self.min_size, seed)
 
     def __iter__(self):
         samples = self._raw_samples(self.my_shards())
@@ -311,7 +388,9 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
                   augment: bool = True):
     """`cfg` is a `DataConfig`. A map-style Dataset (faces, folder, file list) or an
     IterableDataset (.tar shards, split per rank and per worker). Every one has set_epoch.
-    A wrong path or an empty source raises at once, naming the path."""
+    A wrong path or an empty source raises at once, naming the path. With data.decoder='dali'
+    the items are left encoded (make_encoded_item) for DaliDecoder."""
+    encoded = cfg.decoder == "dali"
     transform = FaceTransform(img_size, cfg.scale_min, cfg.ratio_max, cfg.hflip, cfg.color_jitter, augment)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
@@ -319,7 +398,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
     if source == "faces":
         if cfg.landmarks:
             raise ValueError("data.landmarks is not used with data.source='faces' (no landmarks exist for them)")
-        return FacesDataset(img_size, transform, seed)
+        return FacesDataset(img_size, transform, seed, encoded)
 
     shards = _expand_shards(source)
     if shards is not None:
@@ -335,7 +414,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
         if len(shards) < world_size:
             raise ValueError(f"data.source '{source}' has {len(shards)} shard(s) for world_size={world_size}: "
                              "every rank needs at least one shard")
-        return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer)
+        return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded)
 
     if not os.path.exists(source):
         raise FileNotFoundError(f"data.source '{source}': no such file or directory")
@@ -363,8 +442,8 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
             raise ValueError(f"data.landmarks '{cfg.landmarks}': none of its paths (e.g. '{next(iter(landmarks))}') "
                              f"names a file of data.source '{source}' (e.g. '{keys[0]}'); "
                              "paths must be relative to the source folder or list")
-    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks)
+    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded)
 
 
-__all__ = ["REASONS", "IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "collate", "build_dataset", "make_item",
-           "embedded_faces", "FacesDataset", "ImageFilesDataset", "ShardDataset", "skipped"]
+__all__ = ["REASONS", "IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "collate", "collate_encoded", "build_dataset",
+           "make_item", "make_encoded_item", "embedded_faces", "FacesDataset", "ImageFilesDataset", "ShardDataset", "skipped"]

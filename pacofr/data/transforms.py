@@ -116,25 +116,37 @@ class FaceTransform:
         return max(1, math.ceil(width * f)), max(1, math.ceil(height * f))
 
     # -- application --------------------------------------------------------------------------
-    def apply(self, im: Image.Image, params: dict, landmarks: torch.Tensor, scale: float = 1.0):
-        """`im` may be a drafted decode: `scale` original pixels per decoded pixel."""
+    def pixels(self, im: Image.Image, params: dict, scale: float = 1.0) -> np.ndarray:
+        """The crop of `params`, resized to S x S and flipped: uint8 [S, S, 3]. `im` may be a
+        drafted decode: `scale` original pixels per decoded pixel."""
         s = self.size
         x0, y0, w, h = params["box"]
         out = im.resize((s, s), Image.BILINEAR,
                         box=(x0 / scale, y0 / scale, (x0 + w) / scale, (y0 + h) / scale))
-        lm = landmarks.clone()
-        lm[:, 0] = (lm[:, 0] - x0) * (s / w)
-        lm[:, 1] = (lm[:, 1] - y0) * (s / h)
         if params["flip"]:
             out = out.transpose(Image.FLIP_LEFT_RIGHT)
-            lm = lm[list(FLIP_PERM)]
-            lm[:, 0] = s - lm[:, 0]
-        x = torch.from_numpy(np.array(out, dtype=np.uint8)).permute(2, 0, 1).contiguous().view(3, -1).float()
+        return np.array(out, dtype=np.uint8)
+
+    def apply(self, im: Image.Image, params: dict, landmarks: torch.Tensor, scale: float = 1.0):
+        s = self.size
+        x = torch.from_numpy(self.pixels(im, params, scale)).permute(2, 0, 1).contiguous().view(3, -1).float()
         if params["jitter"] is not None:  # [3, S*S] in 0..255
             x = color_jitter(x.div_(255.0), *params["jitter"]).sub_(_MEAN.view(3, 1)).div_(_STD.view(3, 1))
         else:
             x = x.mul_(_INV_STD_255).sub_(_MEAN_OVER_STD)
-        return x.view(3, s, s), lm
+        return x.view(3, s, s), self.landmarks(landmarks, params)
+
+    def landmarks(self, landmarks: torch.Tensor, params: dict) -> torch.Tensor:
+        """[5, 2] in original pixels -> output pixels, under the crop and flip of `params`."""
+        s = self.size
+        x0, y0, w, h = params["box"]
+        lm = landmarks.clone()
+        lm[:, 0] = (lm[:, 0] - x0) * (s / w)
+        lm[:, 1] = (lm[:, 1] - y0) * (s / h)
+        if params["flip"]:
+            lm = lm[list(FLIP_PERM)]
+            lm[:, 0] = s - lm[:, 0]
+        return lm
 
     def __call__(self, im: Image.Image, landmarks: torch.Tensor, seed: int):
         return self.apply(im, self.params(im.size[0], im.size[1], seed), landmarks)
@@ -151,3 +163,26 @@ def color_jitter(x: torch.Tensor, brightness: float, contrast: float, saturation
     sat = saturation * torch.eye(3) + (1.0 - saturation) * torch.outer(torch.ones(3), w)
     m = sat * (contrast * brightness)  # y = m @ x + (1 - c) * mean (rows of sat sum to 1)
     return torch.addmm(torch.full((3, 1), (1.0 - contrast) * mean), m, x).clamp_(0.0, 1.0)
+
+
+def color_jitter_batch(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """`color_jitter` of a batch on its device, without a host sync: x [B, 3, N] in [0, 1],
+    factors [B, 3] (brightness, contrast, saturation; (1, 1, 1) leaves an image as it is).
+    The same map, rounded differently (float32 throughout)."""
+    w = _GRAY.to(x.device)
+    b, c, s = factors.to(x.device, torch.float32).unbind(-1)
+    mean = (w @ x).mean(-1) * b
+    eye = torch.eye(3, device=x.device)
+    sat = s[:, None, None] * eye + (1.0 - s)[:, None, None] * torch.outer(torch.ones_like(w), w)
+    return torch.baddbmm(((1.0 - c) * mean)[:, None, None], sat * (c * b)[:, None, None], x).clamp_(0.0, 1.0)
+
+
+def normalize(pixels: torch.Tensor, factors: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoded uint8 images [B, S, S, 3] (any device) -> ImageNet-normalized float [B, 3, S, S],
+    colour-jittered first with per-image `factors` [B, 3] when given (as FaceTransform.apply)."""
+    b, h, w, _ = pixels.shape
+    x = pixels.permute(0, 3, 1, 2).reshape(b, 3, h * w).float().div_(255.0)
+    if factors is not None:
+        x = color_jitter_batch(x, factors)
+    mean, std = _MEAN.view(3, 1).to(x.device), _STD.view(3, 1).to(x.device)
+    return x.sub_(mean).div_(std).view(b, 3, h, w)

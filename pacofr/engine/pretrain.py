@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_dict
-from ..data import REASONS, build_dataset, collate
+from ..data import REASONS, build_dataset, collate, collate_encoded
 from ..masking import sample_masks
 from ..model import PaCoFR
 from . import checkpoint, distributed, zero
@@ -106,32 +106,39 @@ class Batches:
 class MaskingCollate:
     """Stacks the samples, counts bad ones, and draws each sample's masks from a seed made of
     the run seed, the epoch and the sample's pixels: the same masks whatever the rank,
-    worker or batch position of the sample."""
+    worker or batch position of the sample. Encoded samples (data.decoder='dali', decoded
+    later by DaliDecoder) bring their seed, a function of the sample's identity and epoch."""
 
     def __init__(self, cfg: Config):
         self.cfg, self.epoch = cfg, 0
 
     def __call__(self, items: list[dict]) -> dict:
-        batch = collate(items)
-        seeds = [zlib.crc32(img[:, ::7, ::7].contiguous().numpy().tobytes(), self.cfg.train.seed * 1000 + self.epoch)
-                 for img in batch["images"]]
+        if self.cfg.data.decoder == "dali":
+            batch = collate_encoded(items)
+            seeds = batch["mask_seeds"]
+        else:
+            batch = collate(items)
+            seeds = [zlib.crc32(img[:, ::7, ::7].contiguous().numpy().tobytes(), self.cfg.train.seed * 1000 + self.epoch)
+                     for img in batch["images"]]
         m = self.cfg.model
         batch["masks"] = sample_masks(seeds, (m.img_size, m.img_size), m.patch_size, self.cfg.masking, batch["landmarks"])
         return batch
 
 
-def _micro_batches(cfg, dataset, batches, collate_fn, per_rank, epoch_step, d):
-    """An iterator over this rank's micro-batches of the current epoch, from `epoch_step` on."""
-    pin = d.device.type == "cuda"
+def _micro_batches(cfg, dataset, batches, collate_fn, per_rank, epoch_step, d, decoder=None):
+    """An iterator over this rank's micro-batches of the current epoch, from `epoch_step` on;
+    `decoder` (a DaliDecoder) decodes each one in this process."""
+    pin = d.device.type == "cuda" and decoder is None
     if batches is not None:  # map-style: the batch sampler starts at the data position
         batches.epoch, batches.start = collate_fn.epoch, epoch_step
-        return iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
-                               num_workers=cfg.data.num_workers, pin_memory=pin))
-    it = iter(DataLoader(dataset, batch_size=per_rank, collate_fn=collate_fn, drop_last=True,
-                         num_workers=cfg.data.num_workers, pin_memory=pin))
-    for _ in range(epoch_step * cfg.train.accum_steps):  # streams: replay up to the data position
-        next(it, None)
-    return it
+        it = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                             num_workers=cfg.data.num_workers, pin_memory=pin))
+    else:
+        it = iter(DataLoader(dataset, batch_size=per_rank, collate_fn=collate_fn, drop_last=True,
+                             num_workers=cfg.data.num_workers, pin_memory=pin))
+        for _ in range(epoch_step * cfg.train.accum_steps):  # streams: replay up to the data position
+            next(it, None)
+    return it if decoder is None else map(decoder, it)
 
 
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None) -> dict:
@@ -188,6 +195,12 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
     masking_collate = MaskingCollate(cfg)
+    decoder = None
+    if cfg.data.decoder == "dali":
+        from ..data.dali import DaliDecoder
+
+        decoder = DaliDecoder(cfg.model.img_size, per_rank, cfg.data.dali_device, cfg.data.dali_threads,
+                              d.device.index if d.device.type == "cuda" else None)
     issues = Counter()
     nonfinite_run = 0
     last_ckpt = found
@@ -201,7 +214,8 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         model.set_incubation(epoch < t.incubation_epochs)
         if engine is not None and epoch == t.incubation_epochs and state["epoch_step"] == 0:
             zero.restart_moments(engine, CODES_GROUP)
-        micro_batches = _micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d)
+        micro_batches = _micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d,
+                                       decoder)
         epoch_done = False
         while state["step"] < total_steps:
             group = [b for _, b in zip(range(t.accum_steps), micro_batches)]
