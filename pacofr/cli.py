@@ -1,6 +1,8 @@
-"""`pacofr train ...` (also `python train.py ...`, `torchrun ... train.py`, `deepspeed train.py`)."""
+"""`pacofr train ...` (also `python train.py ...`, `torchrun ... train.py`, `deepspeed train.py`),
+`pacofr eval-alignment ...` (the landmark probe of a pretrained encoder, pacofr/eval)."""
 
 import argparse
+import json
 import sys
 
 
@@ -18,13 +20,61 @@ def _train_parser(sub) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval-alignment", help="landmark probe of a pretrained encoder (NME)")
+    p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: preset or YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--encoder", required=True, help="encoder.safetensors of a pretraining run")
+    p.add_argument("--train", required=True, help="image folder or .txt list to fit the probe on")
+    p.add_argument("--train-landmarks", required=True, help="CSV or JSON landmarks of --train")
+    p.add_argument("--test", required=True, help="image folder or .txt list to score it on")
+    p.add_argument("--test-landmarks", required=True, help="CSV or JSON landmarks of --test")
+    p.add_argument("--norm", default="inter_ocular", choices=["inter_ocular", "diag"])
+    p.add_argument("--grid", type=int, default=7, help="patch tokens are pooled to grid x grid")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--output", default=None, help="also write the result to this JSON file")
+
+
+def _eval_alignment(args, cfg) -> None:
+    import torch
+
+    from .eval.alignment import AlignmentImages, evaluate, load_encoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = cfg.model.img_size
+    train = AlignmentImages(args.train, args.train_landmarks, size, "--train")
+    test = AlignmentImages(args.test, args.test_landmarks, size, "--test")
+    result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.norm, args.grid,
+                      args.batch_size, args.workers)
+    print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
+          f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
+          f"train {result['train_faces']} / test {result['test_faces']} faces")
+    for split in ("train", "test"):
+        if result[f"skipped_{split}"]:
+            print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pacofr", description=__doc__)
-    _train_parser(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
     from .engine import NonFiniteLossError, pretrain
+
+    if args.command == "eval-alignment":
+        try:
+            _eval_alignment(args, load_config(args.config, args.set))
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            print(f"pacofr {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        return 0
 
     overrides = list(args.set)
     if args.deepspeed_config:

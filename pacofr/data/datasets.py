@@ -384,6 +384,29 @@ def _read_list(list_path: str) -> tuple[list[str], list[str]]:
     return paths, keys
 
 
+def image_files(source: str, what: str = "data.source") -> tuple[list[str], list[str]]:
+    """An image folder or a .txt file list -> (paths, keys: the paths relative to the folder
+    or as listed). A wrong path or an empty source raises, naming the path."""
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"{what} '{source}': no such file or directory")
+    if os.path.isdir(source):
+        paths, keys = _scan_folder(source)
+        if not paths:
+            raise ValueError(f"{what} '{source}': no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                             "in this folder or below")
+    elif source.lower().endswith(".txt"):
+        paths, keys = _read_list(source)
+        if not paths:
+            raise ValueError(f"{what} '{source}': the file list has no entries")
+        if not any(os.path.exists(p) for p in paths[:10]):
+            raise FileNotFoundError(f"{what} '{source}': listed files do not exist (first: '{paths[0]}'); "
+                                    "paths are relative to the list's folder")
+    else:
+        kinds = "'faces', a folder, a .txt file list or .tar shard(s)" if what == "data.source" else "a folder or a .txt file list"
+        raise ValueError(f"{what} '{source}' is not {kinds}")
+    return paths, keys
+
+
 def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                   augment: bool = True):
     """`cfg` is a `DataConfig`. A map-style Dataset (faces, folder, file list) or an
@@ -416,23 +439,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
                              "every rank needs at least one shard")
         return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded)
 
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"data.source '{source}': no such file or directory")
-    if os.path.isdir(source):
-        paths, keys = _scan_folder(source)
-        if not paths:
-            raise ValueError(f"data.source '{source}': no image files ({', '.join(IMAGE_EXTENSIONS)}) "
-                             "in this folder or below")
-    elif source.lower().endswith(".txt"):
-        paths, keys = _read_list(source)
-        if not paths:
-            raise ValueError(f"data.source '{source}': the file list has no entries")
-        if not any(os.path.exists(p) for p in paths[:10]):
-            raise FileNotFoundError(f"data.source '{source}': listed files do not exist (first: '{paths[0]}'); "
-                                    "paths are relative to the list's folder")
-    else:
-        raise ValueError(f"data.source '{source}' is not 'faces', a folder, a .txt file list or .tar shard(s)")
-
+    paths, keys = image_files(source)
     landmarks = None
     if cfg.landmarks:
         landmarks = load_landmarks_file(cfg.landmarks)
@@ -446,4 +453,4 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
 
 
 __all__ = ["REASONS", "IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "collate", "collate_encoded", "build_dataset",
-           "make_item", "make_encoded_item", "embedded_faces", "FacesDataset", "ImageFilesDataset", "ShardDataset", "skipped"]
+           "make_item", "make_encoded_item", "embedded_faces", "image_files", "FacesDataset", "ImageFilesDataset", "ShardDataset", "skipped"]

@@ -28,23 +28,25 @@ def norm_key(path: str) -> str:
     return posixpath.normpath(str(path).replace("\\", "/"))
 
 
-def parse_points(value) -> np.ndarray:
-    """A JSON/CSV value -> [5, 2] float32 (all NaN when it cannot be used)."""
+def parse_points(value, keep_all: bool = False) -> np.ndarray | None:
+    """A JSON/CSV value -> [5, 2] float32 (all NaN when it cannot be used). With keep_all:
+    every point as given, [K, 2] for any K (None when it cannot be used)."""
+    unusable = None if keep_all else NAN5.copy()
     if isinstance(value, dict):
         value = value.get("landmarks")
     try:
         a = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        return NAN5.copy()
-    if a.ndim == 0 or a.size not in (10, 136):
-        return NAN5.copy()
+        return unusable
+    if a.ndim == 0 or (a.size not in (10, 136) and not (keep_all and a.size and a.size % 2 == 0)):
+        return unusable
     a = a.reshape(-1, 2)
-    if len(a) == 68:
+    if len(a) == 68 and not keep_all:
         a = five_points(torch.from_numpy(a)[None])[0].numpy()
     return a.astype(np.float32)
 
 
-def _parse_csv(path: Path) -> dict[str, np.ndarray]:
+def _parse_csv(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
     out = {}
     with open(path, newline="") as f:
         first = True
@@ -61,27 +63,29 @@ def _parse_csv(path: Path) -> dict[str, np.ndarray]:
                     continue
                 nums = None
             first = False
-            out[norm_key(key)] = parse_points(nums) if nums is not None else NAN5.copy()
+            out[norm_key(key)] = parse_points(nums, keep_all) if nums is not None else parse_points(None, keep_all)
     return out
 
 
-def _parse_json(path: Path) -> dict[str, np.ndarray]:
+def _parse_json(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
     with open(path) as f:
         data = json.load(f)
     if not isinstance(data, dict):
         raise ValueError(f"landmarks file {path} must hold a JSON object {{path: points}}")
-    return {norm_key(k): parse_points(v) for k, v in data.items()}
+    return {norm_key(k): parse_points(v, keep_all) for k, v in data.items()}
 
 
-def load_landmarks_file(path: str) -> dict[str, np.ndarray]:
+def load_landmarks_file(path: str, keep_all: bool = False) -> dict[str, np.ndarray]:
+    """path -> {relative image path: [5, 2] points}; keep_all: [K, 2] as given (None where
+    unusable), for evaluation against every annotated point."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"data.landmarks '{path}': no such file")
     suffix = p.suffix.lower()
     if suffix == ".csv":
-        return _parse_csv(p)
+        return _parse_csv(p, keep_all)
     if suffix == ".json":
-        return _parse_json(p)
+        return _parse_json(p, keep_all)
     raise ValueError(f"data.landmarks '{path}' must be a .csv or .json file")
 
 
