@@ -26,7 +26,7 @@ import warnings
 import numpy as np
 import torch
 
-from .decode import load, open_image, to_rgb
+from .decode import decode_rgb, open_image
 from .transforms import FaceTransform, normalize
 
 INSTALL = "data.decoder='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or the build for your CUDA)"
@@ -111,8 +111,7 @@ class DaliDecoder:
         pixels, kept, issues = [], [], {}
         for i, (raw, p) in enumerate(zip(encoded, params)):
             im, reason = open_image(raw.tobytes(), 0)
-            reason = reason or load(im)
-            rgb, repair = (None, reason) if reason else to_rgb(im)
+            rgb, repair = (None, reason) if im is None else decode_rgb(im)
             if rgb is None:
                 issues[repair] = issues.get(repair, 0) + 1
                 continue

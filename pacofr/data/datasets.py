@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .decode import REASONS, draft, join_issues, load, open_image, read_bytes, split_issues, to_rgb
+from .decode import REASONS, decode_rgb, draft, join_issues, open_image, read_bytes, split_issues
 from .landmarks import NAN5, check_landmarks, load_landmarks_file, norm_key, parse_points
 from .transforms import FaceTransform, sample_seed
 
@@ -73,10 +73,7 @@ def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTrans
     points, issues = _given_points(points, width, height)
     params = transform.params(width, height, seed)
     scale = draft(im, transform.draft_size(params, width, height))
-    reason = load(im)
-    if reason:
-        return skipped(reason)
-    rgb, repair = to_rgb(im)
+    rgb, repair = decode_rgb(im)
     if rgb is None:
         return skipped(repair)
     image, lm = transform.apply(rgb, params, torch.from_numpy(np.array(points, dtype=np.float32)), scale)
@@ -112,10 +109,7 @@ def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: F
     repair = None
     if (im.format not in DALI_FORMATS or im.mode not in DALI_MODES or "transparency" in im.info
             or not raw.rstrip(b"\0").endswith(_END_MARKERS[im.format])):  # (cut short: nvJPEG might not tell)
-        reason = load(im)
-        if reason:
-            return skipped(reason)
-        rgb, repair = to_rgb(im)
+        rgb, repair = decode_rgb(im)
         if rgb is None:
             return skipped(repair)
         raw = png_bytes(rgb)

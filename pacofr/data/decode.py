@@ -142,3 +142,9 @@ def to_rgb(im: Image.Image) -> tuple[Image.Image | None, str | None]:
         return None, "unreadable" if "not available" in str(e) else "truncated"
     except Exception:
         return None, "unreadable"
+
+
+def decode_rgb(im: Image.Image) -> tuple[Image.Image | None, str | None]:
+    """`load`, then `to_rgb`: (RGB image, repair reason or None), or (None, skip reason)."""
+    reason = load(im)
+    return (None, reason) if reason else to_rgb(im)

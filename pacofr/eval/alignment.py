@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import image_files
-from ..data.decode import load, open_image, read_bytes, to_rgb
+from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.landmarks import check_landmarks, load_landmarks_file
 from ..data.transforms import FaceTransform
 from ..model import ViTEncoder
@@ -144,14 +144,13 @@ class AlignmentImages(Dataset):
             return None, "no_landmarks"
         raw, _ = read_bytes(self.paths[index])
         im, reason = open_image(raw, 1)
-        reason = reason or load(im)
-        if reason:
+        if im is None:
             return None, reason
         if not check_landmarks(points, *im.size):
             return None, "landmarks_invalid"
-        rgb, repair = to_rgb(im)
+        rgb, reason = decode_rgb(im)
         if rgb is None:
-            return None, repair
+            return None, reason
         params = self.transform.params(*rgb.size, 0)
         image, lm = self.transform.apply(rgb, params, torch.from_numpy(points.astype(np.float32)))
         return (image, lm), None
