@@ -43,13 +43,15 @@ def _eval_alignment(args, cfg) -> None:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.model.img_size
-    train = AlignmentImages(args.train, args.train_landmarks, size, "--train")
-    test = AlignmentImages(args.test, args.test_landmarks, size, "--test")
+    train = AlignmentImages(args.train, args.train_landmarks, size, args.norm, "--train")
+    test = AlignmentImages(args.test, args.test_landmarks, size, args.norm, "--test")
     result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.norm, args.grid,
                       args.batch_size, args.workers)
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
           f"train {result['train_faces']} / test {result['test_faces']} faces")
+    if result["test_faces_with_points_outside_the_crop"]:
+        print(f"  test faces with points outside the crop: {result['test_faces_with_points_outside_the_crop']}")
     for split in ("train", "test"):
         if result[f"skipped_{split}"]:
             print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))

@@ -37,31 +37,58 @@ def test_nme_by_hand():
         face_scale(torch.zeros(1, 5, 2), "box")
 
 
-def test_ridge_matches_the_primal_closed_form():
-    """The dual solve (one eigendecomposition, any penalty) gives the primal ridge's
-    predictions: w = (Xc'Xc + p I)^-1 Xc'Yc, b = mean(y) - mean(x) w."""
+def _primal(x, y, penalty):
+    """Ridge in its primal closed form (float64 numpy): w = (Xc'Xc + p I)^-1 Xc'Yc."""
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    w = np.linalg.solve(xc.T @ xc + penalty * np.eye(x.shape[1]), xc.T @ yc)
+    return lambda z: (z - x.mean(0)) @ w + y.mean(0)
+
+
+def test_ridge_against_the_primal_closed_form():
+    """Every validation score is the NME of the primal ridge fitted on the other faces only,
+    the chosen penalty is the best of them, and the returned model is the primal ridge refitted
+    on all faces with it (dual solve from the Gram matrix, float32 features)."""
     rng = np.random.default_rng(1)
-    x = rng.normal(size=(37, 11)) + 3.0
-    y = x @ rng.normal(size=(11, 4)) + rng.normal(0, 0.1, (37, 4))
-    x_new = rng.normal(size=(9, 11))
-    for p in (1e-3, 1.0, 50.0):
-        (model,), _ = alignment._fit(torch.from_numpy(x), torch.from_numpy(y), p, alignment.LAMBDAS)
-        xc, yc = x - x.mean(0), y - y.mean(0)
-        w = np.linalg.solve(xc.T @ xc + p * np.eye(11), xc.T @ yc)
-        ref = (x_new - x.mean(0)) @ w + y.mean(0)
-        assert np.allclose(model.predict(torch.from_numpy(x_new)).numpy(), ref, rtol=1e-9, atol=1e-9)
-
-
-def test_ridge_penalty_is_the_best_on_the_held_out_faces():
-    rng = np.random.default_rng(2)
-    x = torch.from_numpy(rng.normal(size=(60, 30)))
-    y = (x @ torch.from_numpy(rng.normal(size=(30, 10)))).view(60, 5, 2) + 100.0
-    model, search = fit_ridge(x, y, "inter_ocular")
-    assert len(search["val_nme"]) == len(alignment.LAMBDAS)
-    assert search["penalty"] == search["penalties"][int(np.argmin(search["val_nme"]))]
-    assert model.penalty == search["penalty"]
+    x = (rng.normal(size=(80, 23)) + 3.0).astype(np.float32)
+    y = (x.astype(np.float64) @ rng.normal(size=(23, 10)) + rng.normal(0, 2.0, (80, 10)) + 100).reshape(80, 5, 2)
+    model, search = fit_ridge(torch.from_numpy(x), torch.from_numpy(y), "inter_ocular", holdout=0.25)
+    x64 = x.astype(np.float64)
+    val = np.array(search["holdout"])
+    fit = np.setdiff1d(np.arange(80), val)
+    assert len(val) == 20 and len(set(val)) == 20
+    for penalty, score in zip(search["penalties"], search["val_nme"]):
+        pred = _primal(x64[fit], y[fit].reshape(len(fit), -1), penalty)(x64[val]).reshape(-1, 5, 2)
+        ref = float(nme(torch.from_numpy(pred), torch.from_numpy(y[val])).mean())
+        assert abs(score - ref) <= 1e-9 * ref, (penalty, score, ref)
+    assert len(set(search["val_nme"])) > 3  # the penalties matter here
+    assert search["penalty"] == search["penalties"][int(np.argmin(search["val_nme"]))] == model.penalty
+    x_new = rng.normal(size=(9, 23)).astype(np.float32)
+    ref = _primal(x64, y.reshape(80, -1), model.penalty)(x_new.astype(np.float64))
+    assert np.allclose(model.predict(torch.from_numpy(x_new)).numpy(), ref, rtol=1e-8, atol=1e-8)
     with pytest.raises(ValueError, match="at least 2"):
-        fit_ridge(x[:1], y[:1], "inter_ocular")
+        fit_ridge(torch.from_numpy(x[:1]), torch.from_numpy(y[:1]), "inter_ocular")
+
+
+def test_gram_in_blocks():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(11, 5)).astype(np.float32)
+    got = alignment.gram(torch.from_numpy(a), torch.from_numpy(b), chunk=3)
+    assert got.dtype == torch.float64 and np.allclose(got.numpy(), a.astype(np.float64) @ b.astype(np.float64).T)
+
+
+def test_scores_by_hand():
+    """NME 5%, 20% and a NaN prediction: the mean is NaN (not hidden), 2 of 3 faces fail."""
+    gt = torch.zeros(3, 5, 2, dtype=torch.float64)
+    gt[:, 1, 0] = 10.0  # eye centres 10 px apart
+    pred = gt.clone()
+    pred[0, :, 1] += 0.5
+    pred[1, :, 1] += 2.0
+    pred[2, 0, 0] = float("nan")
+    got = alignment.scores(pred, gt, "inter_ocular")
+    assert np.isnan(got["nme"]) and got["failed_predictions"] == 1
+    assert abs(got["failure_rate_10"] - 200 / 3) < 1e-9
+    assert abs(alignment.scores(pred[:2], gt[:2], "inter_ocular")["nme"] - 12.5) < 1e-9
+    assert alignment.scores(pred[:1], gt[:1], "inter_ocular")["failure_rate_10"] == 0.0
 
 
 def _dots_face(points, size=(96, 96)):
@@ -73,10 +100,16 @@ def _dots_face(points, size=(96, 96)):
     return Image.fromarray(a)
 
 
-def _faces(folder, n, seed, extra=True):
-    """n faces with the 5 dots moved per face (a shift of the whole face and of each point);
-    with `extra`, also a non-square face, a broken file, one without landmarks and one whose
-    landmarks leave the image."""
+# 68 points as fixed mixtures of the 5 dots, the outer eye corners (36, 45) on the eye dots
+MIX68 = np.random.default_rng(7).dirichlet(np.ones(5), 68)
+MIX68[36], MIX68[45] = np.eye(5)[0], np.eye(5)[1]
+
+
+def _faces(folder, n, seed):
+    """n faces with the 5 dots moved per face (a shift of the whole face and of each point),
+    their 5 points in lm.json and 68 in lm68.csv; also a non-square face, a broken file, one
+    without landmarks, one with a NaN landmark, one with both eyes on one spot (no
+    inter-ocular scale) and one with a landmark outside the image (kept: a target)."""
     folder.mkdir()
     rng = np.random.default_rng(seed)
     table = {}
@@ -84,15 +117,19 @@ def _faces(folder, n, seed, extra=True):
         pts = POINTS + rng.uniform(-12, 12, (1, 2)) + rng.uniform(-4, 4, (5, 2))
         _dots_face(pts).save(folder / f"f{i:03d}.png")
         table[f"f{i:03d}.png"] = pts.tolist()
-    if extra:
-        _dots_face(POINTS + [20, 0], (136, 96)).save(folder / "wide.png")  # centre crop: x - 20
-        table["wide.png"] = (POINTS + [20, 0]).tolist()
-        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
-        table["broken.png"] = POINTS.tolist()
-        _dots_face(POINTS).save(folder / "unlabelled.png")
-        _dots_face(POINTS).save(folder / "outside.png")
-        table["outside.png"] = (POINTS + [0, 500]).tolist()
-    (folder / "lm.json").write_text(json.dumps(table))
+    _dots_face(POINTS + [20, 0], (136, 96)).save(folder / "wide.png")  # centre crop: x - 20
+    table["wide.png"] = (POINTS + [20, 0]).tolist()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    table["broken.png"] = POINTS.tolist()
+    for name in ("unlabelled", "nan", "one_eye", "outside"):
+        _dots_face(POINTS).save(folder / f"{name}.png")
+    table["nan.png"] = [[float("nan"), 1.0]] + POINTS[1:].tolist()
+    table["one_eye.png"] = [POINTS[0].tolist()] * 2 + POINTS[2:].tolist()
+    table["outside.png"] = POINTS.tolist()[:4] + [[50.0, 120.0]]
+    (folder / "lm.json").write_text(json.dumps(table).replace("NaN", "null"))
+    rows = [f"{k}," + ",".join(f"{v:.5f}" for v in (MIX68 @ np.array(p, dtype=np.float64)).ravel())
+            for k, p in table.items() if k != "nan.png"]
+    (folder / "lm68.csv").write_text("\n".join(rows) + "\n")
     return folder
 
 
@@ -114,7 +151,11 @@ def test_alignment_images_follow_the_crop_and_skip(probe_data):
     items = {p.split("/")[-1]: ds[i] for i, p in enumerate(ds.paths)}
     assert items["broken.png"] == (None, "not_an_image")
     assert items["unlabelled.png"] == (None, "no_landmarks")
-    assert items["outside.png"] == (None, "landmarks_invalid")
+    assert items["nan.png"] == (None, "landmarks_invalid")  # (null in JSON)
+    assert items["one_eye.png"] == (None, "degenerate_scale")
+    assert items["outside.png"][1] is None and items["outside.png"][0][1][4, 1] > 64
+    assert AlignmentImages(str(train), str(train / "lm.json"), 64, "diag")[ds.paths.index(
+        str(train / "one_eye.png"))][1] is None  # a box diagonal it has
     (image, lm), reason = items["wide.png"]
     assert reason is None and image.shape == (3, 64, 64)
     assert torch.allclose(lm, torch.from_numpy(POINTS) * (64 / 96), atol=1e-4)  # the 136-px face cropped to 96
@@ -129,12 +170,27 @@ def test_probe_end_to_end(probe_data, tmp_path, capsys):
                "--test-landmarks", str(test / "lm.json"), "--workers", "0", "--output", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["train_faces"] == 121 and result["test_faces"] == 31
-    assert result["skipped_train"] == result["skipped_test"] == {"no_landmarks": 1, "landmarks_invalid": 1,
-                                                                 "not_an_image": 1}
+    assert result["train_faces"] == 122 and result["test_faces"] == 32
+    assert result["skipped_train"] == result["skipped_test"] == {
+        "no_landmarks": 1, "landmarks_invalid": 1, "degenerate_scale": 1, "not_an_image": 1}
+    assert result["test_faces_with_points_outside_the_crop"] == 1
     assert result["nme"] < 0.5 * result["mean_shape_nme"], result
-    assert result["features"] == 7 * 7 * 96 and result["points"] == 5
+    assert result["features"] == 7 * 7 * 96 and result["points"] == 5 and result["failed_predictions"] == 0
     assert "NME (inter_ocular, 5 points)" in capsys.readouterr().out
+
+
+def test_probe_with_68_points(probe_data):
+    """68 points (iBUG layout: inter-ocular scale from points 36 and 45) through the same probe."""
+    from pacofr.eval.alignment import evaluate, load_encoder
+
+    d, train, test = probe_data
+    cfg = load_config("tiny")
+    sets = [AlignmentImages(str(f), str(f / "lm68.csv"), 64) for f in (train, test)]
+    assert sets[0].num_points == 68
+    result = evaluate(load_encoder(cfg, str(d / "encoder.safetensors"), torch.device("cpu")), *sets, workers=0)
+    assert result["points"] == 68 and result["train_faces"] == 122
+    assert result["skipped_train"] == {"no_landmarks": 2, "degenerate_scale": 1, "not_an_image": 1}
+    assert result["nme"] < 0.5 * result["mean_shape_nme"], result
 
 
 def test_probe_errors_name_the_problem(probe_data, tmp_path, capsys):
@@ -147,10 +203,16 @@ def test_probe_errors_name_the_problem(probe_data, tmp_path, capsys):
     other.write_text(json.dumps({"elsewhere/x.png": POINTS.tolist()}))
     with pytest.raises(ValueError, match="none of its paths names a file"):
         AlignmentImages(str(train), str(other), 64)
-    rc = main(["eval-alignment", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"),
-               "--train", str(tmp_path / "missing"), "--train-landmarks", str(train / "lm.json"),
-               "--test", str(test), "--test-landmarks", str(test / "lm.json")])
-    assert rc == 2 and "--train" in capsys.readouterr().err
+    args = ["eval-alignment", "--encoder", str(d / "encoder.safetensors"), "--train", str(train),
+            "--train-landmarks", str(train / "lm.json"), "--test", str(test), "--test-landmarks", str(test / "lm.json")]
+    for change, message in (({"--train": str(tmp_path / "missing")}, "--train '"),
+                            ({"--test-landmarks": str(tmp_path / "none.csv")}, "--test-landmarks '"),
+                            ({"--config": "vit_base_patch16_224"}, "does not fit the encoder of this config")):
+        argv = list(args) + ["--config", "tiny"]
+        for key, value in change.items():
+            argv[argv.index(key) + 1] = value
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err, message
 
 
 def test_landmark_files_keep_every_point(tmp_path):
@@ -162,3 +224,9 @@ def test_landmark_files_keep_every_point(tmp_path):
     assert kept["a.png"].shape == (68, 2) and np.allclose(kept["a.png"], pts68, atol=1e-4)
     assert kept["b.png"].shape == (3, 2) and kept["c.png"] is None
     assert load_landmarks_file(str(f))["a.png"].shape == (5, 2)  # pretraining reduces to 5
+    j = tmp_path / "lm.json"
+    j.write_text(json.dumps({"a.png": pts68.tolist(), "v.png": np.ones((68, 3)).tolist(),
+                             "d.png": {"landmarks": [[1, 2], [3, 4]]}}))
+    kept = load_landmarks_file(str(j), keep_all=True)
+    assert kept["a.png"].shape == (68, 2) and kept["d.png"].shape == (2, 2)
+    assert kept["v.png"] is None  # (x, y, visibility) rows are not read as 102 points

@@ -38,7 +38,10 @@ def parse_points(value, keep_all: bool = False) -> np.ndarray | None:
         a = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
         return unusable
-    if a.ndim == 0 or (a.size not in (10, 136) and not (keep_all and a.size and a.size % 2 == 0)):
+    if keep_all:  # [K, 2] or a flat list of 2K numbers; not [K, 3] (x, y, visibility)
+        if not a.size or not (a.ndim == 1 and a.size % 2 == 0 or a.ndim == 2 and a.shape[1] == 2):
+            return unusable
+    elif a.ndim == 0 or a.size not in (10, 136):
         return unusable
     a = a.reshape(-1, 2)
     if len(a) == 68 and not keep_all:
@@ -75,18 +78,18 @@ def _parse_json(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
     return {norm_key(k): parse_points(v, keep_all) for k, v in data.items()}
 
 
-def load_landmarks_file(path: str, keep_all: bool = False) -> dict[str, np.ndarray]:
+def load_landmarks_file(path: str, keep_all: bool = False, what: str = "data.landmarks") -> dict[str, np.ndarray]:
     """path -> {relative image path: [5, 2] points}; keep_all: [K, 2] as given (None where
-    unusable), for evaluation against every annotated point."""
+    unusable), for evaluation against every annotated point. Errors name the file as `what`."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"data.landmarks '{path}': no such file")
+        raise FileNotFoundError(f"{what} '{path}': no such file")
     suffix = p.suffix.lower()
     if suffix == ".csv":
         return _parse_csv(p, keep_all)
     if suffix == ".json":
         return _parse_json(p, keep_all)
-    raise ValueError(f"data.landmarks '{path}' must be a .csv or .json file")
+    raise ValueError(f"{what} '{path}' must be a .csv or .json file")
 
 
 def check_landmarks(points: np.ndarray, width: int, height: int) -> bool:

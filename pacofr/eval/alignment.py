@@ -20,12 +20,15 @@ the points, divided by a per-face scale, averaged over faces:
 The mean shape of the train set (the coordinates' mean) is scored too, as the floor a probe
 must beat. This is a linear probe of frozen features, not the fine-tuned alignment models the
 paper's NME figures come from: it compares encoders, it does not reproduce those figures.
-The ridge is solved in its dual form: memory is N^2 float64 for N train faces, plus N x
-grid^2 x width float32 features.
+The ridge is solved in its dual form from the Gram matrix of the train features (computed in
+float64 a block at a time): memory is a few N^2 float64 matrices for N train faces beside the
+N x grid^2 x width float32 features, time 2 N^2 F float64 operations on the CPU.
+
+Faces are skipped (and counted) when unreadable, without landmarks, with a landmark that is not
+finite, or with a zero NME scale; points outside the image or the crop are kept as targets.
 """
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, open_image, read_bytes
-from ..data.landmarks import check_landmarks, load_landmarks_file
+from ..data.landmarks import load_landmarks_file
 from ..data.transforms import FaceTransform
 from ..model import ViTEncoder
 
@@ -64,64 +67,95 @@ def nme(pred: torch.Tensor, target: torch.Tensor, norm: str = "inter_ocular") ->
 
 
 # -- the regression --------------------------------------------------------------------------------
+def gram(a: torch.Tensor, b: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """a [M, F] @ b [N, F].T in float64, a block at a time (the float32 features are never
+    copied whole to float64)."""
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], chunk):
+        ai = a[i : i + chunk].double()
+        for j in range(0, b.shape[0], chunk):
+            out[i : i + chunk, j : j + chunk] = ai @ b[j : j + chunk].double().T
+    return out
+
+
+def _centred(g: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(x_r - m)(x_c - m)' for r in rows, c in cols, m the mean of the features of `cols`,
+    from the Gram matrix g = X X' alone."""
+    g_rc, g_cc = g[rows][:, cols], g[cols][:, cols]
+    return g_rc - g_rc.mean(1, keepdim=True) - g_cc.mean(0) + g_cc.mean()
+
+
 @dataclass
 class Ridge:
-    """Kernel ridge regression with a linear kernel (the dual form of ridge on the features)."""
+    """Ridge regression on the features in its dual form (a linear kernel): predictions are
+    centred kernel rows against the train faces times `alpha`, plus the targets' mean."""
 
-    train_x: torch.Tensor  # [N, F] centred train features
-    x_mean: torch.Tensor
+    train_x: torch.Tensor  # [N, F] the train features (not copied)
+    train_gram_mean: torch.Tensor  # [N] column means of the train Gram matrix (for the centring)
     alpha: torch.Tensor  # [N, T]
-    y_mean: torch.Tensor
+    y_mean: torch.Tensor  # [T]
     penalty: float
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = (x.double() - self.x_mean) @ self.train_x.T
+        g = gram(x, self.train_x)
+        kernel = g - g.mean(1, keepdim=True) - self.train_gram_mean + self.train_gram_mean.mean()
         return kernel @ self.alpha + self.y_mean
 
 
-def _solve(kernel: torch.Tensor, y: torch.Tensor, penalties) -> list[torch.Tensor]:
-    """alpha = (K + p I)^-1 y for each penalty p, from one eigendecomposition of K."""
-    e, v = torch.linalg.eigh(kernel)
-    vy = v.T @ y
+def _alphas(g: torch.Tensor, fit: torch.Tensor, y: torch.Tensor, penalties) -> list[torch.Tensor]:
+    """alpha = (K + p I)^-1 (y - mean y) over the faces `fit` for each penalty p (absolute),
+    from one eigendecomposition of their centred kernel K."""
+    e, v = torch.linalg.eigh(_centred(g, fit, fit))
+    vy = v.T @ (y[fit] - y[fit].mean(0))
     return [v @ (vy / (e.clamp_min(0) + p)[:, None]) for p in penalties]
 
 
-def _fit(x: torch.Tensor, y: torch.Tensor, penalty: float | None, penalties) -> tuple[Ridge, list]:
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    xc = x - x_mean
-    kernel = xc @ xc.T
-    scale = float(kernel.diagonal().mean()) or 1.0
-    chosen = [penalty] if penalty is not None else [p * scale for p in penalties]
-    alphas = _solve(kernel, y - y_mean, chosen)
-    return [Ridge(xc, x_mean, a, y_mean, p) for a, p in zip(alphas, chosen)], chosen
-
-
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, norm: str, holdout: float = 0.1, seed: int = 0) -> tuple[Ridge, dict]:
-    """Features [N, F] and targets [N, K, 2] -> the ridge refitted on all of them with the
-    penalty (from LAMBDAS, scaled by the kernel's mean diagonal) whose fit on the rest had the
-    lowest NME on a held-out `holdout` fraction; and the validation NME of each penalty."""
-    x, y2 = x.double(), y.double().flatten(1)
+    """Features [N, F] and targets [N, K, 2] -> the ridge fitted on all of them with the
+    penalty (LAMBDAS times the kernel's mean diagonal) whose fit on the others had the lowest
+    NME on a held-out `holdout` fraction (ties: the stronger penalty); and the search: the
+    held-out faces, each penalty and its validation NME."""
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"the probe needs at least 2 training faces, got {n}")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    y2 = y.double().flatten(1).to(x.device)
+    g = gram(x, x)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(x.device)
     n_val = min(n - 1, max(1, round(holdout * n)))
     val, fit = order[:n_val], order[n_val:]
-    models, penalties = _fit(x[fit], y2[fit], None, LAMBDAS)
-    scores = [float(nme(m.predict(x[val]).view(-1, *y.shape[1:]), y[val].double(), norm).mean()) for m in models]
-    best = min(range(len(scores)), key=lambda i: (scores[i], -penalties[i]))  # ties: the stronger penalty
-    (model,), _ = _fit(x, y2, penalties[best], LAMBDAS)
-    return model, {"penalties": penalties, "val_nme": scores, "penalty": penalties[best]}
+    scale = float(_centred(g, fit, fit).diagonal().mean()) or 1.0
+    penalties = [p * scale for p in LAMBDAS]
+    cross = _centred(g, val, fit)
+    scores = []
+    for alpha in _alphas(g, fit, y2, penalties):
+        pred = (cross @ alpha + y2[fit].mean(0)).view(-1, *y.shape[1:])
+        scores.append(float(nme(pred.cpu(), y[val.cpu()].double(), norm).mean()))
+    best = min(range(len(scores)), key=lambda i: (scores[i], -penalties[i]))
+    everyone = torch.arange(n, device=x.device)
+    (alpha,) = _alphas(g, everyone, y2, [penalties[best]])
+    model = Ridge(x, g.mean(0), alpha, y2.mean(0), penalties[best])
+    return model, {"holdout": val.tolist(), "penalties": penalties, "val_nme": scores, "penalty": penalties[best]}
+
+
+def scores(pred: torch.Tensor, target: torch.Tensor, norm: str) -> dict:
+    """NME (%) over the faces and the failure rate at 10% (a non-finite prediction fails)."""
+    per_face = nme(pred, target, norm)
+    bad = ~torch.isfinite(per_face)
+    return {"nme": 100 * float(per_face.mean()),
+            "failure_rate_10": 100 * float(((per_face > 0.1) | bad).double().mean()),
+            "failed_predictions": int(bad.sum())}
 
 
 # -- data and features -------------------------------------------------------------------------------
 class AlignmentImages(Dataset):
-    """(image [3, S, S] normalized, landmarks [K, 2] in output pixels) or None for a file that
-    is skipped: unreadable, not an image, without usable landmarks (counted by `reason`)."""
+    """(image [3, S, S] normalized, landmarks [K, 2] in output pixels) or None for a face that
+    is skipped, with its reason: unreadable, not an image, no landmarks or some not finite
+    ("landmarks_invalid"), or a zero NME scale under `norm` ("degenerate_scale"). Points may
+    lie outside the image or the crop: they are regression targets as any other."""
 
-    def __init__(self, source: str, landmarks: str, img_size: int, what: str = "--train"):
+    def __init__(self, source: str, landmarks: str, img_size: int, norm: str = "inter_ocular", what: str = "--train"):
         self.paths, keys = image_files(source, what)
-        table = load_landmarks_file(landmarks, keep_all=True)
+        table = load_landmarks_file(landmarks, keep_all=True, what=f"{what}-landmarks")
         counts = {len(v) for v in table.values() if v is not None}
         if not counts:
             raise ValueError(f"{what}-landmarks '{landmarks}' holds no usable entries")
@@ -133,6 +167,8 @@ class AlignmentImages(Dataset):
         if all(p is None for p in self.points):
             raise ValueError(f"{what}-landmarks '{landmarks}': none of its paths names a file of '{source}' "
                              f"(e.g. '{keys[0]}'); paths are relative to the folder or list")
+        face_scale(torch.zeros(1, self.num_points, 2), norm)  # (a layout the norm does not know fails here)
+        self.norm = norm
         self.transform = FaceTransform(img_size, augment=False)
 
     def __len__(self) -> int:
@@ -142,12 +178,14 @@ class AlignmentImages(Dataset):
         points = self.points[index]
         if points is None:
             return None, "no_landmarks"
+        if not np.isfinite(points).all():
+            return None, "landmarks_invalid"
+        if not float(face_scale(torch.from_numpy(points)[None].double(), self.norm)) > 0:
+            return None, "degenerate_scale"
         raw, _ = read_bytes(self.paths[index])
         im, reason = open_image(raw, 1)
         if im is None:
             return None, reason
-        if not check_landmarks(points, *im.size):
-            return None, "landmarks_invalid"
         rgb, reason = decode_rgb(im)
         if rgb is None:
             return None, reason
@@ -197,7 +235,11 @@ def load_encoder(cfg, path: str, device) -> ViTEncoder:
     m = cfg.model
     encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
                          m.encoder.num_heads, m.encoder.mlp_ratio, m.attn_impl)
-    encoder.load_state_dict(load_file(path), strict=True)
+    try:
+        encoder.load_state_dict(load_file(path), strict=True)
+    except RuntimeError as e:  # (sizes or names that differ: another config)
+        raise ValueError(f"encoder '{path}' does not fit the encoder of this config (--config): "
+                         + str(e).splitlines()[0]) from e
     return encoder.to(device).eval()
 
 
@@ -206,25 +248,27 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     """Fits the probe on `train`, scores it and the mean shape on `test` (NME in %)."""
     if train.num_points != test.num_points:
         raise ValueError(f"train faces have {train.num_points} points, test faces {test.num_points}")
-    face_scale(torch.zeros(1, train.num_points, 2), norm)  # (a layout the norm does not know fails here)
+    if train.norm != norm or test.norm != norm:
+        raise ValueError(f"the datasets skip faces by the norm '{train.norm}' / '{test.norm}', not '{norm}'")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
     device = next(encoder.parameters()).device
     grid = min(grid, *encoder.grid)
     x_train, y_train, skipped_train = extract(encoder, train, grid, batch_size, workers, device)
     x_test, y_test, skipped_test = extract(encoder, test, grid, batch_size, workers, device)
     model, search = fit_ridge(x_train, y_train, norm, seed=seed)
     pred = model.predict(x_test).view_as(y_test).float()
-    per_face = nme(pred, y_test, norm)
-    mean_shape = nme(y_train.mean(0, keepdim=True).expand_as(y_test), y_test, norm)
-    finite = torch.isfinite(per_face)
+    size = test.transform.size
+    outside = ((y_test < 0) | (y_test >= size)).any(-1).any(-1)
     return {
-        "nme": 100 * float(per_face[finite].mean()), "mean_shape_nme": 100 * float(mean_shape[finite].mean()),
-        "failure_rate_10": 100 * float((per_face[finite] > 0.1).float().mean()),  # % of faces with NME > 10%
+        **scores(pred, y_test, norm),
+        "mean_shape_nme": scores(y_train.mean(0, keepdim=True).expand_as(y_test), y_test, norm)["nme"],
         "norm": norm, "points": train.num_points, "train_faces": len(y_train), "test_faces": len(y_test),
-        "degenerate_faces": int((~finite).sum()), "features": x_train.shape[1], "grid": grid,
-        "penalty": search["penalty"], "val_nme": [100 * v if math.isfinite(v) else v for v in search["val_nme"]],
+        "test_faces_with_points_outside_the_crop": int(outside.sum()), "features": x_train.shape[1], "grid": grid,
+        "penalty": search["penalty"], "val_nme": [100 * v for v in search["val_nme"]],
         "skipped_train": skipped_train, "skipped_test": skipped_test,
     }
 
 
-__all__ = ["nme", "face_scale", "fit_ridge", "Ridge", "AlignmentImages", "features", "extract", "load_encoder",
+__all__ = ["nme", "scores", "face_scale", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract", "load_encoder",
            "evaluate", "EYE_CORNERS"]
