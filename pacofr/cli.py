@@ -1,5 +1,5 @@
 """`pacofr train ...` (also `python train.py ...`, `torchrun ... train.py`, `deepspeed train.py`),
-`pacofr eval-alignment ...` (the landmark probe of a pretrained encoder, pacofr/eval)."""
+`pacofr eval-alignment ...` and `pacofr eval-parsing ...` (probes of a pretrained encoder, pacofr/eval)."""
 
 import argparse
 import json
@@ -52,6 +52,43 @@ def _eval_alignment(args, cfg) -> None:
           f"train {result['train_faces']} / test {result['test_faces']} faces")
     if result["test_faces_with_points_outside_the_crop"]:
         print(f"  test faces with points outside the crop: {result['test_faces_with_points_outside_the_crop']}")
+    _report(args, result)
+
+
+def _parsing_parser(sub) -> None:
+    p = sub.add_parser("eval-parsing", help="face parsing probe of a pretrained encoder (F1)")
+    p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: preset or YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--encoder", required=True, help="encoder.safetensors of a pretraining run")
+    p.add_argument("--classes", type=int, required=True, help="number of classes, background (0) included")
+    p.add_argument("--train", required=True, help="image folder or .txt list to fit the probe on")
+    p.add_argument("--train-labels", required=True, help="folder of label PNGs (class ids) of --train")
+    p.add_argument("--test", required=True, help="image folder or .txt list to score it on")
+    p.add_argument("--test-labels", required=True, help="folder of label PNGs of --test")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--output", default=None, help="also write the result to this JSON file")
+
+
+def _eval_parsing(args, cfg) -> None:
+    import torch
+
+    from .eval.alignment import load_encoder
+    from .eval.parsing import ParsingImages, evaluate
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = cfg.model.img_size
+    train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train")
+    test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test")
+    result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.batch_size, args.workers)
+    print(f"mean F1 (classes 1-{result['classes'] - 1}): {result['mean_f1']:.2f}%   mean IoU: {result['mean_iou']:.2f}%   "
+          f"pixel accuracy: {result['pixel_accuracy']:.2f}%   position prior mean F1: {result['prior_mean_f1']:.2f}%   "
+          f"train {result['train_images']} / test {result['test_images']} images")
+    print("  F1 per class: " + " ".join("-" if v is None else f"{v:.1f}" for v in result["f1"]))
+    _report(args, result)
+
+
+def _report(args, result: dict) -> None:
     for split in ("train", "test"):
         if result[f"skipped_{split}"]:
             print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))
@@ -65,14 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
+    _parsing_parser(sub)
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
     from .engine import NonFiniteLossError, pretrain
 
-    if args.command == "eval-alignment":
+    if args.command.startswith("eval-"):
+        run = _eval_alignment if args.command == "eval-alignment" else _eval_parsing
         try:
-            _eval_alignment(args, load_config(args.config, args.set))
+            run(args, load_config(args.config, args.set))
         except (ConfigError, FileNotFoundError, ValueError) as err:
             print(f"pacofr {args.command}: error: {err}", file=sys.stderr)
             return 2

@@ -230,3 +230,108 @@ def test_landmark_files_keep_every_point(tmp_path):
     kept = load_landmarks_file(str(j), keep_all=True)
     assert kept["a.png"].shape == (68, 2) and kept["d.png"].shape == (2, 2)
     assert kept["v.png"] is None  # (x, y, visibility) rows are not read as 102 points
+
+
+# -- the parsing probe -------------------------------------------------------------------------------
+def test_stats_ridge_against_the_primal_closed_form():
+    """Streamed statistics (added in parts) give the primal ridge with intercept, and their
+    squared error on other rows is the direct one."""
+    from pacofr.eval.parsing import Stats
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(90, 7)) + 2.0
+    y = x @ rng.normal(size=(7, 3)) + rng.normal(0, 0.3, (90, 3))
+    stats = Stats(7, 3, torch.device("cpu"))
+    for part in (slice(0, 40), slice(40, 90)):
+        stats.add(torch.from_numpy(x[part]), torch.from_numpy(y[part]))
+    other = Stats(7, 3, torch.device("cpu"))
+    x2, y2 = rng.normal(size=(20, 7)), rng.normal(size=(20, 3))
+    other.add(torch.from_numpy(x2), torch.from_numpy(y2))
+    for p in (1e-3, 5.0):
+        (w, b), = stats.solve([p])
+        ref = _primal(x, y, p)
+        assert np.allclose(x2 @ w.numpy() + b.numpy(), ref(x2), rtol=1e-9, atol=1e-9)
+        assert abs(other.squared_error(w, b) - ((y2 - ref(x2)) ** 2).sum()) < 1e-8
+        (w2, b2), = (stats + other).solve([p])
+        both = _primal(np.vstack([x, x2]), np.vstack([y, y2]), p)
+        assert np.allclose(x2 @ w2.numpy() + b2.numpy(), both(x2), rtol=1e-9, atol=1e-9)
+
+
+def test_patch_fractions_and_confusion_scores_by_hand():
+    from pacofr.eval.parsing import IGNORE, _confusion, confusion_scores, patch_fractions
+
+    labels = torch.tensor([[[0, 1, 2, 2], [1, 1, 2, IGNORE], [0, 0, 0, 0], [0, 0, 0, 1]]])
+    frac = patch_fractions(labels, 2, 3)
+    assert torch.allclose(frac[0], torch.tensor([[0.25, 0.75, 0], [0, 0, 1], [1, 0, 0], [0.75, 0.25, 0]],
+                                                dtype=torch.float64))
+    truth = torch.tensor([[0, 0, 1, 1, 2, IGNORE]])
+    pred = torch.tensor([[0, 1, 1, 1, 0, 2]])
+    conf = _confusion(pred, truth, 3)
+    assert conf.tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    got = confusion_scores(conf)
+    # class 1: TP 2, FP 1, FN 0 -> F1 4/5, IoU 2/3; class 2: TP 0, FN 1 -> 0; background excluded
+    assert abs(got["f1"][1] - 80.0) < 1e-9 and got["f1"][2] == 0.0 and abs(got["mean_f1"] - 40.0) < 1e-9
+    assert abs(got["mean_iou"] - 100 / 3) < 1e-9 and abs(got["pixel_accuracy"] - 60.0) < 1e-9
+
+
+RADIUS = 12.0
+
+
+def _parsing_faces(folder, n, seed):
+    """Images with 5 coloured disks (radius 12) at moving positions, label maps with class j + 1
+    on disk j; also an image without a label map and one whose label map has another size."""
+    (folder / "images").mkdir(parents=True)
+    (folder / "labels").mkdir()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:96, :96] + 0.5
+    for i in range(n):
+        pts = POINTS + rng.uniform(-10, 10, (1, 2)) + rng.uniform(-3, 3, (5, 2))
+        a = np.full((96, 96, 3), 40, np.uint8)
+        lab = np.zeros((96, 96), np.uint8)
+        for j, ((x, y), c) in enumerate(zip(pts, COLOURS)):
+            disk = (xx - x) ** 2 + (yy - y) ** 2 <= RADIUS ** 2
+            a[disk], lab[disk] = np.array(c, np.uint8) * 255, j + 1
+        Image.fromarray(a).save(folder / "images" / f"f{i:03d}.jpg", quality=95)
+        Image.fromarray(lab).save(folder / "labels" / f"f{i:03d}.png")
+    Image.fromarray(a).save(folder / "images" / "unlabelled.jpg")
+    Image.fromarray(a).save(folder / "images" / "mismatch.jpg")
+    Image.fromarray(lab[:50]).save(folder / "labels" / "mismatch.png")
+    return folder
+
+
+def test_parsing_probe_end_to_end(probe_data, tmp_path):
+    d, _, _ = probe_data
+    train, test = _parsing_faces(tmp_path / "train", 60, 1), _parsing_faces(tmp_path / "test", 20, 2)
+    out = tmp_path / "parsing.json"
+    rc = main(["eval-parsing", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"), "--classes", "6",
+               "--train", str(train / "images"), "--train-labels", str(train / "labels"), "--test",
+               str(test / "images"), "--test-labels", str(test / "labels"), "--workers", "0", "--output", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 60 and result["test_images"] == 20
+    assert result["skipped_train"] == result["skipped_test"] == {"no_labels": 1, "labels_size_mismatch": 1}
+    assert len(result["f1"]) == 6 and all(v is not None for v in result["f1"])
+    assert result["mean_f1"] > result["prior_mean_f1"] + 20, result  # the probe finds the moving disks
+    assert result["penalty"] == result["penalties"][int(np.argmin(result["val_mse"]))]
+    assert len(set(result["val_mse"])) > 3
+
+
+def test_parsing_labels_follow_the_crop_and_are_checked(tmp_path):
+    from pacofr.eval.parsing import ParsingImages
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    lab = np.zeros((64, 96), np.uint8)
+    lab[:, 16:24] = 1  # a band 8 px wide, 16 px right of the centre square's left edge
+    Image.fromarray(np.zeros((64, 96, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(lab).save(tmp_path / "labels" / "a.png")
+    ds = ParsingImages(str(tmp_path / "images"), str(tmp_path / "labels"), 32, 2)
+    (_, ids), reason = ds[0]
+    assert reason is None and ids.shape == (32, 32)
+    assert (ids[:, :4] == 1).all() and ids[:, 4:].sum() == 0  # x 16-24 of the 96-px image -> 0-4 of 32
+    lab[0, 0] = 7  # (outside the crop, and a single pixel: checked before the resize)
+    Image.fromarray(lab).save(tmp_path / "labels" / "a.png")
+    with pytest.raises(ValueError, match="class id 7 >= --classes 2"):
+        ds[0]
+    with pytest.raises(FileNotFoundError, match="--train-labels"):
+        ParsingImages(str(tmp_path / "images"), str(tmp_path / "nowhere"), 32, 2)

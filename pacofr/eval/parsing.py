@@ -1,0 +1,241 @@
+"""Face parsing probe: how well the frozen encoder's patch tokens separate facial regions.
+
+    pacofr eval-parsing --config tiny --encoder runs/demo/encoder.safetensors --classes 11 \\
+        --train lapa/train/images --train-labels lapa/train/labels \\
+        --test lapa/test/images --test-labels lapa/test/labels [--output parsing.json]
+
+A label map is a PNG of class ids (0 = background; 255 = ignored) at the path of its image
+relative to the image folder, with the extension .png (LaPa's layout). Images and label maps
+are centre-cropped to a square and resized to the model's input (labels by nearest neighbour).
+Each patch token is regressed, by ridge, onto the fractions of its patch's pixels in each class;
+at test time the per-patch class scores are upsampled bilinearly to pixels and the arg max is
+the prediction. The ridge is solved from streamed sufficient statistics (X'X, X'Y: width^2
+float64), so the train set is read once and never held in memory; its penalty is the one with
+the lowest squared error on a held-out tenth of the train images, computed from their own
+statistics, and the probe is then refitted on all of them.
+
+Scores over all test pixels: per-class F1 = 2 TP / (2 TP + FP + FN) and IoU, their means over
+the classes other than the background (as LaPa's mean F1 is reported), and pixel accuracy.
+Beside them, the position prior: each pixel's most frequent train class at its position, the
+floor a probe must beat. A linear probe compares encoders; it is not the fine-tuned parsing
+model behind the paper's LaPa figures.
+"""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from ..data.datasets import image_files
+from ..data.decode import decode_rgb, open_image, read_bytes
+from ..data.transforms import FaceTransform
+
+IGNORE = 255
+LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean feature variance
+
+
+class ParsingImages(Dataset):
+    """(image [3, S, S] normalized, labels [S, S] int64) or None with the skip reason: an
+    unreadable image or label map, no label map, a label map of another size than its image."""
+
+    def __init__(self, source: str, labels: str, img_size: int, num_classes: int, what: str = "--train"):
+        self.paths, keys = image_files(source, what)
+        if not os.path.isdir(labels):
+            raise FileNotFoundError(f"{what}-labels '{labels}': no such folder")
+        self.labels = [os.path.join(labels, os.path.splitext(k)[0] + ".png") for k in keys]
+        if not any(os.path.isfile(p) for p in self.labels):
+            raise ValueError(f"{what}-labels '{labels}': no label map for any image (e.g. '{self.labels[0]}')")
+        if not 2 <= num_classes < IGNORE:
+            raise ValueError(f"--classes must be in [2, {IGNORE}), got {num_classes}")
+        self.num_classes = num_classes
+        self.transform = FaceTransform(img_size, augment=False)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if not os.path.isfile(self.labels[index]):
+            return None, "no_labels"
+        images = []
+        for path in (self.paths[index], self.labels[index]):
+            raw, _ = read_bytes(path)
+            im, reason = open_image(raw, 1)
+            if im is None:
+                return None, reason
+            images.append(im)
+        image, label = images
+        if image.size != label.size:
+            return None, "labels_size_mismatch"
+        rgb, reason = decode_rgb(image)
+        if rgb is None:
+            return None, reason
+        if label.mode not in ("L", "P"):
+            return None, "labels_not_ids"  # (an RGB rendering of the labels, not class ids)
+        ids = np.asarray(label)
+        bad = (ids >= self.num_classes) & (ids != IGNORE)
+        if bad.any():
+            raise ValueError(f"{self.labels[index]}: class id {int(ids[bad][0])} >= --classes {self.num_classes}")
+        params = self.transform.params(*rgb.size, 0)
+        x, _ = self.transform.apply(rgb, params, torch.zeros(0, 2))
+        s = self.transform.size
+        x0, y0, w, h = params["box"]
+        ids = np.array(label.resize((s, s), Image.NEAREST, box=(x0, y0, x0 + w, y0 + h)), dtype=np.int64)
+        return (x, torch.from_numpy(ids)), None
+
+
+def _collate(items):
+    kept = [it for it, _ in items if it is not None]
+    reasons = [r for it, r in items if it is None]
+    if not kept:
+        return None, None, reasons
+    return torch.stack([i for i, _ in kept]), torch.stack([lab for _, lab in kept]), reasons
+
+
+def patch_fractions(labels: torch.Tensor, patch: int, num_classes: int) -> torch.Tensor:
+    """[B, S, S] class ids -> [B, L, C]: each patch's fraction of (not ignored) pixels per class
+    (zeros for a patch with none)."""
+    b, s, _ = labels.shape
+    g, k = s // patch, num_classes + 1  # (class id num_classes: the ignored pixels)
+    cell = torch.arange(s, device=labels.device) // patch
+    where = (cell[:, None] * g + cell[None, :]).view(1, -1) + torch.arange(b, device=labels.device)[:, None] * g * g
+    idx = where * k + labels.clamp_max(num_classes).view(b, -1)
+    counts = torch.bincount(idx.view(-1), minlength=b * g * g * k).view(b, g * g, k)[..., :num_classes].double()
+    return counts / counts.sum(-1, keepdim=True).clamp_min(1)
+
+
+class Stats:
+    """Sufficient statistics of a ridge regression from rows x [F] to y [T] (float64)."""
+
+    def __init__(self, f: int, t: int, device):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.n, self.sx, self.sy, self.sxx, self.sxy, self.syy = 0, z(f), z(t), z(f, f), z(f, t), 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.sxx += x.T @ x
+        self.sxy += x.T @ y
+        self.syy += float((y * y).sum())
+
+    def __add__(self, other: "Stats") -> "Stats":
+        out = Stats(0, 0, self.sx.device)
+        out.n, out.sx, out.sy = self.n + other.n, self.sx + other.sx, self.sy + other.sy
+        out.sxx, out.sxy, out.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+        return out
+
+    def solve(self, penalties) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(W [F, T], b [T]) minimizing sum ||y - x W - b||^2 + p ||W||^2 for each penalty p."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxx = self.sxx - self.n * torch.outer(mx, mx)
+        cxy = self.sxy - self.n * torch.outer(mx, my)
+        e, v = torch.linalg.eigh(cxx)
+        vxy = v.T @ cxy
+        out = []
+        for p in penalties:
+            w = v @ (vxy / (e.clamp_min(0) + p)[:, None])
+            out.append((w, my - mx @ w))
+        return out
+
+    def squared_error(self, w: torch.Tensor, b: torch.Tensor) -> float:
+        """sum ||y - x W - b||^2 over the rows added, from the statistics alone."""
+        return float(self.syy - 2 * (w * self.sxy).sum() - 2 * b @ self.sy + (w * (self.sxx @ w)).sum()
+                     + 2 * b @ (w.T @ self.sx) + self.n * b @ b)
+
+
+def confusion_scores(confusion: torch.Tensor) -> dict:
+    """[C, C] confusion (rows: truth, columns: prediction) -> per-class F1 and IoU (%), their
+    means over classes 1.. (background excluded) that occur in truth or prediction, accuracy."""
+    c = confusion.double()
+    tp = c.diagonal()
+    fp, fn = c.sum(0) - tp, c.sum(1) - tp
+    f1 = 2 * tp / (2 * tp + fp + fn)
+    iou = tp / (tp + fp + fn)
+    seen = (tp + fp + fn) > 0
+    seen[0] = False
+    return {"mean_f1": 100 * float(f1[seen].mean()), "mean_iou": 100 * float(iou[seen].mean()),
+            "pixel_accuracy": 100 * float(tp.sum() / c.sum()),
+            "f1": [100 * float(v) if s else None for v, s in zip(f1, (tp + fp + fn) > 0)],
+            "iou": [100 * float(v) if s else None for v, s in zip(iou, (tp + fp + fn) > 0)]}
+
+
+def _confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    keep = labels != IGNORE
+    idx = labels[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+@torch.no_grad()
+def _tokens(encoder, images: torch.Tensor, device) -> torch.Tensor:
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with amp:
+        return encoder(images.to(device))[:, 1:].float()
+
+
+def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int = 32, workers: int = 2,
+             holdout: float = 0.1, seed: int = 0) -> dict:
+    """Fits the probe on `train` (one pass), scores it and the position prior on `test`."""
+    if train.num_classes != test.num_classes:
+        raise ValueError(f"--classes differs between train ({train.num_classes}) and test ({test.num_classes})")
+    c, device = train.num_classes, next(encoder.parameters()).device
+    p, s = encoder.patch_size, train.transform.size
+    n = len(train)
+    held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, round(holdout * n))].tolist())
+    width = encoder.embed_dim
+    fit, val = Stats(width, c, device), Stats(width, c, device)
+    prior = torch.zeros(s, s, c + 1, dtype=torch.long)
+    skipped_train, skipped_test, images_seen = {}, {}, [0, 0]
+    order = list(range(n))
+    for part, stats in ((sorted(held), val), ([i for i in order if i not in held], fit)):
+        loader = DataLoader(torch.utils.data.Subset(train, part), batch_size=batch_size, num_workers=workers,
+                            collate_fn=_collate)
+        for images, labels, reasons in loader:
+            for r in reasons:
+                skipped_train[r] = skipped_train.get(r, 0) + 1
+            if images is None:
+                continue
+            tokens = _tokens(encoder, images, device)
+            frac = patch_fractions(labels, p, c).to(device)
+            rows = frac.sum(-1) > 0  # patches with some labelled pixel
+            stats.add(tokens[rows], frac[rows])
+            at = torch.arange(s * s) * (c + 1) + labels.clamp_max(c).view(labels.shape[0], -1)
+            prior += torch.bincount(at.view(-1), minlength=s * s * (c + 1)).view(s, s, c + 1)
+            images_seen[stats is fit] += images.shape[0]
+    if not fit.n or not val.n:
+        raise ValueError(f"the probe needs labelled train images in both its fit and held-out parts "
+                         f"(skipped: {skipped_train})")
+    scale = float(fit.sxx.diagonal().sum() / fit.n - (fit.sx / fit.n).pow(2).sum()) / width or 1.0
+    penalties = [lam * scale * fit.n for lam in LAMBDAS]
+    errors = [val.squared_error(w, b) / val.n for w, b in fit.solve(penalties)]
+    best = min(range(len(errors)), key=lambda i: (errors[i], -penalties[i]))
+    w, b = (fit + val).solve([penalties[best]])[0]
+    position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
+
+    probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
+    loader = DataLoader(test, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    test_images = 0
+    for images, labels, reasons in loader:
+        for r in reasons:
+            skipped_test[r] = skipped_test.get(r, 0) + 1
+        if images is None:
+            continue
+        scores = (_tokens(encoder, images, device).double() @ w + b).float()  # [B, L, C]
+        gh, gw = encoder.grid
+        maps = scores.transpose(1, 2).reshape(-1, c, gh, gw)
+        pred = torch.nn.functional.interpolate(maps, size=(s, s), mode="bilinear", align_corners=False).argmax(1)
+        probe += _confusion(pred.cpu(), labels, c)
+        floor += _confusion(position_prior.expand_as(labels), labels, c)
+        test_images += images.shape[0]
+    if not test_images:
+        raise ValueError(f"no usable test image (skipped: {skipped_test})")
+    prior_scores = confusion_scores(floor)
+    return {**confusion_scores(probe), "prior_mean_f1": prior_scores["mean_f1"],
+            "prior_mean_iou": prior_scores["mean_iou"], "classes": c, "train_images": sum(images_seen),
+            "test_images": test_images, "penalty": penalties[best], "penalties": penalties, "val_mse": errors,
+            "skipped_train": skipped_train, "skipped_test": skipped_test}
+
+
+__all__ = ["ParsingImages", "Stats", "patch_fractions", "confusion_scores", "evaluate", "IGNORE"]
