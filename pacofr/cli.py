@@ -20,26 +20,32 @@ def _train_parser(sub) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
-def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval-alignment", help="landmark probe of a pretrained encoder (NME)")
+def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int):
+    p = sub.add_parser(name, help=help)
     p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: preset or YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--encoder", required=True, help="encoder.safetensors of a pretraining run")
-    p.add_argument("--train", required=True, help="image folder or .txt list to fit the probe on")
-    p.add_argument("--train-landmarks", required=True, help="CSV or JSON landmarks of --train")
-    p.add_argument("--test", required=True, help="image folder or .txt list to score it on")
-    p.add_argument("--test-landmarks", required=True, help="CSV or JSON landmarks of --test")
-    p.add_argument("--norm", default="inter_ocular", choices=["inter_ocular", "diag"])
-    p.add_argument("--grid", type=int, default=7, help="patch tokens are pooled to grid x grid")
-    p.add_argument("--batch-size", type=int, default=64)
+    for split, what in (("train", "to fit the probe on"), ("test", "to score it on")):
+        p.add_argument(f"--{split}", required=True, help=f"image folder or .txt list {what}")
+        p.add_argument(f"--{split}-{targets}", required=True, help=f"{targets_help} of --{split}")
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--output", default=None, help="also write the result to this JSON file")
+    return p
+
+
+def _eval_parser(sub) -> None:
+    p = _probe_parser(sub, "eval-alignment", "landmark probe of a pretrained encoder (NME)", "landmarks",
+                      "CSV or JSON landmarks", 64)
+    p.add_argument("--norm", default="inter_ocular", choices=["inter_ocular", "diag"])
+    p.add_argument("--grid", type=int, default=7, help="patch tokens are pooled to grid x grid")
 
 
 def _eval_alignment(args, cfg) -> None:
     import torch
 
-    from .eval.alignment import AlignmentImages, evaluate, load_encoder
+    from .eval.alignment import AlignmentImages, evaluate
+    from .eval.common import load_encoder
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.model.img_size
@@ -56,24 +62,15 @@ def _eval_alignment(args, cfg) -> None:
 
 
 def _parsing_parser(sub) -> None:
-    p = sub.add_parser("eval-parsing", help="face parsing probe of a pretrained encoder (F1)")
-    p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: preset or YAML")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--encoder", required=True, help="encoder.safetensors of a pretraining run")
+    p = _probe_parser(sub, "eval-parsing", "face parsing probe of a pretrained encoder (F1)", "labels",
+                      "folder of label PNGs (class ids)", 32)
     p.add_argument("--classes", type=int, required=True, help="number of classes, background (0) included")
-    p.add_argument("--train", required=True, help="image folder or .txt list to fit the probe on")
-    p.add_argument("--train-labels", required=True, help="folder of label PNGs (class ids) of --train")
-    p.add_argument("--test", required=True, help="image folder or .txt list to score it on")
-    p.add_argument("--test-labels", required=True, help="folder of label PNGs of --test")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--output", default=None, help="also write the result to this JSON file")
 
 
 def _eval_parsing(args, cfg) -> None:
     import torch
 
-    from .eval.alignment import load_encoder
+    from .eval.common import load_encoder
     from .eval.parsing import ParsingImages, evaluate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -181,7 +181,8 @@ def test_probe_end_to_end(probe_data, tmp_path, capsys):
 
 def test_probe_with_68_points(probe_data):
     """68 points (iBUG layout: inter-ocular scale from points 36 and 45) through the same probe."""
-    from pacofr.eval.alignment import evaluate, load_encoder
+    from pacofr.eval import load_encoder
+    from pacofr.eval.alignment import evaluate
 
     d, train, test = probe_data
     cfg = load_config("tiny")

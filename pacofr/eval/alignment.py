@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import image_files
@@ -41,6 +40,7 @@ from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.landmarks import load_landmarks_file
 from ..data.transforms import FaceTransform
 from ..model import ViTEncoder
+from .common import autocast, collate_pairs
 
 EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean kernel diagonal
@@ -194,14 +194,6 @@ class AlignmentImages(Dataset):
         return (image, lm), None
 
 
-def _collate(items):
-    kept = [it for it, _ in items if it is not None]
-    reasons = [r for it, r in items if it is None]
-    if not kept:
-        return None, None, reasons
-    return torch.stack([i for i, _ in kept]), torch.stack([p for _, p in kept]), reasons
-
-
 @torch.no_grad()
 def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tensor:
     """[B, 3, S, S] -> [B, grid * grid * width]: the patch tokens (class token dropped),
@@ -214,33 +206,19 @@ def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tens
 
 def extract(encoder, dataset: AlignmentImages, grid: int, batch_size: int, workers: int, device):
     """-> (features [N, F] float32 on CPU, landmarks [N, K, 2], {skip reason: count})."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs)
     feats, points, skipped = [], [], {}
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for images, lm, reasons in loader:
         for r in reasons:
             skipped[r] = skipped.get(r, 0) + 1
         if images is None:
             continue
-        with amp:
+        with autocast(device):
             feats.append(features(encoder, images.to(device), grid).float().cpu())
         points.append(lm)
     if not feats:
         raise ValueError("no usable face (every file was skipped: " + json.dumps(skipped) + ")")
     return torch.cat(feats), torch.cat(points), skipped
-
-
-def load_encoder(cfg, path: str, device) -> ViTEncoder:
-    """The encoder of config `cfg` with the weights of an encoder.safetensors (strict)."""
-    m = cfg.model
-    encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
-                         m.encoder.num_heads, m.encoder.mlp_ratio, m.attn_impl)
-    try:
-        encoder.load_state_dict(load_file(path), strict=True)
-    except RuntimeError as e:  # (sizes or names that differ: another config)
-        raise ValueError(f"encoder '{path}' does not fit the encoder of this config (--config): "
-                         + str(e).splitlines()[0]) from e
-    return encoder.to(device).eval()
 
 
 def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages, norm: str = "inter_ocular",
@@ -270,5 +248,5 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     }
 
 
-__all__ = ["nme", "scores", "face_scale", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract", "load_encoder",
+__all__ = ["nme", "scores", "face_scale", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
            "evaluate", "EYE_CORNERS"]

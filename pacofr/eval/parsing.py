@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.transforms import FaceTransform
+from .common import autocast, collate_pairs
 
 IGNORE = 255
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean feature variance
@@ -83,14 +84,6 @@ class ParsingImages(Dataset):
         x0, y0, w, h = params["box"]
         ids = np.array(label.resize((s, s), Image.NEAREST, box=(x0, y0, x0 + w, y0 + h)), dtype=np.int64)
         return (x, torch.from_numpy(ids)), None
-
-
-def _collate(items):
-    kept = [it for it, _ in items if it is not None]
-    reasons = [r for it, r in items if it is None]
-    if not kept:
-        return None, None, reasons
-    return torch.stack([i for i, _ in kept]), torch.stack([lab for _, lab in kept]), reasons
 
 
 def patch_fractions(labels: torch.Tensor, patch: int, num_classes: int) -> torch.Tensor:
@@ -170,8 +163,7 @@ def _confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> to
 
 @torch.no_grad()
 def _tokens(encoder, images: torch.Tensor, device) -> torch.Tensor:
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with amp:
+    with autocast(device):
         return encoder(images.to(device))[:, 1:].float()
 
 
@@ -191,7 +183,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     order = list(range(n))
     for part, stats in ((sorted(held), val), ([i for i in order if i not in held], fit)):
         loader = DataLoader(torch.utils.data.Subset(train, part), batch_size=batch_size, num_workers=workers,
-                            collate_fn=_collate)
+                            collate_fn=collate_pairs)
         for images, labels, reasons in loader:
             for r in reasons:
                 skipped_train[r] = skipped_train.get(r, 0) + 1
@@ -215,7 +207,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
     probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
-    loader = DataLoader(test, batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+    loader = DataLoader(test, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs)
     test_images = 0
     for images, labels, reasons in loader:
         for r in reasons:
