@@ -78,10 +78,11 @@ def _eval_parsing(args, cfg) -> None:
     train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train")
     test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test")
     result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.batch_size, args.workers)
-    print(f"mean F1 (classes 1-{result['classes'] - 1}): {result['mean_f1']:.2f}%   mean IoU: {result['mean_iou']:.2f}%   "
-          f"pixel accuracy: {result['pixel_accuracy']:.2f}%   position prior mean F1: {result['prior_mean_f1']:.2f}%   "
+    pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
+    print(f"mean F1 (classes 1-{result['classes'] - 1}): {pct(result['mean_f1'])}   mean IoU: {pct(result['mean_iou'])}   "
+          f"pixel accuracy: {pct(result['pixel_accuracy'])}   position prior mean F1: {pct(result['prior_mean_f1'])}   "
           f"train {result['train_images']} / test {result['test_images']} images")
-    print("  F1 per class: " + " ".join("-" if v is None else f"{v:.1f}" for v in result["f1"]))
+    print("  F1 per class: " + " ".join(pct(v) for v in result["f1"]))
     _report(args, result)
 
 

@@ -15,7 +15,7 @@ from pacofr.config import load_config
 from pacofr.data.landmarks import load_landmarks_file
 from pacofr.eval import alignment
 from pacofr.eval.alignment import AlignmentImages, face_scale, fit_ridge, nme
-from test_data import COLOURS, POINTS
+from test_data import COLOURS, POINTS, encode
 
 
 def test_nme_by_hand():
@@ -280,7 +280,9 @@ RADIUS = 12.0
 
 def _parsing_faces(folder, n, seed):
     """Images with 5 coloured disks (radius 12) at moving positions, label maps with class j + 1
-    on disk j; also an image without a label map and one whose label map has another size."""
+    on disk j and the top 12 rows ignored (255); also an image without a label map, one whose
+    label map has another shape, one whose label map is cut short, and one whose label map has
+    twice its resolution (kept: scaled)."""
     (folder / "images").mkdir(parents=True)
     (folder / "labels").mkdir()
     rng = np.random.default_rng(seed)
@@ -292,11 +294,15 @@ def _parsing_faces(folder, n, seed):
         for j, ((x, y), c) in enumerate(zip(pts, COLOURS)):
             disk = (xx - x) ** 2 + (yy - y) ** 2 <= RADIUS ** 2
             a[disk], lab[disk] = np.array(c, np.uint8) * 255, j + 1
+        lab[:12] = 255
         Image.fromarray(a).save(folder / "images" / f"f{i:03d}.jpg", quality=95)
         Image.fromarray(lab).save(folder / "labels" / f"f{i:03d}.png")
-    Image.fromarray(a).save(folder / "images" / "unlabelled.jpg")
-    Image.fromarray(a).save(folder / "images" / "mismatch.jpg")
+    for name in ("unlabelled", "mismatch", "cut", "double"):
+        Image.fromarray(a).save(folder / "images" / f"{name}.jpg", quality=95)
     Image.fromarray(lab[:50]).save(folder / "labels" / "mismatch.png")
+    png = encode(Image.fromarray(lab), "PNG")
+    (folder / "labels" / "cut.png").write_bytes(png[: len(png) // 2])
+    Image.fromarray(lab).resize((192, 192), Image.NEAREST).save(folder / "labels" / "double.png")
     return folder
 
 
@@ -309,12 +315,36 @@ def test_parsing_probe_end_to_end(probe_data, tmp_path):
                str(test / "images"), "--test-labels", str(test / "labels"), "--workers", "0", "--output", str(out)])
     assert rc == 0
     result = json.loads(out.read_text())
-    assert result["train_images"] == 60 and result["test_images"] == 20
-    assert result["skipped_train"] == result["skipped_test"] == {"no_labels": 1, "labels_size_mismatch": 1}
+    assert result["train_images"] == 61 and result["test_images"] == 21
+    assert result["skipped_train"] == result["skipped_test"] == {"no_labels": 1, "labels_size_mismatch": 1,
+                                                                 "truncated": 1}
+    # every train image's patches that hold a labelled pixel (rows 0-7 of 64 are ignored), in the refit
+    assert result["train_patches"] == 61 * (64 - 8)
     assert len(result["f1"]) == 6 and all(v is not None for v in result["f1"])
     assert result["mean_f1"] > result["prior_mean_f1"] + 20, result  # the probe finds the moving disks
     assert result["penalty"] == result["penalties"][int(np.argmin(result["val_mse"]))]
     assert len(set(result["val_mse"])) > 3
+
+
+def test_upsampled_scores_keep_patch_boundaries():
+    """Bilinear between patch centres: a patch column scored above the rest predicts exactly
+    its own pixel columns."""
+    from pacofr.eval.parsing import upsample_scores
+
+    scores = torch.zeros(1, 4, 4, 2)
+    scores[..., 0] = 0.75
+    scores[..., 1] = 0.5
+    scores[0, :, 0, 1] = 1.0  # patch column 0
+    pred = upsample_scores(scores.view(1, 16, 2), (4, 4), 16)[0]
+    assert (pred[:, :4] == 1).all() and (pred[:, 4:] == 0).all()
+
+
+def test_confusion_scores_skip_classes_absent_from_the_truth():
+    from pacofr.eval.parsing import confusion_scores
+
+    got = confusion_scores(torch.tensor([[5, 0, 1], [0, 3, 0], [0, 0, 0]]))  # class 2: predicted, never true
+    assert got["f1"][2] is None and got["mean_f1"] == 100.0
+    assert confusion_scores(torch.tensor([[4, 0], [0, 0]]))["mean_f1"] is None
 
 
 def test_parsing_labels_follow_the_crop_and_are_checked(tmp_path):
@@ -332,7 +362,13 @@ def test_parsing_labels_follow_the_crop_and_are_checked(tmp_path):
     assert (ids[:, :4] == 1).all() and ids[:, 4:].sum() == 0  # x 16-24 of the 96-px image -> 0-4 of 32
     lab[0, 0] = 7  # (outside the crop, and a single pixel: checked before the resize)
     Image.fromarray(lab).save(tmp_path / "labels" / "a.png")
-    with pytest.raises(ValueError, match="class id 7 >= --classes 2"):
+    with pytest.raises(ValueError, match=r"class id 7 outside \[0, --classes 2\)"):
         ds[0]
+    lab[0, 0] = 1
+    Image.fromarray(np.stack([lab] * 3, -1)).save(tmp_path / "labels" / "a.png")  # ids as gray RGB: read
+    assert torch.equal(ds[0][0][1], ids)
+    colour = np.stack([lab, lab * 0, lab], -1)
+    Image.fromarray(colour).save(tmp_path / "labels" / "a.png")  # a colour rendering: refused
+    assert ds[0] == (None, "labels_not_ids")
     with pytest.raises(FileNotFoundError, match="--train-labels"):
         ParsingImages(str(tmp_path / "images"), str(tmp_path / "nowhere"), 32, 2)

@@ -14,8 +14,9 @@ float64), so the train set is read once and never held in memory; its penalty is
 the lowest squared error on a held-out tenth of the train images, computed from their own
 statistics, and the probe is then refitted on all of them.
 
-Scores over all test pixels: per-class F1 = 2 TP / (2 TP + FP + FN) and IoU, their means over
-the classes other than the background (as LaPa's mean F1 is reported), and pixel accuracy.
+Scores over all test pixels of the centre crops at the model's input size: per-class F1 = 2 TP / (2 TP + FP + FN) and IoU of the classes present
+in the test labels, their means over those other than the background (as LaPa's mean F1 is
+reported), and pixel accuracy.
 Beside them, the position prior: each pixel's most frequent train class at its position, the
 floor a probe must beat. A linear probe compares encoders; it is not the fine-tuned parsing
 model behind the paper's LaPa figures.
@@ -29,7 +30,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.datasets import image_files
-from ..data.decode import decode_rgb, open_image, read_bytes
+from ..data.decode import decode_rgb, load, open_image, read_bytes
 from ..data.transforms import FaceTransform
 from .common import autocast, collate_pairs
 
@@ -39,7 +40,9 @@ LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to
 
 class ParsingImages(Dataset):
     """(image [3, S, S] normalized, labels [S, S] int64) or None with the skip reason: an
-    unreadable image or label map, no label map, a label map of another size than its image."""
+    unreadable image or label map, no label map, a label map of another shape than its image
+    (one at another resolution, CelebAMask-HQ's 512 px masks of 1024 px images, is scaled),
+    a label map that is not of class ids (colours)."""
 
     def __init__(self, source: str, labels: str, img_size: int, num_classes: int, what: str = "--train"):
         self.paths, keys = image_files(source, what)
@@ -67,22 +70,31 @@ class ParsingImages(Dataset):
                 return None, reason
             images.append(im)
         image, label = images
-        if image.size != label.size:
+        (iw, ih), (lw, lh) = image.size, label.size
+        if abs(lw * ih - lh * iw) > max(iw, ih):  # (another aspect, beyond a pixel's rounding)
             return None, "labels_size_mismatch"
         rgb, reason = decode_rgb(image)
         if rgb is None:
             return None, reason
-        if label.mode not in ("L", "P"):
-            return None, "labels_not_ids"  # (an RGB rendering of the labels, not class ids)
-        ids = np.asarray(label)
+        reason = load(label)
+        if reason:
+            return None, reason
+        ids = np.asarray(label).astype(np.int64)
+        if ids.ndim == 3:  # ids written as gray RGB(A); colour renderings of the classes are refused
+            if not (ids[..., :3] == ids[..., :1]).all():
+                return None, "labels_not_ids"
+            ids = ids[..., 0]
         bad = (ids >= self.num_classes) & (ids != IGNORE)
-        if bad.any():
-            raise ValueError(f"{self.labels[index]}: class id {int(ids[bad][0])} >= --classes {self.num_classes}")
-        params = self.transform.params(*rgb.size, 0)
+        if bad.any() or (ids < 0).any():
+            raise ValueError(f"{self.labels[index]}: class id {int(ids[bad | (ids < 0)][0])} outside "
+                             f"[0, --classes {self.num_classes}) and not {IGNORE}")
+        params = self.transform.params(iw, ih, 0)
         x, _ = self.transform.apply(rgb, params, torch.zeros(0, 2))
         s = self.transform.size
+        fx, fy = lw / iw, lh / ih
         x0, y0, w, h = params["box"]
-        ids = np.array(label.resize((s, s), Image.NEAREST, box=(x0, y0, x0 + w, y0 + h)), dtype=np.int64)
+        box = (x0 * fx, y0 * fy, (x0 + w) * fx, (y0 + h) * fy)
+        ids = np.array(Image.fromarray(ids.astype(np.int32), "I").resize((s, s), Image.NEAREST, box=box), dtype=np.int64)
         return (x, torch.from_numpy(ids)), None
 
 
@@ -140,19 +152,29 @@ class Stats:
 
 
 def confusion_scores(confusion: torch.Tensor) -> dict:
-    """[C, C] confusion (rows: truth, columns: prediction) -> per-class F1 and IoU (%), their
-    means over classes 1.. (background excluded) that occur in truth or prediction, accuracy."""
+    """[C, C] confusion (rows: truth, columns: prediction) -> per-class F1 and IoU (%) of the
+    classes present in the truth (None for the others), their means over those other than the
+    background (None if there is none), pixel accuracy."""
     c = confusion.double()
     tp = c.diagonal()
     fp, fn = c.sum(0) - tp, c.sum(1) - tp
     f1 = 2 * tp / (2 * tp + fp + fn)
     iou = tp / (tp + fp + fn)
-    seen = (tp + fp + fn) > 0
-    seen[0] = False
-    return {"mean_f1": 100 * float(f1[seen].mean()), "mean_iou": 100 * float(iou[seen].mean()),
+    present = (tp + fn) > 0
+    mean = present.clone()
+    mean[0] = False
+    return {"mean_f1": 100 * float(f1[mean].mean()) if mean.any() else None,
+            "mean_iou": 100 * float(iou[mean].mean()) if mean.any() else None,
             "pixel_accuracy": 100 * float(tp.sum() / c.sum()),
-            "f1": [100 * float(v) if s else None for v, s in zip(f1, (tp + fp + fn) > 0)],
-            "iou": [100 * float(v) if s else None for v, s in zip(iou, (tp + fp + fn) > 0)]}
+            "f1": [100 * float(v) if s else None for v, s in zip(f1, present)],
+            "iou": [100 * float(v) if s else None for v, s in zip(iou, present)]}
+
+
+def upsample_scores(scores: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
+    """Per-patch class scores [B, L, C] (row-major patches) -> per-pixel classes [B, S, S]:
+    bilinear between patch centres, the arg max."""
+    maps = scores.transpose(1, 2).reshape(scores.shape[0], -1, *grid)
+    return torch.nn.functional.interpolate(maps, size=(size, size), mode="bilinear", align_corners=False).argmax(1)
 
 
 def _confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -174,14 +196,14 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
         raise ValueError(f"--classes differs between train ({train.num_classes}) and test ({test.num_classes})")
     c, device = train.num_classes, next(encoder.parameters()).device
     p, s = encoder.patch_size, train.transform.size
-    n = len(train)
-    held = set(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: max(1, round(holdout * n))].tolist())
+    labelled = [i for i, path in enumerate(train.labels) if os.path.isfile(path)]
+    draw = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))
+    held = {labelled[int(i)] for i in draw[: max(1, round(holdout * len(labelled)))]}
     width = encoder.embed_dim
     fit, val = Stats(width, c, device), Stats(width, c, device)
     prior = torch.zeros(s, s, c + 1, dtype=torch.long)
     skipped_train, skipped_test, images_seen = {}, {}, [0, 0]
-    order = list(range(n))
-    for part, stats in ((sorted(held), val), ([i for i in order if i not in held], fit)):
+    for part, stats in ((sorted(held), val), ([i for i in range(len(train)) if i not in held], fit)):
         loader = DataLoader(torch.utils.data.Subset(train, part), batch_size=batch_size, num_workers=workers,
                             collate_fn=collate_pairs)
         for images, labels, reasons in loader:
@@ -199,11 +221,14 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     if not fit.n or not val.n:
         raise ValueError(f"the probe needs labelled train images in both its fit and held-out parts "
                          f"(skipped: {skipped_train})")
+    if not all(bool(torch.isfinite(t).all()) for t in (fit.sxx, fit.sxy, val.sxx, val.sxy)):
+        raise ValueError("the encoder gave non-finite features")
     scale = float(fit.sxx.diagonal().sum() / fit.n - (fit.sx / fit.n).pow(2).sum()) / width or 1.0
-    penalties = [lam * scale * fit.n for lam in LAMBDAS]
-    errors = [val.squared_error(w, b) / val.n for w, b in fit.solve(penalties)]
+    penalties = [lam * scale for lam in LAMBDAS]  # per row: the refit on more rows keeps the same strength
+    errors = [val.squared_error(w, b) / val.n for w, b in fit.solve([p * fit.n for p in penalties])]
     best = min(range(len(errors)), key=lambda i: (errors[i], -penalties[i]))
-    w, b = (fit + val).solve([penalties[best]])[0]
+    everything = fit + val
+    w, b = everything.solve([penalties[best] * everything.n])[0]
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
     probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
@@ -214,10 +239,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
             skipped_test[r] = skipped_test.get(r, 0) + 1
         if images is None:
             continue
-        scores = (_tokens(encoder, images, device).double() @ w + b).float()  # [B, L, C]
-        gh, gw = encoder.grid
-        maps = scores.transpose(1, 2).reshape(-1, c, gh, gw)
-        pred = torch.nn.functional.interpolate(maps, size=(s, s), mode="bilinear", align_corners=False).argmax(1)
+        pred = upsample_scores((_tokens(encoder, images, device).double() @ w + b).float(), encoder.grid, s)
         probe += _confusion(pred.cpu(), labels, c)
         floor += _confusion(position_prior.expand_as(labels), labels, c)
         test_images += images.shape[0]
@@ -226,8 +248,9 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     prior_scores = confusion_scores(floor)
     return {**confusion_scores(probe), "prior_mean_f1": prior_scores["mean_f1"],
             "prior_mean_iou": prior_scores["mean_iou"], "classes": c, "train_images": sum(images_seen),
-            "test_images": test_images, "penalty": penalties[best], "penalties": penalties, "val_mse": errors,
+            "test_images": test_images, "train_patches": everything.n, "penalty": penalties[best],
+            "penalties": penalties, "val_mse": errors,
             "skipped_train": skipped_train, "skipped_test": skipped_test}
 
 
-__all__ = ["ParsingImages", "Stats", "patch_fractions", "confusion_scores", "evaluate", "IGNORE"]
+__all__ = ["ParsingImages", "Stats", "patch_fractions", "confusion_scores", "upsample_scores", "evaluate", "IGNORE"]
