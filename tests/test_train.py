@@ -172,13 +172,15 @@ def test_a_run_of_nonfinite_losses_stops_with_a_message(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun is not installed")
 def test_torchrun_two_ranks_match_one_process(tmp_path):
+    """Two ranks with two micro-batches each give one process's losses for the same global batch,
+    during incubation too (the code table's initialization and EMA steps cover the whole step)."""
     args = ["--set", "train.batch_size=8", "--max-steps", "4", "--set", "train.ckpt_every=100"]
     single = _train("--output", str(tmp_path / "one"), *args)
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29731", str(ROOT / "train.py"), *BASE,
-                          "--output", str(tmp_path / "two"), *args], capture_output=True, text=True, env=_env(),
-                         timeout=600)
+                          "--output", str(tmp_path / "two"), *args, "--set", "train.accum_steps=2"],
+                         capture_output=True, text=True, env=_env(), timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     one, dp = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert [s for s, _ in one] == [s for s, _ in dp] == [1, 2, 3, 4]
@@ -186,10 +188,13 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         assert abs(a - b) < 1e-5, (one, dp)
 
 
-def test_gradient_accumulation_equals_the_whole_batch(faces64):
+@pytest.mark.parametrize("incubating", [False, True])
+def test_gradient_accumulation_equals_the_whole_batch(faces64, incubating):
     """Two micro-batches of 4 give the losses and gradients of one batch of 8: every term is a
     mean over the step's whole batch, weighed by each micro-batch's share of its normalizer
-    (their masked areas differ), not a mean of the micro-batches' means."""
+    (their masked areas differ), not a mean of the micro-batches' means. During incubation
+    also the code table: initialized from the whole step's patches, one EMA step per step,
+    over two steps (the second starts from the first's table)."""
     from contextlib import nullcontext
 
     from pacofr.engine.distributed import Dist
@@ -206,20 +211,39 @@ def test_gradient_accumulation_equals_the_whole_batch(faces64):
 
     sums = [float(masks.mask[part].sum()) for part in (slice(0, 4), slice(4, 8))]
     assert sums[0] != sums[1]  # the halves weigh differently: a mean of means would be off
-    runs = []
+    runs, tables = [], []
     for group in ([batch(slice(0, 8))], [batch(slice(0, 4)), batch(slice(4, 8))]):
         cfg.train.accum_steps = len(group)
         torch.manual_seed(0)
         model = PaCoFR(cfg)
-        model.set_incubation(False)  # (incubation's codebook updates follow each micro-batch)
-        metrics = _train_step(cfg, model, model, group, nullcontext(), Dist(0, 1, torch.device("cpu")), 0, {})
+        model.set_incubation(incubating)
+        for step in range(2 if incubating else 1):
+            model.zero_grad(set_to_none=True)
+            metrics = _train_step(cfg, model, model, group, nullcontext(), Dist(0, 1, torch.device("cpu")), step, {})
         runs.append((metrics, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        tables.append({n: b.clone() for n, b in model.codebook.state_dict().items()})
+    for name, value in tables[0].items():
+        assert torch.allclose(tables[1][name].float(), value.float(), rtol=1e-5, atol=1e-6), name
+    if incubating:
+        assert not torch.equal(tables[0]["codes"], PaCoFR(cfg).codebook.codes.detach())  # they did change
     (whole, g_whole), (accum, g_accum) = runs
     for name in ("l_pix", "l_sc", "l_belief", "l_commit", "loss"):
         assert abs(whole[name] - accum[name]) <= 1e-5 * abs(whole[name]) + 1e-7, (name, whole[name], accum[name])
     assert g_whole.keys() == g_accum.keys()
     for name, g in g_whole.items():
         assert torch.allclose(g_accum[name], g, rtol=1e-4, atol=1e-6 * g.abs().max()), name
+
+
+def test_codebook_draws_from_micro_batches_as_from_their_batch():
+    """Restart and initialization draws over a step's micro-batches pick the patches one
+    process picks from the concatenated batch with the same generator."""
+    from pacofr.model.codebook import PixelCodebook
+
+    cb = PixelCodebook(16, 6, 4)
+    chunks = [torch.randn(5, 6), torch.randn(0, 6), torch.randn(9, 6)]
+    one = cb._sample([torch.cat(chunks)], 40, torch.Generator().manual_seed(3))
+    parts = cb._sample(chunks, 40, torch.Generator().manual_seed(3))
+    assert torch.equal(one, parts) and (one.abs().sum(1) > 0).all()
 
 
 @pytest.mark.parametrize("empty", ["step", "micro-batch"])

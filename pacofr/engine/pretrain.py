@@ -311,28 +311,34 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
                 engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, scale_wrt_gas=False)
             engine.step()
     masks = [b["masks"].to(d.device, non_blocking=True) for _, b in usable]
+    pixels = [b["images"].to(d.device, non_blocking=True) for _, b in usable]
+    gens = [torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
+            for i, _ in usable]
     names = list(model.loss_weights())  # loss terms, in a fixed order
     norms = [torch.stack([n[name].float() for name in names]) for n in map(model.loss_norms, masks)]
+    incubating = bool(norms) and model.incubating
     if norms:
         total = distributed.all_sum(torch.stack(norms).sum(0))
-    for (i, batch), m, norm in zip(usable, masks, norms):
+    if incubating:
+        _codebook_step(model, engine, lambda: model.start_step(pixels, masks, gens[0]))
+    for (i, batch), x, m, norm, gen in zip(usable, pixels, masks, norms, gens):
         images += batch["images"].shape[0]
-        gen = torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
         sync = i == usable[-1][0] or d.world == 1 or engine is not None
         with (nullcontext() if sync else net.no_sync()), amp:
-            out = net(batch["images"].to(d.device, non_blocking=True), masks=m, generator=gen)
+            out = net(x, masks=m, generator=gen)
         share = norm * d.world / total
         share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
         loss = sum(out["weights"][n] * out[n].float() * share[j] for j, n in enumerate(names))
         if engine is None:
             loss.backward()
         else:
-            zero.take_over(engine, model.updated_in_place())
             engine.backward(loss, scale_wrt_gas=False)
             engine.step()  # the optimizer step at the last micro-batch, with clipping
         terms = torch.stack([out[n].detach().float() * share[j] for j, n in enumerate(names)] + [loss.detach()])
         for j, v in enumerate((distributed.all_sum(terms) / d.world).tolist()):
             totals[(names + ["loss"])[j]] += v
+    if incubating:
+        _codebook_step(model, engine, lambda: model.finish_step(gens[0]))
     if not images:  # (one process) no usable sample in the whole step
         return {"images": 0}
     if engine is not None:
@@ -345,6 +351,15 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
     else:
         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
     return {**totals, "grad_norm": grad_norm, "images": images}
+
+
+def _codebook_step(model, engine, write) -> None:
+    """`write` (start_step / finish_step) changes the code table outside a forward: under
+    ZeRO-3 with the table gathered, and under ZeRO into the optimizer's copies."""
+    with zero.gathered(engine, model, [model.codebook.codes]):
+        write()
+    if engine is not None:
+        zero.take_over(engine, model.updated_in_place())
 
 
 @torch.no_grad()

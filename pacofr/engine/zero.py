@@ -111,14 +111,16 @@ def partitions_parameters(engine) -> bool:
     return engine is not None and engine.zero_optimization_stage() == 3
 
 
-def gathered(engine, model: torch.nn.Module):
-    """A context in which every rank holds the model's full parameters (under stage 3; entered
-    by all ranks), for its state dict or a forward outside the engine."""
+def gathered(engine, model: torch.nn.Module, params: list[torch.nn.Parameter] | None = None):
+    """A context in which every rank holds the model's full parameters (or `params`; under
+    stage 3; entered by all ranks), for its state dict or a forward outside the engine. What is
+    written to them there is dropped at its end (see take_over)."""
     if not partitions_parameters(engine):
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(model.parameters()) if params is None else params,
+                                             modifier_rank=None)
 
 
 def take_over(engine, updates: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> None:

@@ -30,6 +30,7 @@ class PixelCodebook(nn.Module):
         self.register_buffer("ema_sum", torch.zeros(num_codes, code_dim))
         self.register_buffer("initialized", torch.tensor(False))
         self.written = None  # the code table as last written in place (see take_written)
+        self.pending = None  # EMA statistics gathered while deferred (see defer_ema)
 
     @property
     def num_codes(self) -> int:
@@ -41,33 +42,38 @@ class PixelCodebook(nn.Module):
         written, self.written = self.written, None
         return written
 
-    def _sample(self, patches: Tensor, count: int, generator: torch.Generator | None) -> Tensor | None:
-        """`count` random patches of the global batch. With data parallelism every rank draws
-        the same indices into the rank-ordered concatenation of all ranks' patches (the
-        generator is seeded alike on all ranks) and the owners fill them in, so the result
-        equals a single process's draw from the whole batch."""
-        device = generator.device if generator is not None else patches.device
-        offset, total = 0, patches.shape[0]
+    def _sample(self, chunks: list[Tensor], count: int, generator: torch.Generator | None) -> Tensor | None:
+        """`count` random patches of the step's global batch, given as this rank's patches of
+        each micro-batch (`chunks`). Every rank draws the same indices (the generator is seeded
+        alike on all ranks) into the concatenation in the order of a single process's batch
+        (micro-batch by micro-batch, rank by rank within each), and the owners fill them in:
+        the draw of one process from the whole batch."""
+        dev = chunks[0].device
+        device = generator.device if generator is not None else dev
+        world, rank = (dist.get_world_size(), dist.get_rank()) if _distributed() else (1, 0)
+        sizes = torch.zeros(len(chunks), world, dtype=torch.long, device=dev)
+        sizes[:, rank] = torch.tensor([c.shape[0] for c in chunks], device=dev)
         if _distributed():
-            sizes = torch.zeros(dist.get_world_size(), dtype=torch.long, device=patches.device)
-            sizes[dist.get_rank()] = patches.shape[0]
             dist.all_reduce(sizes)
-            offset, total = int(sizes[: dist.get_rank()].sum()), int(sizes.sum())
-        if total == 0:
+        if int(sizes.sum()) == 0:
             return None
-        pick = torch.randint(total, (count,), generator=generator, device=device).to(patches.device) - offset
-        mine = (pick >= 0) & (pick < patches.shape[0])
-        new = torch.zeros(count, patches.shape[1], dtype=self.codes.dtype, device=patches.device)
-        new[mine] = patches[pick[mine]].to(self.codes.dtype)
+        starts = (sizes.flatten().cumsum(0) - sizes.flatten()).view_as(sizes)[:, rank]
+        pick = torch.randint(int(sizes.sum()), (count,), generator=generator, device=device).to(dev)
+        new = torch.zeros(count, chunks[0].shape[1], dtype=self.codes.dtype, device=dev)
+        for chunk, start in zip(chunks, starts):
+            local = pick - start
+            mine = (local >= 0) & (local < chunk.shape[0])
+            new[mine] = chunk[local[mine]].to(self.codes.dtype)
         if _distributed():
             dist.all_reduce(new)
         return new
 
     @torch.no_grad()
-    def init_from(self, patches: Tensor, generator: torch.Generator | None = None) -> None:
-        """Codes start as random data patches (once, before the first incubation step)."""
-        patches = patches[torch.isfinite(patches).all(1)]
-        fresh = None if bool(self.initialized) else self._sample(patches, self.num_codes, generator)
+    def init_from(self, chunks: Tensor | list[Tensor], generator: torch.Generator | None = None) -> None:
+        """Codes start as random data patches (once, before the first incubation step): from
+        `chunks`, a batch's patches or those of every micro-batch of a step."""
+        chunks = [c[torch.isfinite(c).all(1)] for c in ([chunks] if isinstance(chunks, Tensor) else chunks)]
+        fresh = None if bool(self.initialized) else self._sample(chunks, self.num_codes, generator)
         if fresh is None:
             return
         self.codes.copy_(fresh)
@@ -76,15 +82,39 @@ class PixelCodebook(nn.Module):
         self.initialized.fill_(True)
         self.written = self.codes.detach().clone()
 
+    def defer_ema(self) -> None:
+        """From now on ema_update only gathers its statistics, until `flush_ema` makes one EMA
+        step of them all: over the micro-batches of a step, the step one batch of them makes."""
+        if self.pending is None:
+            self.pending = {"counts": torch.zeros_like(self.ema_count), "sums": torch.zeros_like(self.ema_sum),
+                            "chunks": []}
+
+    @torch.no_grad()
+    def flush_ema(self, generator: torch.Generator | None = None) -> int:
+        """The EMA step of what ema_update gathered since `defer_ema` (every rank calls it);
+        updates are immediate again after it. Returns the number of restarted codes."""
+        pending, self.pending = self.pending, None
+        if pending is None or not pending["chunks"]:
+            return 0
+        return self._ema_step(pending["counts"], pending["sums"], pending["chunks"], generator)
+
     @torch.no_grad()
     def ema_update(self, patches: Tensor, assign: Tensor, generator: torch.Generator | None = None) -> int:
         """VQ-style EMA step: each code moves to the running mean of the patches assigned to it;
         codes whose usage count decays below the threshold restart at random patches.
-        Returns the number of restarted codes. Non-finite patches are left out."""
+        Returns the number of restarted codes (0 while deferred). Non-finite patches are left out."""
         finite = torch.isfinite(patches).all(1)
         patches, assign = patches[finite], assign[finite]
         counts = torch.bincount(assign, minlength=self.num_codes).to(self.ema_count.dtype)
         sums = torch.zeros_like(self.ema_sum).index_add_(0, assign, patches.to(self.ema_sum.dtype))
+        if self.pending is not None:
+            self.pending["counts"] += counts
+            self.pending["sums"] += sums
+            self.pending["chunks"].append(patches)
+            return 0
+        return self._ema_step(counts, sums, [patches], generator)
+
+    def _ema_step(self, counts: Tensor, sums: Tensor, chunks: list[Tensor], generator) -> int:
         if _distributed():  # every rank sees the codebook of the global batch
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -97,7 +127,7 @@ class PixelCodebook(nn.Module):
         smoothed = (self.ema_count + eps) / (n + self.num_codes * eps) * n
         self.codes.copy_(self.ema_sum / smoothed[:, None])
         dead = (self.ema_count < self.dead_code_threshold).nonzero()[:, 0]
-        fresh = self._sample(patches, dead.numel(), generator) if dead.numel() else None
+        fresh = self._sample(chunks, dead.numel(), generator) if dead.numel() else None
         if fresh is not None:
             self.codes[dead] = fresh
             self.ema_sum[dead] = fresh

@@ -65,6 +65,22 @@ class PaCoFR(nn.Module):
         out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
         return out, _mean(l_belief), _mean(l_commit)
 
+    @torch.no_grad()
+    def start_step(self, images: list[Tensor], masks: list[Masks], generator=None) -> None:
+        """Before the forwards of a step's micro-batches (training, incubation): the code table
+        is initialized from all their patches, and the EMA steps of their forwards wait for
+        `finish_step`, which makes one over all of them; so the step makes the updates of one
+        forward over their union (each forward still searches the table as the step found it)."""
+        if not (self.incubating and self.training):
+            return
+        p = self.patch_size
+        self.codebook.init_from([patchify(im, p)[self.search_rows(m)] for im, m in zip(images, masks)], generator)
+        self.codebook.defer_ema()
+
+    def finish_step(self, generator=None) -> None:
+        """The EMA step of the micro-batches since `start_step` (every rank calls it)."""
+        self.codebook.flush_ema(generator)
+
     def updated_in_place(self) -> list[tuple[nn.Parameter, Tensor]]:
         """(parameter, value) for what the last training forward wrote in place, outside the
         optimizer: the code table during incubation (initialization, EMA steps, restarts). An
