@@ -172,9 +172,11 @@ def test_a_run_of_nonfinite_losses_stops_with_a_message(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun is not installed")
 def test_torchrun_two_ranks_match_one_process(tmp_path):
-    """Two ranks with two micro-batches each give one process's losses for the same global batch,
-    during incubation too (the code table's initialization and EMA steps cover the whole step)."""
-    args = ["--set", "train.batch_size=8", "--max-steps", "4", "--set", "train.ckpt_every=100"]
+    """Two ranks with two micro-batches each give one process's losses and code table for the
+    same global batch, during incubation too (the code table's initialization, EMA steps and
+    restarts, forced at every step here, cover the whole step)."""
+    args = ["--set", "train.batch_size=8", "--max-steps", "4", "--set", "train.ckpt_every=100",
+            "--set", "model.codebook.ema_decay=0.5", "--set", "model.codebook.dead_code_threshold=0.9"]
     single = _train("--output", str(tmp_path / "one"), *args)
     assert single.returncode == 0, single.stderr[-2000:]
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -186,6 +188,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert [s for s, _ in one] == [s for s, _ in dp] == [1, 2, 3, 4]
     for (_, a), (_, b) in zip(one, dp):
         assert abs(a - b) < 1e-5, (one, dp)
+    codes = [load_file(str(tmp_path / run / "checkpoints" / "ckpt-00000004" / "model.safetensors"))["codebook.codes"]
+             for run in ("one", "two")]
+    assert torch.allclose(codes[0], codes[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("incubating", [False, True])
@@ -193,8 +198,8 @@ def test_gradient_accumulation_equals_the_whole_batch(faces64, incubating):
     """Two micro-batches of 4 give the losses and gradients of one batch of 8: every term is a
     mean over the step's whole batch, weighed by each micro-batch's share of its normalizer
     (their masked areas differ), not a mean of the micro-batches' means. During incubation
-    also the code table: initialized from the whole step's patches, one EMA step per step,
-    over two steps (the second starts from the first's table)."""
+    also the code table: initialized from the whole step's patches, one EMA step per step with
+    its dead-code restarts, over two steps (the second starts from the first's table)."""
     from contextlib import nullcontext
 
     from pacofr.engine.distributed import Dist
@@ -202,7 +207,8 @@ def test_gradient_accumulation_equals_the_whole_batch(faces64, incubating):
     from pacofr.masking import Masks, sample_masks
     from pacofr.model import PaCoFR
 
-    cfg = _cfg(**{"train.clip_grad": 0})
+    restarts = {"model.codebook.ema_decay": 0.5, "model.codebook.dead_code_threshold": 0.9} if incubating else {}
+    cfg = _cfg(**{"train.clip_grad": 0, **restarts})  # (incubating: codes restart at every step)
     masks = sample_masks(list(range(100, 108)), (64, 64), cfg.model.patch_size, cfg.masking)
 
     def batch(part):
@@ -226,6 +232,7 @@ def test_gradient_accumulation_equals_the_whole_batch(faces64, incubating):
         assert torch.allclose(tables[1][name].float(), value.float(), rtol=1e-5, atol=1e-6), name
     if incubating:
         assert not torch.equal(tables[0]["codes"], PaCoFR(cfg).codebook.codes.detach())  # they did change
+        assert (tables[0]["ema_count"] == 1.0).sum() > 10  # (restarted codes count 1)
     (whole, g_whole), (accum, g_accum) = runs
     for name in ("l_pix", "l_sc", "l_belief", "l_commit", "loss"):
         assert abs(whole[name] - accum[name]) <= 1e-5 * abs(whole[name]) + 1e-7, (name, whole[name], accum[name])

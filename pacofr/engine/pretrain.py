@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_dict
-from ..data import REASONS, build_dataset, collate, collate_encoded
+from ..data import REASONS, build_dataset, collate, collate_encoded, sample_seed
 from ..masking import sample_masks
 from ..model import PaCoFR
 from . import checkpoint, distributed, zero
@@ -35,6 +35,7 @@ def _check_batch_sizes(cfg: Config, world: int) -> int:
 
 
 CODES_GROUP = 2  # the code table's param group (see zero.restart_moments)
+CODEBOOK_STREAM = 0xC0DE  # keys the code table's random stream (see _train_step)
 
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
@@ -311,21 +312,22 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
                 engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, scale_wrt_gas=False)
             engine.step()
     masks = [b["masks"].to(d.device, non_blocking=True) for _, b in usable]
-    pixels = [b["images"].to(d.device, non_blocking=True) for _, b in usable]
-    gens = [torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
-            for i, _ in usable]
     names = list(model.loss_weights())  # loss terms, in a fixed order
     norms = [torch.stack([n[name].float() for name in names]) for n in map(model.loss_norms, masks)]
     incubating = bool(norms) and model.incubating
     if norms:
         total = distributed.all_sum(torch.stack(norms).sum(0))
+    # The code table's draws (initialization, restarts) have a generator of their own, seeded by
+    # the step alone: the same on every rank and for any accumulation, apart from the forwards'.
+    codebook_gen = torch.Generator(device=d.device).manual_seed(sample_seed(t.seed, step, CODEBOOK_STREAM))
     if incubating:
-        _codebook_step(model, engine, lambda: model.start_step(pixels, masks, gens[0]))
-    for (i, batch), x, m, norm, gen in zip(usable, pixels, masks, norms, gens):
+        _codebook_step(model, engine, lambda: model.start_step([b["images"] for _, b in usable], masks, codebook_gen))
+    for (i, batch), m, norm in zip(usable, masks, norms):
         images += batch["images"].shape[0]
+        gen = torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
         sync = i == usable[-1][0] or d.world == 1 or engine is not None
         with (nullcontext() if sync else net.no_sync()), amp:
-            out = net(x, masks=m, generator=gen)
+            out = net(batch["images"].to(d.device, non_blocking=True), masks=m, generator=gen)
         share = norm * d.world / total
         share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
         loss = sum(out["weights"][n] * out[n].float() * share[j] for j, n in enumerate(names))
@@ -338,7 +340,7 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
         for j, v in enumerate((distributed.all_sum(terms) / d.world).tolist()):
             totals[(names + ["loss"])[j]] += v
     if incubating:
-        _codebook_step(model, engine, lambda: model.finish_step(gens[0]))
+        _codebook_step(model, engine, lambda: model.finish_step(codebook_gen))
     if not images:  # (one process) no usable sample in the whole step
         return {"images": 0}
     if engine is not None:

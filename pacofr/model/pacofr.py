@@ -70,11 +70,14 @@ class PaCoFR(nn.Module):
         """Before the forwards of a step's micro-batches (training, incubation): the code table
         is initialized from all their patches, and the EMA steps of their forwards wait for
         `finish_step`, which makes one over all of them; so the step makes the updates of one
-        forward over their union (each forward still searches the table as the step found it)."""
+        forward over their union (each forward still searches the table as the step found it).
+        Until then the codebook keeps each forward's visible patches (restarts draw from them)."""
         if not (self.incubating and self.training):
             return
-        p = self.patch_size
-        self.codebook.init_from([patchify(im, p)[self.search_rows(m)] for im, m in zip(images, masks)], generator)
+        if not bool(self.codebook.initialized):
+            p, device = self.patch_size, self.codebook.ema_sum.device
+            chunks = [patchify(im.to(device), p)[self.search_rows(m.to(device))] for im, m in zip(images, masks)]
+            self.codebook.init_from(chunks, generator)
         self.codebook.defer_ema()
 
     def finish_step(self, generator=None) -> None:
