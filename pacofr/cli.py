@@ -1,5 +1,5 @@
 """`pacofr train ...` (also `python train.py ...`, `torchrun ... train.py`, `deepspeed train.py`),
-`pacofr eval-alignment ...` and `pacofr eval-parsing ...` (probes of a pretrained encoder, pacofr/eval)."""
+`pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a pretrained encoder, pacofr/eval)."""
 
 import argparse
 import json
@@ -86,6 +86,29 @@ def _eval_parsing(args, cfg) -> None:
     _report(args, result)
 
 
+def _attributes_parser(sub) -> None:
+    _probe_parser(sub, "eval-attributes", "binary attribute probe of a pretrained encoder (accuracy)", "labels",
+                  "CSV of attributes (header: path,name,...)", 64)
+
+
+def _eval_attributes(args, cfg) -> None:
+    import torch
+
+    from .eval.attributes import AttributeImages, evaluate
+    from .eval.common import load_encoder
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = cfg.model.img_size
+    train = AttributeImages(args.train, args.train_labels, size, "--train")
+    test = AttributeImages(args.test, args.test_labels, size, "--test")
+    result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.batch_size, args.workers)
+    print(f"mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
+          f"majority: {result['majority_mean_accuracy']:.2f}%   "
+          f"train {result['train_images']} / test {result['test_images']} images")
+    print("  " + "  ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
+    _report(args, result)
+
+
 def _report(args, result: dict) -> None:
     for split in ("train", "test"):
         if result[f"skipped_{split}"]:
@@ -101,13 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _eval_parser(sub)
     _parsing_parser(sub)
+    _attributes_parser(sub)
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
     from .engine import NonFiniteLossError, pretrain
 
     if args.command.startswith("eval-"):
-        run = _eval_alignment if args.command == "eval-alignment" else _eval_parsing
+        run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing,
+               "eval-attributes": _eval_attributes}[args.command]
         try:
             run(args, load_config(args.config, args.set))
         except (ConfigError, FileNotFoundError, ValueError) as err:

@@ -237,7 +237,7 @@ def test_landmark_files_keep_every_point(tmp_path):
 def test_stats_ridge_against_the_primal_closed_form():
     """Streamed statistics (added in parts) give the primal ridge with intercept, and their
     squared error on other rows is the direct one."""
-    from pacofr.eval.parsing import Stats
+    from pacofr.eval.common import Stats
 
     rng = np.random.default_rng(5)
     x = rng.normal(size=(90, 7)) + 2.0
@@ -372,3 +372,69 @@ def test_parsing_labels_follow_the_crop_and_are_checked(tmp_path):
     assert ds[0] == (None, "labels_not_ids")
     with pytest.raises(FileNotFoundError, match="--train-labels"):
         ParsingImages(str(tmp_path / "images"), str(tmp_path / "nowhere"), 32, 2)
+
+
+# -- the attribute probe -----------------------------------------------------------------------------
+def _attribute_faces(folder, n, seed):
+    """Dot faces with three attributes: the red dot is there, the blue dot is there, the
+    background is bright; -1/1 values as CelebA's. Also an unlabelled image, a row with a
+    value that is not -1/0/1, and a broken file. Returns the folder and the targets written."""
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:96, :96] + 0.5
+    rows, truth = ["path,Red,Blue,Bright"], {}
+    for i in range(n):
+        attrs = rng.random(3) < (0.5, 0.3, 0.6)
+        pts = POINTS + rng.uniform(-10, 10, (1, 2))
+        a = np.full((96, 96, 3), 90 if attrs[2] else 40, np.uint8)
+        for j, ((x, y), c) in enumerate(zip(pts, COLOURS)):
+            if (j == 0 and not attrs[0]) or (j == 2 and not attrs[1]):
+                continue
+            a[(xx - x) ** 2 + (yy - y) ** 2 <= 6.0 ** 2] = np.array(c, np.uint8) * 255
+        Image.fromarray(a).save(folder / f"f{i:03d}.png")
+        rows.append(f"f{i:03d}.png," + ",".join("1" if v else "-1" for v in attrs))
+        truth[f"f{i:03d}.png"] = attrs
+    Image.fromarray(a).save(folder / "unlabelled.png")
+    Image.fromarray(a).save(folder / "odd.png")
+    rows.append("odd.png,1,2,1")
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    rows.append("broken.png,1,1,1")
+    (folder / "attrs.csv").write_text("\n".join(rows) + "\n")
+    return folder, truth
+
+
+def test_attribute_file(tmp_path):
+    from pacofr.eval.attributes import load_attribute_file
+
+    f = tmp_path / "a.csv"
+    f.write_text("path,Smiling,Male\na.jpg,1,-1\nsub\\\\b.jpg,0,1\nc.jpg,1\nd.jpg,1,x\n")
+    names, table = load_attribute_file(str(f), "--train-labels")
+    assert names == ["Smiling", "Male"]
+    assert table["a.jpg"].tolist() == [1.0, 0.0] and table["sub/b.jpg"].tolist() == [0.0, 1.0]
+    assert table["c.jpg"] is None and table["d.jpg"] is None
+    f.write_text("path\n")
+    with pytest.raises(ValueError, match="needs a header"):
+        load_attribute_file(str(f), "--train-labels")
+    with pytest.raises(FileNotFoundError, match="--test-labels"):
+        load_attribute_file(str(tmp_path / "none.csv"), "--test-labels")
+
+
+def test_attribute_probe_end_to_end(probe_data, tmp_path):
+    d, _, _ = probe_data
+    (train, _), (test, truth) = _attribute_faces(tmp_path / "train", 80, 1), _attribute_faces(tmp_path / "test", 40, 2)
+    out = tmp_path / "attributes.json"
+    rc = main(["eval-attributes", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"),
+               "--train", str(train), "--train-labels", str(train / "attrs.csv"), "--test", str(test),
+               "--test-labels", str(test / "attrs.csv"), "--workers", "0", "--output", str(out)])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert result["train_images"] == 80 and result["test_images"] == 40 and result["attributes"] == 3
+    assert result["skipped_train"] == result["skipped_test"] == {"no_labels": 1, "labels_invalid": 1,
+                                                                 "not_an_image": 1}
+    # the floor, from the written targets: each attribute's majority value in train, scored on test
+    train_truth = _attribute_faces(tmp_path / "again", 80, 1)[1]
+    majority = np.mean(list(train_truth.values()), axis=0) > 0.5
+    floor = 100 * (np.array(list(truth.values())) == majority).mean(0)
+    assert np.allclose([result["majority"][k] for k in ("Red", "Blue", "Bright")], floor)
+    assert result["mean_accuracy"] > result["majority_mean_accuracy"] + 20, result
+    assert min(result["accuracy"].values()) > 80, result

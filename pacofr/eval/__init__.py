@@ -1,8 +1,9 @@
-"""Downstream evaluation of a pretrained encoder: face alignment (alignment.py) and face parsing
-(parsing.py) probes of its frozen features."""
+"""Downstream evaluation of a pretrained encoder: face alignment (alignment.py), face parsing
+(parsing.py) and attribute (attributes.py) probes of its frozen features."""
 
 from .alignment import AlignmentImages, fit_ridge, nme
+from .attributes import AttributeImages
 from .common import load_encoder
 from .parsing import ParsingImages
 
-__all__ = ["AlignmentImages", "ParsingImages", "fit_ridge", "load_encoder", "nme"]
+__all__ = ["AlignmentImages", "AttributeImages", "ParsingImages", "fit_ridge", "load_encoder", "nme"]

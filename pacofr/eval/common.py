@@ -1,4 +1,5 @@
-"""What the probes share: the encoder from a pretraining run, batching of skippable items, autocast."""
+"""What the probes share: the encoder from a pretraining run, batching of skippable items,
+autocast, and ridge regression from streamed statistics with its penalty chosen on held-out rows."""
 
 import torch
 from safetensors.torch import load_file
@@ -31,3 +32,63 @@ def collate_pairs(items):
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (as in training), none on the CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+
+LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties per row, relative to the mean feature variance
+
+
+class Stats:
+    """Sufficient statistics of a ridge regression from rows x [F] to y [T] (float64)."""
+
+    def __init__(self, f: int, t: int, device):
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.n, self.sx, self.sy, self.sxx, self.sxy, self.syy = 0, z(f), z(t), z(f, f), z(f, t), 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.n += x.shape[0]
+        self.sx += x.sum(0)
+        self.sy += y.sum(0)
+        self.sxx += x.T @ x
+        self.sxy += x.T @ y
+        self.syy += float((y * y).sum())
+
+    def __add__(self, other: "Stats") -> "Stats":
+        out = Stats(0, 0, self.sx.device)
+        out.n, out.sx, out.sy = self.n + other.n, self.sx + other.sx, self.sy + other.sy
+        out.sxx, out.sxy, out.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
+        return out
+
+    def solve(self, penalties) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(W [F, T], b [T]) minimizing sum ||y - x W - b||^2 + p ||W||^2 for each penalty p."""
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxx = self.sxx - self.n * torch.outer(mx, mx)
+        cxy = self.sxy - self.n * torch.outer(mx, my)
+        e, v = torch.linalg.eigh(cxx)
+        vxy = v.T @ cxy
+        out = []
+        for p in penalties:
+            w = v @ (vxy / (e.clamp_min(0) + p)[:, None])
+            out.append((w, my - mx @ w))
+        return out
+
+    def squared_error(self, w: torch.Tensor, b: torch.Tensor) -> float:
+        """sum ||y - x W - b||^2 over the rows added, from the statistics alone."""
+        return float(self.syy - 2 * (w * self.sxy).sum() - 2 * b @ self.sy + (w * (self.sxx @ w)).sum()
+                     + 2 * b @ (w.T @ self.sx) + self.n * b @ b)
+
+
+def fit_on_held_out(fit: Stats, val: Stats) -> tuple[tuple[torch.Tensor, torch.Tensor], dict]:
+    """The ridge (W, b) refitted on fit + val rows with the penalty (LAMBDAS times the mean
+    feature variance, per row) whose fit on `fit` had the lowest squared error on `val` (ties:
+    the stronger penalty); and the search (penalty, penalties, val_mse)."""
+    if not all(bool(torch.isfinite(t).all()) for t in (fit.sxx, fit.sxy, val.sxx, val.sxy)):
+        raise ValueError("the encoder gave non-finite features")
+    width = fit.sx.shape[0]
+    scale = float(fit.sxx.diagonal().sum() / fit.n - (fit.sx / fit.n).pow(2).sum()) / width or 1.0
+    penalties = [lam * scale for lam in LAMBDAS]  # per row: the refit on more rows keeps the same strength
+    errors = [val.squared_error(w, b) / val.n for w, b in fit.solve([p * fit.n for p in penalties])]
+    best = min(range(len(errors)), key=lambda i: (errors[i], -penalties[i]))
+    everything = fit + val
+    return everything.solve([penalties[best] * everything.n])[0], {
+        "penalty": penalties[best], "penalties": penalties, "val_mse": errors}

@@ -32,10 +32,9 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, load, open_image, read_bytes
 from ..data.transforms import FaceTransform
-from .common import autocast, collate_pairs
+from .common import Stats, autocast, collate_pairs, fit_on_held_out
 
 IGNORE = 255
-LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean feature variance
 
 
 class ParsingImages(Dataset):
@@ -110,47 +109,6 @@ def patch_fractions(labels: torch.Tensor, patch: int, num_classes: int) -> torch
     return counts / counts.sum(-1, keepdim=True).clamp_min(1)
 
 
-class Stats:
-    """Sufficient statistics of a ridge regression from rows x [F] to y [T] (float64)."""
-
-    def __init__(self, f: int, t: int, device):
-        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
-        self.n, self.sx, self.sy, self.sxx, self.sxy, self.syy = 0, z(f), z(t), z(f, f), z(f, t), 0.0
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.double(), y.double()
-        self.n += x.shape[0]
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.sxx += x.T @ x
-        self.sxy += x.T @ y
-        self.syy += float((y * y).sum())
-
-    def __add__(self, other: "Stats") -> "Stats":
-        out = Stats(0, 0, self.sx.device)
-        out.n, out.sx, out.sy = self.n + other.n, self.sx + other.sx, self.sy + other.sy
-        out.sxx, out.sxy, out.syy = self.sxx + other.sxx, self.sxy + other.sxy, self.syy + other.syy
-        return out
-
-    def solve(self, penalties) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(W [F, T], b [T]) minimizing sum ||y - x W - b||^2 + p ||W||^2 for each penalty p."""
-        mx, my = self.sx / self.n, self.sy / self.n
-        cxx = self.sxx - self.n * torch.outer(mx, mx)
-        cxy = self.sxy - self.n * torch.outer(mx, my)
-        e, v = torch.linalg.eigh(cxx)
-        vxy = v.T @ cxy
-        out = []
-        for p in penalties:
-            w = v @ (vxy / (e.clamp_min(0) + p)[:, None])
-            out.append((w, my - mx @ w))
-        return out
-
-    def squared_error(self, w: torch.Tensor, b: torch.Tensor) -> float:
-        """sum ||y - x W - b||^2 over the rows added, from the statistics alone."""
-        return float(self.syy - 2 * (w * self.sxy).sum() - 2 * b @ self.sy + (w * (self.sxx @ w)).sum()
-                     + 2 * b @ (w.T @ self.sx) + self.n * b @ b)
-
-
 def confusion_scores(confusion: torch.Tensor) -> dict:
     """[C, C] confusion (rows: truth, columns: prediction) -> per-class F1 and IoU (%) of the
     classes present in the truth (None for the others), their means over those other than the
@@ -221,14 +179,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     if not fit.n or not val.n:
         raise ValueError(f"the probe needs labelled train images in both its fit and held-out parts "
                          f"(skipped: {skipped_train})")
-    if not all(bool(torch.isfinite(t).all()) for t in (fit.sxx, fit.sxy, val.sxx, val.sxy)):
-        raise ValueError("the encoder gave non-finite features")
-    scale = float(fit.sxx.diagonal().sum() / fit.n - (fit.sx / fit.n).pow(2).sum()) / width or 1.0
-    penalties = [lam * scale for lam in LAMBDAS]  # per row: the refit on more rows keeps the same strength
-    errors = [val.squared_error(w, b) / val.n for w, b in fit.solve([p * fit.n for p in penalties])]
-    best = min(range(len(errors)), key=lambda i: (errors[i], -penalties[i]))
-    everything = fit + val
-    w, b = everything.solve([penalties[best] * everything.n])[0]
+    (w, b), search = fit_on_held_out(fit, val)
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
     probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
@@ -248,9 +199,8 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     prior_scores = confusion_scores(floor)
     return {**confusion_scores(probe), "prior_mean_f1": prior_scores["mean_f1"],
             "prior_mean_iou": prior_scores["mean_iou"], "classes": c, "train_images": sum(images_seen),
-            "test_images": test_images, "train_patches": everything.n, "penalty": penalties[best],
-            "penalties": penalties, "val_mse": errors,
+            "test_images": test_images, "train_patches": fit.n + val.n, **search,
             "skipped_train": skipped_train, "skipped_test": skipped_test}
 
 
-__all__ = ["ParsingImages", "Stats", "patch_fractions", "confusion_scores", "upsample_scores", "evaluate", "IGNORE"]
+__all__ = ["ParsingImages", "patch_fractions", "confusion_scores", "upsample_scores", "evaluate", "IGNORE"]
