@@ -161,15 +161,20 @@ def test_alignment_images_follow_the_crop_and_skip(probe_data):
     assert torch.allclose(lm, torch.from_numpy(POINTS) * (64 / 96), atol=1e-4)  # the 136-px face cropped to 96
 
 
+def _probe(command, encoder, kind, train, train_targets, test, test_targets, out, *extra):
+    """Runs `pacofr <command>` on the tiny config; returns its JSON result."""
+    rc = main([command, "--config", "tiny", "--encoder", str(encoder), "--train", str(train),
+               f"--train-{kind}", str(train_targets), "--test", str(test), f"--test-{kind}", str(test_targets),
+               "--workers", "0", "--output", str(out), *extra])
+    assert rc == 0
+    return json.loads(out.read_text())
+
+
 def test_probe_end_to_end(probe_data, tmp_path, capsys):
     """A random tiny encoder's pooled patch tokens locate the dots well beyond the mean shape."""
     d, train, test = probe_data
-    out = tmp_path / "probe.json"
-    rc = main(["eval-alignment", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"),
-               "--train", str(train), "--train-landmarks", str(train / "lm.json"), "--test", str(test),
-               "--test-landmarks", str(test / "lm.json"), "--workers", "0", "--output", str(out)])
-    assert rc == 0
-    result = json.loads(out.read_text())
+    result = _probe("eval-alignment", d / "encoder.safetensors", "landmarks", train, train / "lm.json", test,
+                    test / "lm.json", tmp_path / "probe.json")
     assert result["train_faces"] == 122 and result["test_faces"] == 32
     assert result["skipped_train"] == result["skipped_test"] == {
         "no_landmarks": 1, "landmarks_invalid": 1, "degenerate_scale": 1, "not_an_image": 1}
@@ -309,12 +314,8 @@ def _parsing_faces(folder, n, seed):
 def test_parsing_probe_end_to_end(probe_data, tmp_path):
     d, _, _ = probe_data
     train, test = _parsing_faces(tmp_path / "train", 60, 1), _parsing_faces(tmp_path / "test", 20, 2)
-    out = tmp_path / "parsing.json"
-    rc = main(["eval-parsing", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"), "--classes", "6",
-               "--train", str(train / "images"), "--train-labels", str(train / "labels"), "--test",
-               str(test / "images"), "--test-labels", str(test / "labels"), "--workers", "0", "--output", str(out)])
-    assert rc == 0
-    result = json.loads(out.read_text())
+    result = _probe("eval-parsing", d / "encoder.safetensors", "labels", train / "images", train / "labels",
+                    test / "images", test / "labels", tmp_path / "parsing.json", "--classes", "6")
     assert result["train_images"] == 61 and result["test_images"] == 21
     assert result["skipped_train"] == result["skipped_test"] == {"no_labels": 1, "labels_size_mismatch": 1,
                                                                  "truncated": 1}
@@ -422,12 +423,8 @@ def test_attribute_file(tmp_path):
 def test_attribute_probe_end_to_end(probe_data, tmp_path):
     d, _, _ = probe_data
     (train, _), (test, truth) = _attribute_faces(tmp_path / "train", 80, 1), _attribute_faces(tmp_path / "test", 40, 2)
-    out = tmp_path / "attributes.json"
-    rc = main(["eval-attributes", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"),
-               "--train", str(train), "--train-labels", str(train / "attrs.csv"), "--test", str(test),
-               "--test-labels", str(test / "attrs.csv"), "--workers", "0", "--output", str(out)])
-    assert rc == 0
-    result = json.loads(out.read_text())
+    result = _probe("eval-attributes", d / "encoder.safetensors", "labels", train, train / "attrs.csv", test,
+                    test / "attrs.csv", tmp_path / "attributes.json")
     assert result["train_images"] == 80 and result["test_images"] == 40 and result["attributes"] == 3
     assert result["skipped_train"] == result["skipped_test"] == {"no_labels": 1, "labels_invalid": 1,
                                                                  "not_an_image": 1}

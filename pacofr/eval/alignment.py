@@ -33,14 +33,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.landmarks import load_landmarks_file
 from ..data.transforms import FaceTransform
 from ..model import ViTEncoder
-from .common import autocast, collate_pairs
+from .common import autocast, batches
 
 EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean kernel diagonal
@@ -206,13 +206,8 @@ def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tens
 
 def extract(encoder, dataset: AlignmentImages, grid: int, batch_size: int, workers: int, device):
     """-> (features [N, F] float32 on CPU, landmarks [N, K, 2], {skip reason: count})."""
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs)
     feats, points, skipped = [], [], {}
-    for images, lm, reasons in loader:
-        for r in reasons:
-            skipped[r] = skipped.get(r, 0) + 1
-        if images is None:
-            continue
+    for images, lm in batches(dataset, batch_size, workers, skipped):
         with autocast(device):
             feats.append(features(encoder, images.to(device), grid).float().cpu())
         points.append(lm)

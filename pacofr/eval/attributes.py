@@ -19,13 +19,13 @@ import csv
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.landmarks import norm_key
 from ..data.transforms import FaceTransform
-from .common import Stats, autocast, collate_pairs, fit_on_held_out
+from .common import Stats, autocast, batches, fit_on_held_out, held_out
 
 
 def load_attribute_file(path: str, what: str) -> tuple[list[str], dict[str, np.ndarray | None]]:
@@ -96,19 +96,13 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
     a, device = len(train.names), next(encoder.parameters()).device
     width = 2 * encoder.embed_dim
     usable = [i for i, t in enumerate(train.targets) if isinstance(t, np.ndarray)]
-    draw = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))
-    held = {usable[int(i)] for i in draw[: max(1, round(holdout * len(usable)))]}
+    held, rest = held_out(usable, len(train), holdout, seed)
     fit, val = Stats(width, a, device), Stats(width, a, device)
     positives, skipped_train, skipped_test = torch.zeros(a, dtype=torch.float64), {}, {}
-    for part, stats in ((sorted(held), val), ([i for i in range(len(train)) if i not in held], fit)):
-        loader = DataLoader(torch.utils.data.Subset(train, part), batch_size=batch_size, num_workers=workers,
-                            collate_fn=collate_pairs)
-        for images, targets, reasons in loader:
-            for r in reasons:
-                skipped_train[r] = skipped_train.get(r, 0) + 1
-            if images is not None:
-                stats.add(features(encoder, images, device), targets.to(device))
-                positives += targets.double().sum(0)
+    for part, stats in ((held, val), (rest, fit)):
+        for images, targets in batches(train, batch_size, workers, skipped_train, part):
+            stats.add(features(encoder, images, device), targets.to(device))
+            positives += targets.double().sum(0)
     if not fit.n or not val.n:
         raise ValueError(f"the probe needs usable train images in both its fit and held-out parts "
                          f"(skipped: {skipped_train})")
@@ -116,12 +110,7 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
     majority = positives / (fit.n + val.n) > 0.5  # each attribute's more frequent value in train
 
     correct, floor, n_test = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64), 0
-    for images, targets, reasons in DataLoader(test, batch_size=batch_size, num_workers=workers,
-                                               collate_fn=collate_pairs):
-        for r in reasons:
-            skipped_test[r] = skipped_test.get(r, 0) + 1
-        if images is None:
-            continue
+    for images, targets in batches(test, batch_size, workers, skipped_test):
         pred = (features(encoder, images, device).double() @ w + b).cpu() > 0.5
         truth = targets > 0.5
         correct += (pred == truth).double().sum(0)

@@ -3,6 +3,7 @@ autocast, and ridge regression from streamed statistics with its penalty chosen 
 
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader, Subset
 
 from ..model import ViTEncoder
 
@@ -27,6 +28,24 @@ def collate_pairs(items):
     if not kept:
         return None, None, reasons
     return torch.stack([a for a, _ in kept]), torch.stack([b for _, b in kept]), reasons
+
+
+def batches(dataset, batch_size: int, workers: int, skipped: dict, indices: list[int] | None = None):
+    """The (a, b) batches of the usable items of `dataset` (or of its `indices`), counting each
+    skipped item's reason into `skipped`."""
+    part = dataset if indices is None else Subset(dataset, indices)
+    for a, b, reasons in DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs):
+        for r in reasons:
+            skipped[r] = skipped.get(r, 0) + 1
+        if a is not None:
+            yield a, b
+
+
+def held_out(usable: list[int], size: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out indices: `fraction` of `usable`, at least one; the other indices of range(size))."""
+    draw = torch.randperm(len(usable), generator=torch.Generator().manual_seed(seed))
+    held = {usable[int(i)] for i in draw[: max(1, round(fraction * len(usable)))]}
+    return sorted(held), [i for i in range(size) if i not in held]
 
 
 def autocast(device: torch.device):

@@ -27,12 +27,12 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, load, open_image, read_bytes
 from ..data.transforms import FaceTransform
-from .common import Stats, autocast, collate_pairs, fit_on_held_out
+from .common import Stats, autocast, batches, fit_on_held_out, held_out
 
 IGNORE = 255
 
@@ -155,20 +155,13 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     c, device = train.num_classes, next(encoder.parameters()).device
     p, s = encoder.patch_size, train.transform.size
     labelled = [i for i, path in enumerate(train.labels) if os.path.isfile(path)]
-    draw = torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed))
-    held = {labelled[int(i)] for i in draw[: max(1, round(holdout * len(labelled)))]}
+    held, rest = held_out(labelled, len(train), holdout, seed)
     width = encoder.embed_dim
     fit, val = Stats(width, c, device), Stats(width, c, device)
     prior = torch.zeros(s, s, c + 1, dtype=torch.long)
     skipped_train, skipped_test, images_seen = {}, {}, [0, 0]
-    for part, stats in ((sorted(held), val), ([i for i in range(len(train)) if i not in held], fit)):
-        loader = DataLoader(torch.utils.data.Subset(train, part), batch_size=batch_size, num_workers=workers,
-                            collate_fn=collate_pairs)
-        for images, labels, reasons in loader:
-            for r in reasons:
-                skipped_train[r] = skipped_train.get(r, 0) + 1
-            if images is None:
-                continue
+    for part, stats in ((held, val), (rest, fit)):
+        for images, labels in batches(train, batch_size, workers, skipped_train, part):
             tokens = _tokens(encoder, images, device)
             frac = patch_fractions(labels, p, c).to(device)
             rows = frac.sum(-1) > 0  # patches with some labelled pixel
@@ -183,13 +176,8 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
     probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
-    loader = DataLoader(test, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs)
     test_images = 0
-    for images, labels, reasons in loader:
-        for r in reasons:
-            skipped_test[r] = skipped_test.get(r, 0) + 1
-        if images is None:
-            continue
+    for images, labels in batches(test, batch_size, workers, skipped_test):
         pred = upsample_scores((_tokens(encoder, images, device).double() @ w + b).float(), encoder.grid, s)
         probe += _confusion(pred.cpu(), labels, c)
         floor += _confusion(position_prior.expand_as(labels), labels, c)
