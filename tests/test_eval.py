@@ -408,14 +408,18 @@ def test_attribute_file(tmp_path):
     from pacofr.eval.attributes import load_attribute_file
 
     f = tmp_path / "a.csv"
-    f.write_text("path,Smiling,Male\na.jpg,1,-1\nsub\\\\b.jpg,0,1\nc.jpg,1\nd.jpg,1,x\n")
+    f.write_text("path,Smiling,Male\na.jpg,1,-1\nsub\\b.jpg,0,1\nc.jpg,1\nd.jpg,1,x\n")
     names, table = load_attribute_file(str(f), "--train-labels")
     assert names == ["Smiling", "Male"]
     assert table["a.jpg"].tolist() == [1.0, 0.0] and table["sub/b.jpg"].tolist() == [0.0, 1.0]
     assert table["c.jpg"] is None and table["d.jpg"] is None
-    f.write_text("path\n")
-    with pytest.raises(ValueError, match="needs a header"):
-        load_attribute_file(str(f), "--train-labels")
+    f.write_text("path,Smiling,Male,\nc.jpg,1,0,\n")  # trailing commas
+    assert load_attribute_file(str(f), "x")[1]["c.jpg"].tolist() == [1.0, 0.0]
+    for text, message in (("path\n", "needs a header"), ("a.jpg,1,-1\nb.jpg,1,1\n", "first line is data"),
+                          ("path,A,A\na.jpg,1,1\n", "names repeat"), ("path,A\na.jpg,1\na.jpg,0\n", "more than one row")):
+        f.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_attribute_file(str(f), "--train-labels")
     with pytest.raises(FileNotFoundError, match="--test-labels"):
         load_attribute_file(str(tmp_path / "none.csv"), "--test-labels")
 
@@ -435,3 +439,10 @@ def test_attribute_probe_end_to_end(probe_data, tmp_path):
     assert np.allclose([result["majority"][k] for k in ("Red", "Blue", "Bright")], floor)
     assert result["mean_accuracy"] > result["majority_mean_accuracy"] + 20, result
     assert min(result["accuracy"].values()) > 80, result
+    # the test file's columns in another order, read with 2 workers: the same figures
+    lines = (test / "attrs.csv").read_text().splitlines()
+    (test / "shuffled.csv").write_text("\n".join(",".join(np.array(line.split(","))[[0, 3, 1, 2]])
+                                                 for line in lines) + "\n")
+    again = _probe("eval-attributes", d / "encoder.safetensors", "labels", train, train / "attrs.csv", test,
+                   test / "shuffled.csv", tmp_path / "again.json", "--workers", "2")
+    assert again["accuracy"] == result["accuracy"] and again["majority"] == result["majority"]

@@ -10,9 +10,10 @@ attribute: 1 / -1 (CelebA's list_attr_celeba.txt as CSV) or 1 / 0. Images are ce
 and resized to the model's input. The features are the class token beside the mean of the patch
 tokens; a ridge regression to the 0/1 targets of all attributes at once (streamed statistics,
 penalty chosen on a held-out tenth of the train images, then refitted on all) predicts an
-attribute when its score is above 0.5. Reported on the test set: each attribute's accuracy and
+attribute when its score is above 0.5 (the test file's columns may come in another order).
+Reported on the test set: each attribute's accuracy and
 their mean (CelebA's usual figure), and the majority class of each attribute in the train set
-as the floor. A linear probe compares encoders; it is not a fine-tuned attribute classifier.
+as the floor (a tie counts as 0). A linear probe compares encoders; it is not a fine-tuned attribute classifier.
 """
 
 import csv
@@ -35,18 +36,40 @@ def load_attribute_file(path: str, what: str) -> tuple[list[str], dict[str, np.n
     except OSError as e:
         raise FileNotFoundError(f"{what} '{path}': cannot be read ({e.strerror})") from e
     with f:
-        rows = [[c.strip() for c in r] for r in csv.reader(f) if r and any(c.strip() for c in r)]
+        rows = []
+        for r in csv.reader(f):
+            r = [c.strip() for c in r]
+            while r and not r[-1]:  # (a trailing comma)
+                r.pop()
+            if r:
+                rows.append(r)
     if len(rows) < 2 or len(rows[0]) < 2:
         raise ValueError(f"{what} '{path}' needs a header `path,attribute,...` and at least one row")
     names, table = rows[0][1:], {}
+    if all(_is_number(n) for n in names):
+        raise ValueError(f"{what} '{path}': its first line is data ({','.join(rows[0][:4])}...); "
+                         "it needs a header `path,attribute,...`")
+    if len(set(names)) < len(names):
+        raise ValueError(f"{what} '{path}': attribute names repeat ({sorted(n for n in set(names) if names.count(n) > 1)})")
     for row in rows[1:]:
+        key = norm_key(row[0])
+        if key in table:
+            raise ValueError(f"{what} '{path}': '{row[0]}' has more than one row")
         try:
             values = np.array([float(v) for v in row[1:]], dtype=np.float32)
         except ValueError:
             values = None
         ok = values is not None and len(values) == len(names) and np.isin(values, (-1.0, 0.0, 1.0)).all()
-        table[norm_key(row[0])] = (values > 0).astype(np.float32) if ok else None
+        table[key] = (values > 0).astype(np.float32) if ok else None
     return names, table
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class AttributeImages(Dataset):
@@ -56,6 +79,7 @@ class AttributeImages(Dataset):
     def __init__(self, source: str, labels: str, img_size: int, what: str = "--train"):
         self.paths, keys = image_files(source, what)
         self.names, table = load_attribute_file(labels, f"{what}-labels")
+        self.what = what
         if not any(k in table for k in keys):
             raise ValueError(f"{what}-labels '{labels}': none of its paths names a file of '{source}' "
                              f"(e.g. '{keys[0]}'); paths are relative to the folder or list")
@@ -79,6 +103,15 @@ class AttributeImages(Dataset):
         x, _ = self.transform.apply(rgb, self.transform.params(*rgb.size, 0), torch.zeros(0, 2))
         return (x, torch.from_numpy(targets)), None
 
+    def reorder(self, names: list[str]) -> None:
+        """Columns in the order of `names` (another file's), which must be the same attributes."""
+        if sorted(names) != sorted(self.names):
+            missing, extra = sorted(set(names) - set(self.names)), sorted(set(self.names) - set(names))
+            raise ValueError(f"{self.what}-labels name other attributes: missing {missing}, extra {extra}")
+        order = [self.names.index(n) for n in names]
+        self.targets = [t[order] if isinstance(t, np.ndarray) else t for t in self.targets]
+        self.names = list(names)
+
 
 @torch.no_grad()
 def features(encoder, images: torch.Tensor, device) -> torch.Tensor:
@@ -91,8 +124,7 @@ def features(encoder, images: torch.Tensor, device) -> torch.Tensor:
 def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size: int = 64, workers: int = 2,
              holdout: float = 0.1, seed: int = 0) -> dict:
     """Fits the probe on `train` (one pass), scores it and the majority classes on `test`."""
-    if train.names != test.names:
-        raise ValueError(f"train and test labels name other attributes: {train.names} / {test.names}")
+    test.reorder(train.names)
     a, device = len(train.names), next(encoder.parameters()).device
     width = 2 * encoder.embed_dim
     usable = [i for i, t in enumerate(train.targets) if isinstance(t, np.ndarray)]
