@@ -317,10 +317,10 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
     incubating = bool(norms) and model.incubating
     if norms:
         total = distributed.all_sum(torch.stack(norms).sum(0))
-    # The code table's draws (initialization, restarts) have a generator of their own, seeded by
-    # the step alone: the same on every rank and for any accumulation, apart from the forwards'.
-    codebook_gen = torch.Generator(device=d.device).manual_seed(sample_seed(t.seed, step, CODEBOOK_STREAM))
     if incubating:
+        # The code table's draws (initialization, restarts) have a generator of their own, seeded
+        # by the step alone: the same on every rank and for any accumulation, apart from the forwards'.
+        codebook_gen = torch.Generator(device=d.device).manual_seed(sample_seed(t.seed, step, CODEBOOK_STREAM))
         _codebook_step(model, engine, lambda: model.start_step([b["images"] for _, b in usable], masks, codebook_gen))
     for (i, batch), m, norm in zip(usable, masks, norms):
         images += batch["images"].shape[0]

@@ -33,14 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from ..data.datasets import image_files
-from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.landmarks import load_landmarks_file
-from ..data.transforms import FaceTransform
 from ..model import ViTEncoder
-from .common import autocast, batches
+from .common import FaceImages, autocast, batches
 
 EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
 LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean kernel diagonal
@@ -147,14 +143,15 @@ def scores(pred: torch.Tensor, target: torch.Tensor, norm: str) -> dict:
 
 
 # -- data and features -------------------------------------------------------------------------------
-class AlignmentImages(Dataset):
+class AlignmentImages(FaceImages):
     """(image [3, S, S] normalized, landmarks [K, 2] in output pixels) or None for a face that
     is skipped, with its reason: unreadable, not an image, no landmarks or some not finite
     ("landmarks_invalid"), or a zero NME scale under `norm` ("degenerate_scale"). Points may
     lie outside the image or the crop: they are regression targets as any other."""
 
     def __init__(self, source: str, landmarks: str, img_size: int, norm: str = "inter_ocular", what: str = "--train"):
-        self.paths, keys = image_files(source, what)
+        super().__init__(source, img_size, what)
+        keys = self.keys
         table = load_landmarks_file(landmarks, keep_all=True, what=f"{what}-landmarks")
         counts = {len(v) for v in table.values() if v is not None}
         if not counts:
@@ -169,10 +166,6 @@ class AlignmentImages(Dataset):
                              f"(e.g. '{keys[0]}'); paths are relative to the folder or list")
         face_scale(torch.zeros(1, self.num_points, 2), norm)  # (a layout the norm does not know fails here)
         self.norm = norm
-        self.transform = FaceTransform(img_size, augment=False)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int):
         points = self.points[index]
@@ -182,16 +175,8 @@ class AlignmentImages(Dataset):
             return None, "landmarks_invalid"
         if not float(face_scale(torch.from_numpy(points)[None].double(), self.norm)) > 0:
             return None, "degenerate_scale"
-        raw, _ = read_bytes(self.paths[index])
-        im, reason = open_image(raw, 1)
-        if im is None:
-            return None, reason
-        rgb, reason = decode_rgb(im)
-        if rgb is None:
-            return None, reason
-        params = self.transform.params(*rgb.size, 0)
-        image, lm = self.transform.apply(rgb, params, torch.from_numpy(points.astype(np.float32)))
-        return (image, lm), None
+        read, reason = self.crop(index, torch.from_numpy(points.astype(np.float32)))
+        return (None, reason) if read is None else (read[:2], None)
 
 
 @torch.no_grad()

@@ -20,13 +20,9 @@ import csv
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from ..data.datasets import image_files
-from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.landmarks import norm_key
-from ..data.transforms import FaceTransform
-from .common import Stats, autocast, batches, fit_on_held_out, held_out
+from .common import FaceImages, Stats, autocast, batches, fit_on_held_out, held_out
 
 
 def load_attribute_file(path: str, what: str) -> tuple[list[str], dict[str, np.ndarray | None]]:
@@ -72,22 +68,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
-class AttributeImages(Dataset):
+class AttributeImages(FaceImages):
     """(image [3, S, S] normalized, targets [A] in {0, 1}) or None with the skip reason: no
     labels row, an unusable row ("labels_invalid"), an unreadable image."""
 
     def __init__(self, source: str, labels: str, img_size: int, what: str = "--train"):
-        self.paths, keys = image_files(source, what)
+        super().__init__(source, img_size, what)
         self.names, table = load_attribute_file(labels, f"{what}-labels")
-        self.what = what
-        if not any(k in table for k in keys):
+        if not any(k in table for k in self.keys):
             raise ValueError(f"{what}-labels '{labels}': none of its paths names a file of '{source}' "
-                             f"(e.g. '{keys[0]}'); paths are relative to the folder or list")
-        self.targets = [table.get(k, "missing") for k in keys]
-        self.transform = FaceTransform(img_size, augment=False)
-
-    def __len__(self) -> int:
-        return len(self.paths)
+                             f"(e.g. '{self.keys[0]}'); paths are relative to the folder or list")
+        self.targets = [table.get(k, "missing") for k in self.keys]
 
     def __getitem__(self, index: int):
         targets = self.targets[index]
@@ -95,13 +86,8 @@ class AttributeImages(Dataset):
             return None, "no_labels"
         if targets is None:
             return None, "labels_invalid"
-        raw, _ = read_bytes(self.paths[index])
-        im, reason = open_image(raw, 1)
-        rgb, reason = (None, reason) if im is None else decode_rgb(im)
-        if rgb is None:
-            return None, reason
-        x, _ = self.transform.apply(rgb, self.transform.params(*rgb.size, 0), torch.zeros(0, 2))
-        return (x, torch.from_numpy(targets)), None
+        read, reason = self.crop(index)
+        return (None, reason) if read is None else ((read[0], torch.from_numpy(targets)), None)
 
     def reorder(self, names: list[str]) -> None:
         """Columns in the order of `names` (another file's), which must be the same attributes."""

@@ -3,9 +3,38 @@ autocast, and ridge regression from streamed statistics with its penalty chosen 
 
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..data.datasets import image_files
+from ..data.decode import decode_rgb, open_image, read_bytes
+from ..data.transforms import FaceTransform
 from ..model import ViTEncoder
+
+
+class FaceImages(Dataset):
+    """The images of a folder or .txt list (`source`), for a probe: `crop` reads one, centre-
+    cropped to a square and resized to `img_size` (no augmentation). `keys` are the paths
+    relative to the folder (or as listed), the names its label files use."""
+
+    def __init__(self, source: str, img_size: int, what: str):
+        self.paths, self.keys = image_files(source, what)
+        self.transform = FaceTransform(img_size, augment=False)
+        self.what = what
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def crop(self, index: int, points: torch.Tensor | None = None):
+        """((image [3, S, S] normalized, `points` in output pixels, the crop's params, the
+        original (width, height)), None), or (None, skip reason) for an unreadable image."""
+        raw, _ = read_bytes(self.paths[index])
+        im, reason = open_image(raw, 1)
+        rgb, reason = (None, reason) if im is None else decode_rgb(im)
+        if rgb is None:
+            return None, reason
+        params = self.transform.params(*rgb.size, 0)
+        x, lm = self.transform.apply(rgb, params, torch.zeros(0, 2) if points is None else points)
+        return (x, lm, params, rgb.size), None
 
 
 def load_encoder(cfg, path: str, device) -> ViTEncoder:

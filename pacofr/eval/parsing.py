@@ -27,24 +27,22 @@ import os
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
-from ..data.datasets import image_files
-from ..data.decode import decode_rgb, load, open_image, read_bytes
-from ..data.transforms import FaceTransform
-from .common import Stats, autocast, batches, fit_on_held_out, held_out
+from ..data.decode import load, open_image, read_bytes
+from .common import FaceImages, Stats, autocast, batches, fit_on_held_out, held_out
 
 IGNORE = 255
 
 
-class ParsingImages(Dataset):
+class ParsingImages(FaceImages):
     """(image [3, S, S] normalized, labels [S, S] int64) or None with the skip reason: an
     unreadable image or label map, no label map, a label map of another shape than its image
     (one at another resolution, CelebAMask-HQ's 512 px masks of 1024 px images, is scaled),
     a label map that is not of class ids (colours)."""
 
     def __init__(self, source: str, labels: str, img_size: int, num_classes: int, what: str = "--train"):
-        self.paths, keys = image_files(source, what)
+        super().__init__(source, img_size, what)
+        keys = self.keys
         if not os.path.isdir(labels):
             raise FileNotFoundError(f"{what}-labels '{labels}': no such folder")
         self.labels = [os.path.join(labels, os.path.splitext(k)[0] + ".png") for k in keys]
@@ -53,28 +51,20 @@ class ParsingImages(Dataset):
         if not 2 <= num_classes < IGNORE:
             raise ValueError(f"--classes must be in [2, {IGNORE}), got {num_classes}")
         self.num_classes = num_classes
-        self.transform = FaceTransform(img_size, augment=False)
-
-    def __len__(self) -> int:
-        return len(self.paths)
 
     def __getitem__(self, index: int):
         if not os.path.isfile(self.labels[index]):
             return None, "no_labels"
-        images = []
-        for path in (self.paths[index], self.labels[index]):
-            raw, _ = read_bytes(path)
-            im, reason = open_image(raw, 1)
-            if im is None:
-                return None, reason
-            images.append(im)
-        image, label = images
-        (iw, ih), (lw, lh) = image.size, label.size
+        label, reason = open_image(read_bytes(self.labels[index])[0], 1)
+        if label is None:
+            return None, reason
+        read, reason = self.crop(index)
+        if read is None:
+            return None, reason
+        x, _, params, (iw, ih) = read
+        lw, lh = label.size
         if abs(lw * ih - lh * iw) > max(iw, ih):  # (another aspect, beyond a pixel's rounding)
             return None, "labels_size_mismatch"
-        rgb, reason = decode_rgb(image)
-        if rgb is None:
-            return None, reason
         reason = load(label)
         if reason:
             return None, reason
@@ -87,8 +77,6 @@ class ParsingImages(Dataset):
         if bad.any() or (ids < 0).any():
             raise ValueError(f"{self.labels[index]}: class id {int(ids[bad | (ids < 0)][0])} outside "
                              f"[0, --classes {self.num_classes}) and not {IGNORE}")
-        params = self.transform.params(iw, ih, 0)
-        x, _ = self.transform.apply(rgb, params, torch.zeros(0, 2))
         s = self.transform.size
         fx, fy = lw / iw, lh / ih
         x0, y0, w, h = params["box"]
