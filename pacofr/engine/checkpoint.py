@@ -2,9 +2,9 @@
 
     ckpt-00000020/model.safetensors   model weights and buffers (no pickle)
     ckpt-00000020/state.pt            optimizer, scheduler, RNG, step and data position
-                                      (tensors and plain values only: loaded with weights_only)
-    ckpt-00000020/zero-rank00000.pt   under ZeRO, each rank's optimizer partition instead
-                                      (written by every rank into the staging directory first)
+                                      (tensors and plain values only: loaded with weights_only;
+                                      under ZeRO too the optimizer state is whole, as one
+                                      process keeps it, so any rank count resumes it)
 """
 
 import os
@@ -25,21 +25,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def staging(directory: Path, step: int, fresh: bool = False) -> Path:
-    """Where ckpt-<step> is written before it is renamed into place; `fresh`: emptied first."""
-    tmp = directory / f".{PREFIX}{step:08d}.tmp"
-    if fresh:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    return tmp
-
-
-def save(directory: Path, step: int, model: torch.nn.Module, state: dict, keep_last: int, staged: bool = False) -> Path:
-    """Writes ckpt-<step> atomically and keeps the newest `keep_last` checkpoints. `staged`:
-    files already written into staging(directory, step) (by every rank) go with it."""
+def save(directory: Path, step: int, model: torch.nn.Module, state: dict, keep_last: int) -> Path:
+    """Writes ckpt-<step> atomically and keeps the newest `keep_last` checkpoints."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{step:08d}"
-    tmp = staging(directory, step, fresh=not staged)
+    tmp = directory / f".{PREFIX}{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
     torch.save(state, tmp / "state.pt")

@@ -176,10 +176,13 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     found = checkpoint.resolve(resume, output)
     if found is not None:  # (the weights before ZeRO copies them into its partitions)
         saved = checkpoint.load(found, model, d.device)
-        if ds_config is None:
-            if "optimizer" not in saved:
-                raise ConfigError(f"{found}: a ZeRO checkpoint (optimizer partitions): resume it with train.deepspeed")
-            optimizer.load_state_dict(_with_codes_group(saved["optimizer"], model))
+        if "optimizer" in saved:  # (under ZeRO, loaded once the engine holds the optimizer)
+            saved["optimizer"] = _with_codes_group(saved["optimizer"], model)
+            if ds_config is None:
+                optimizer.load_state_dict(saved["optimizer"])
+        elif ds_config is None:
+            raise ConfigError(f"{found}: a ZeRO checkpoint with optimizer partitions per rank: resume it with "
+                              f"train.deepspeed and {saved.get('zero_world')} ranks")
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
@@ -188,9 +191,13 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     monitor = Monitor(output, state["step"] if found is not None else None) if d.main else None
 
+    groups = [list(g["params"]) for g in optimizer.param_groups]  # (before ZeRO flattens them)
     engine = zero.initialize(model, optimizer, ds_config, d.device) if ds_config is not None else None
     if engine is not None and found is not None:
-        zero.load_partition(engine, found, d.rank, d.world, saved.get("zero_world"))
+        if "optimizer" in saved:  # a state as one process keeps it: any rank count
+            zero.load_optimizer_state(engine, optimizer, groups, saved["optimizer"], found)
+        else:  # the earlier layout, a partition per rank
+            zero.load_partition(engine, found, d.rank, d.world, saved.get("zero_world"))
     net = model if engine is None else engine
     if engine is None and d.world > 1:  # unused parameters: codes get no gradient during incubation
         net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -213,8 +220,11 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         dataset.set_epoch(epoch)
         masking_collate.epoch = epoch
         model.set_incubation(epoch < t.incubation_epochs)
-        if engine is not None and epoch == t.incubation_epochs and state["epoch_step"] == 0:
-            zero.restart_moments(engine, CODES_GROUP)
+        if epoch == t.incubation_epochs and state["epoch_step"] == 0:  # the code table's optimizer starts now
+            if engine is not None:
+                zero.restart_moments(engine, CODES_GROUP)
+            else:  # (only a state resumed from a ZeRO run has one for it yet)
+                optimizer.state.pop(model.codebook.codes, None)
         micro_batches = _micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d,
                                        decoder)
         epoch_done = False
@@ -261,7 +271,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
             # No checkpoint right after a skipped step: the last one stays the last good one.
             if (state["step"] % t.ckpt_every == 0 or state["step"] == total_steps) and nonfinite_run == 0:
                 _merge_issues(state, issues, d)
-                last_ckpt = _save(ckpt_dir, model, optimizer, scheduler, state, t.keep_last, d, engine)
+                last_ckpt = _save(ckpt_dir, model, optimizer, scheduler, state, t.keep_last, d, engine, groups)
         if epoch_done:
             state["epoch"] += 1
             state["epoch_step"] = 0
@@ -383,20 +393,15 @@ def _merge_issues(state: dict, issues: Counter, d) -> None:
     issues.clear()
 
 
-def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d, engine=None):
+def _save(ckpt_dir, model, optimizer, scheduler, state, keep_last, d, engine=None, groups=None):
     path = ckpt_dir / f"{checkpoint.PREFIX}{state['step']:08d}"
-    saved = {"scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "state": dict(state)}
-    if engine is None:
-        saved["optimizer"] = optimizer.state_dict()
-    else:  # every rank writes its optimizer partition into the staging directory first
-        staging = checkpoint.staging(ckpt_dir, state["step"], fresh=d.main)
-        torch.distributed.barrier()
-        zero.save_partition(engine, staging, d.rank)
-        torch.distributed.barrier()
-        saved["zero_world"] = d.world
+    # under ZeRO every rank takes part in gathering the optimizer state, and in stage 3 the weights
+    optim = optimizer.state_dict() if engine is None else zero.optimizer_state(engine, optimizer, groups, d.main)
     with zero.gathered(engine, model):
         if d.main:
-            path = checkpoint.save(ckpt_dir, state["step"], model, saved, keep_last, staged=engine is not None)
+            saved = {"optimizer": optim, "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                     "state": dict(state)}
+            path = checkpoint.save(ckpt_dir, state["step"], model, saved, keep_last)
     if d.world > 1:
         torch.distributed.barrier()
     return path

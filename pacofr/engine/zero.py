@@ -6,9 +6,9 @@ DeepSpeed partitions the optimizer states (stage 1), the gradients (stage 2) and
 so a ZeRO run gives the losses of a DDP or single-process run: the batch sizes, accumulation
 and clipping (train.*, written into the DeepSpeed config), the AdamW groups and their
 schedule, bf16 autocast on CUDA with fp32 weights, the loss normalization, and the
-checkpoints (each rank's optimizer partition beside the full weights, loaded with
-weights_only). A step whose gradients are not finite is skipped by DeepSpeed and counted by
-the loop.
+checkpoints (the optimizer state gathered whole, as one process keeps it: optimizer_state,
+load_optimizer_state). A step whose gradients are not finite is skipped by DeepSpeed and
+counted by the loop.
 
 What the model does outside the optimizer goes through here: during incubation it writes the
 code table in place (PaCoFR.updated_in_place), which ZeRO's own copies take over; under stage 3
@@ -38,7 +38,6 @@ _REFUSED = {
 _REQUIRED = [
     (None, "managed_gradient_accumulation", True, "DeepSpeed steps once per train.accum_steps micro-batches"),
     ("zero_optimization", "compute_grad_norm", True, "a step with non-finite gradients is found by their norm"),
-    ("zero_optimization", "elastic_checkpoint", False, "each rank resumes from its own optimizer partition"),
 ]
 
 
@@ -137,19 +136,23 @@ def take_over(engine, updates: list[tuple[torch.nn.Parameter, torch.Tensor]]) ->
         safe_set_full_fp32_param(p, value)
 
 
+def _flats(engine, group: int) -> list[torch.Tensor]:
+    """The flat fp32 partitions this rank steps for a param group (stage 3 may split a group
+    into several sub-groups)."""
+    opt = engine.optimizer
+    if partitions_parameters(engine):
+        return [f for i, f in enumerate(opt.fp32_partitioned_groups_flat) if opt.sub_group_to_group_id[i] == group]
+    return [opt.single_partition_of_fp32_groups[group]]
+
+
 def restart_moments(engine, group: int) -> None:
     """AdamW's step count and moments of a param group back to zero, on this rank's
     partition. ZeRO steps every group every step, gradient or not, while torch's AdamW skips a
     parameter without one (the code table during incubation): at the end of incubation the
     code table's moments are zero either way, and its step count now starts again, as in a
     DDP run, so that its first updates are bias-corrected alike."""
-    opt = engine.optimizer
-    if partitions_parameters(engine):  # stage 3 may split a group into several flat sub-groups
-        flats = [f for i, f in enumerate(opt.fp32_partitioned_groups_flat) if opt.sub_group_to_group_id[i] == group]
-    else:
-        flats = [opt.single_partition_of_fp32_groups[group]]
-    for flat in flats:
-        for value in opt.optimizer.state.get(flat, {}).values():
+    for flat in _flats(engine, group):
+        for value in engine.optimizer.optimizer.state.get(flat, {}).values():
             value.zero_()
 
 
@@ -162,14 +165,82 @@ def shutdown() -> None:
     deepspeed.comm.destroy_process_group()
 
 
-def save_partition(engine, directory: Path, rank: int) -> None:
-    """This rank's ZeRO optimizer partition (fp32 master weights and AdamW moments)."""
-    torch.save(engine.optimizer.state_dict(), _partition_file(directory, rank))
+# AdamW's per-element state; its step count is one per param group under ZeRO.
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _link_states(engine) -> None:
+    """Stages 1-2: each parameter's views into the optimizer state of its flat partition made
+    again. DeepSpeed makes them once, right after its first step of the first param group,
+    when the other groups have no state yet: their parameters would never see it."""
+    if not partitions_parameters(engine):
+        engine.optimizer._hp_optimizer_states_linked = False
+        engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[list[torch.nn.Parameter]],
+                    main: bool) -> dict | None:
+    """The optimizer's state_dict() as one process without ZeRO would write it (full moments
+    per parameter, in `groups` order: the param groups' parameters before ZeRO flattened them),
+    assembled from every rank's partition, on the CPU of the `main` rank (None elsewhere).
+    Collective: every rank calls it. So a checkpoint resumes with any rank count, with ZeRO or
+    without."""
+    from deepspeed.utils import safe_get_full_optimizer_state
+
+    _link_states(engine)
+    state, param_groups, index = {}, [], 0
+    for g, (group, params) in enumerate(zip(optimizer.param_groups, groups)):
+        # (ZeRO steps every group at every applied step, so each has a state by a checkpoint)
+        step = optimizer.state[_flats(engine, g)[0]]["step"]
+        for j, p in enumerate(params):
+            moments = {key: safe_get_full_optimizer_state(p, key) for key in MOMENTS}  # (all ranks take part)
+            if main:
+                state[index + j] = {"step": step.detach().clone().cpu(), **{k: v.cpu() for k, v in moments.items()}}
+        param_groups.append({**{k: v for k, v in group.items() if k != "params"},
+                             "params": list(range(index, index + len(params)))})
+        index += len(params)
+    return {"state": state, "param_groups": param_groups} if main else None
+
+
+def load_optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[list[torch.nn.Parameter]],
+                         saved: dict, where: Path) -> None:
+    """A state_dict() of pacofr's AdamW (from optimizer_state, or from a run without ZeRO, any
+    rank count) into this rank's partitions. ZeRO keeps one step count per param group: the
+    group's parameters that have a state must agree on it. A group without one (the code table
+    during incubation, from a run without ZeRO) stays without one until its next step."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(params) for params in groups]:
+        raise ConfigError(f"{where}: its optimizer state has param groups of {sizes} parameters, the model "
+                          f"{[len(params) for params in groups]}")
+    stepped = []
+    for g, (group, kept) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
+        group.update({k: v for k, v in kept.items() if k != "params"})  # lr, betas, ... as torch's loader does
+        steps = {float(saved["state"][i]["step"]) for i in kept["params"] if i in saved["state"]}
+        if len(steps) > 1:
+            raise ConfigError(f"{where}: the parameters of param group {g} were stepped {sorted(steps)} times; "
+                              f"ZeRO keeps one count per group")
+        stepped.append(bool(steps))
+        for flat in _flats(engine, g) if steps else []:  # AdamW's lazily made state, made now to be written into
+            optimizer.state[flat] = {"step": torch.tensor(min(steps)),
+                                     **{key: torch.zeros_like(flat) for key in MOMENTS}}
+    _link_states(engine)
+    for params, kept, has_state in zip(groups, saved["param_groups"], stepped):
+        for p, i in zip(params, kept["params"]) if has_state else []:
+            shape = tuple(getattr(p, "ds_shape", p.shape))  # (stage 3: p itself is this rank's slice)
+            for key in MOMENTS:
+                value = saved["state"][i][key] if i in saved["state"] else torch.zeros(shape)
+                if tuple(value.shape) != shape:
+                    raise ConfigError(f"{where}: optimizer state {key} of shape {tuple(value.shape)} for a "
+                                      f"parameter of shape {shape}")
+                safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
 
 
 def load_partition(engine, directory: Path, rank: int, world: int, saved_world: int | None) -> None:
-    """Restores this rank's partition saved by save_partition. The partitions follow the rank
-    count: a checkpoint resumes with as many ranks as wrote it."""
+    """Restores this rank's partition from a checkpoint of an earlier layout (one file of
+    optimizer partitions per rank, zero-rank<r>.pt), which resumes only with as many ranks as
+    wrote it."""
     if saved_world is None:
         raise ConfigError(f"{directory}: not a ZeRO checkpoint (resume it without train.deepspeed)")
     if saved_world != world:
