@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import math
 import sys
 
 
@@ -79,7 +80,9 @@ def _eval_parsing(args, cfg) -> None:
     test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test")
     result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.batch_size, args.workers)
     pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
-    print(f"mean F1 (classes 1-{result['classes'] - 1}): {pct(result['mean_f1'])}   mean IoU: {pct(result['mean_iou'])}   "
+    present = sum(v is not None for v in result["f1"][1:])
+    print(f"mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
+          f"{pct(result['mean_f1'])}   mean IoU: {pct(result['mean_iou'])}   "
           f"pixel accuracy: {pct(result['pixel_accuracy'])}   position prior mean F1: {pct(result['prior_mean_f1'])}   "
           f"train {result['train_images']} / test {result['test_images']} images")
     print("  F1 per class: " + " ".join(pct(v) for v in result["f1"]))
@@ -113,9 +116,26 @@ def _report(args, result: dict) -> None:
     for split in ("train", "test"):
         if result[f"skipped_{split}"]:
             print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))
-    if args.output:
+    if args.output:  # (strict JSON: a score that is not finite, from a failed prediction, is null)
         with open(args.output, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(_finite(result), f, indent=2, allow_nan=False)
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _message(err: Exception) -> str:
+    """The error's message; of one raised in a DataLoader worker (which torch wraps with the
+    worker's traceback), its last line."""
+    text = str(err)
+    return text.strip().splitlines()[-1] if "Original Traceback" in text else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run(args, load_config(args.config, args.set))
         except (ConfigError, FileNotFoundError, ValueError) as err:
-            print(f"pacofr {args.command}: error: {err}", file=sys.stderr)
+            print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
             return 2
         return 0
 
@@ -153,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         pretrain(cfg, args.output, args.resume)
     except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
-        print(f"pacofr {args.command}: error: {err}", file=sys.stderr)
+        print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     return 0
 

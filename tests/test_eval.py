@@ -47,7 +47,8 @@ def _primal(x, y, penalty):
 def test_ridge_against_the_primal_closed_form():
     """Every validation score is the NME of the primal ridge fitted on the other faces only,
     the chosen penalty is the best of them, and the returned model is the primal ridge refitted
-    on all faces with it (dual solve from the Gram matrix, float32 features)."""
+    on all faces with it, scaled to their count (dual solve from the Gram matrix, float32
+    features)."""
     rng = np.random.default_rng(1)
     x = (rng.normal(size=(80, 23)) + 3.0).astype(np.float32)
     y = (x.astype(np.float64) @ rng.normal(size=(23, 10)) + rng.normal(0, 2.0, (80, 10)) + 100).reshape(80, 5, 2)
@@ -61,7 +62,8 @@ def test_ridge_against_the_primal_closed_form():
         ref = float(nme(torch.from_numpy(pred), torch.from_numpy(y[val])).mean())
         assert abs(score - ref) <= 1e-9 * ref, (penalty, score, ref)
     assert len(set(search["val_nme"])) > 3  # the penalties matter here
-    assert search["penalty"] == search["penalties"][int(np.argmin(search["val_nme"]))] == model.penalty
+    assert search["penalty"] == search["penalties"][int(np.argmin(search["val_nme"]))]
+    assert abs(model.penalty - search["penalty"] * 80 / 60) <= 1e-12 * model.penalty  # as strong per face
     x_new = rng.normal(size=(9, 23)).astype(np.float32)
     ref = _primal(x64, y.reshape(80, -1), model.penalty)(x_new.astype(np.float64))
     assert np.allclose(model.predict(torch.from_numpy(x_new)).numpy(), ref, rtol=1e-8, atol=1e-8)
@@ -211,8 +213,12 @@ def test_probe_errors_name_the_problem(probe_data, tmp_path, capsys):
         AlignmentImages(str(train), str(other), 64)
     args = ["eval-alignment", "--encoder", str(d / "encoder.safetensors"), "--train", str(train),
             "--train-landmarks", str(train / "lm.json"), "--test", str(test), "--test-landmarks", str(test / "lm.json")]
+    degenerate = tmp_path / "degenerate.json"  # every test face with both eyes on one spot
+    degenerate.write_text(json.dumps({f"f{i:03d}.png": [POINTS[0].tolist()] * 5 for i in range(30)}))
     for change, message in (({"--train": str(tmp_path / "missing")}, "--train '"),
                             ({"--test-landmarks": str(tmp_path / "none.csv")}, "--test-landmarks '"),
+                            ({"--test-landmarks": str(degenerate)},
+                             f"--test '{test}': no usable face (every file was skipped: {{\"no_landmarks\": 6, \"degenerate_scale\": 30}})"),
                             ({"--config": "vit_base_patch16_224"}, "does not fit the encoder of this config")):
         argv = list(args) + ["--config", "tiny"]
         for key, value in change.items():
@@ -236,6 +242,13 @@ def test_landmark_files_keep_every_point(tmp_path):
     kept = load_landmarks_file(str(j), keep_all=True)
     assert kept["a.png"].shape == (68, 2) and kept["d.png"].shape == (2, 2)
     assert kept["v.png"] is None  # (x, y, visibility) rows are not read as 102 points
+    # an image given twice, as written or once normalized, is refused (not one entry kept silently)
+    for name, text in (("twice.csv", "a.png,1,2\nb.png,3,4\n./a.png,5,6\n"),
+                       ("twice.json", '{"a.png": [[1, 2]], "b.png": [[3, 4]], "a.png": [[5, 6]]}'),
+                       ("twice_norm.json", '{"a.png": [[1, 2]], "x/../a.png": [[5, 6]]}')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name}: 'a.png' has more than one entry"):
+            load_landmarks_file(str(tmp_path / name), keep_all=True)
 
 
 # -- the parsing probe -------------------------------------------------------------------------------
@@ -373,6 +386,39 @@ def test_parsing_labels_follow_the_crop_and_are_checked(tmp_path):
     assert ds[0] == (None, "labels_not_ids")
     with pytest.raises(FileNotFoundError, match="--train-labels"):
         ParsingImages(str(tmp_path / "images"), str(tmp_path / "nowhere"), 32, 2)
+    # a .txt list: label maps by the path relative to the list's folder; absolute paths refused
+    Image.fromarray(lab).save(tmp_path / "labels" / "a.png")
+    (tmp_path / "list.txt").write_text("images/a.png\n")
+    (tmp_path / "labels" / "images").mkdir()
+    Image.fromarray(lab).save(tmp_path / "labels" / "images" / "a.png")
+    listed = ParsingImages(str(tmp_path / "list.txt"), str(tmp_path / "labels"), 32, 2)
+    assert listed.labels == [str(tmp_path / "labels" / "images" / "a.png")] and torch.equal(listed[0][0][1], ids)
+    for entry in (str(tmp_path / "images" / "a.png"), f"../{tmp_path.name}/images/a.png"):  # (both exist)
+        (tmp_path / "bad.txt").write_text(entry + "\n")
+        with pytest.raises(ValueError, match="label maps are found by the image's path relative to the list"):
+            ParsingImages(str(tmp_path / "bad.txt"), str(tmp_path / "labels"), 32, 2)
+
+
+def test_probe_cli_prints_a_worker_error_in_one_line_and_writes_strict_json(probe_data, tmp_path, capsys):
+    """A label map with a class id beyond --classes, read in a DataLoader worker: the CLI prints
+    the message alone (no worker traceback). A result with a non-finite score is written with
+    null, as strict JSON."""
+    from pacofr.cli import _report
+
+    d, train, _ = probe_data
+    (tmp_path / "labels").mkdir()
+    for f in sorted(train.glob("f*.png"))[:4]:
+        Image.fromarray(np.full((96, 96), 5, np.uint8)).save(tmp_path / "labels" / f.name)
+    argv = ["eval-parsing", "--config", "tiny", "--encoder", str(d / "encoder.safetensors"), "--classes", "3",
+            "--train", str(train), "--train-labels", str(tmp_path / "labels"), "--test", str(train),
+            "--test-labels", str(tmp_path / "labels"), "--workers", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class id 5 outside [0, --classes 3)" in err[0] and "Traceback" not in err[0], err
+    out = tmp_path / "r.json"
+    _report(type("Args", (), {"output": str(out)}), {"skipped_train": {}, "skipped_test": {}, "nme": float("nan"),
+                                                     "val": [1.0, float("inf")]})
+    assert json.loads(out.read_text()) == {"skipped_train": {}, "skipped_test": {}, "nme": None, "val": [1.0, None]}
 
 
 # -- the attribute probe -----------------------------------------------------------------------------

@@ -66,16 +66,32 @@ def _parse_csv(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
                     continue
                 nums = None
             first = False
-            out[norm_key(key)] = parse_points(nums, keep_all) if nums is not None else parse_points(None, keep_all)
+            _add(out, norm_key(key), parse_points(nums, keep_all), path)
     return out
 
 
+def _add(table: dict, key: str, points, path: Path) -> None:
+    """One image's points; an image given twice (a join gone wrong, most likely) stops the run."""
+    if key in table:
+        raise ValueError(f"landmarks file {path}: '{key}' has more than one entry")
+    table[key] = points
+
+
 def _parse_json(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
+    def unique(pairs):  # (json's dict would keep a repeated path's last entry alone)
+        table = {}
+        for k, v in pairs:
+            _add(table, k, v, path)
+        return table
+
     with open(path) as f:
-        data = json.load(f)
+        data = json.load(f, object_pairs_hook=unique)
     if not isinstance(data, dict):
         raise ValueError(f"landmarks file {path} must hold a JSON object {{path: points}}")
-    return {norm_key(k): parse_points(v, keep_all) for k, v in data.items()}
+    out = {}
+    for k, v in data.items():
+        _add(out, norm_key(k), parse_points(v, keep_all), path)
+    return out
 
 
 def load_landmarks_file(path: str, keep_all: bool = False, what: str = "data.landmarks") -> dict[str, np.ndarray]:

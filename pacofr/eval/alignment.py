@@ -4,7 +4,9 @@
         --train faces/train --train-landmarks faces/train.csv \\
         --test faces/test --test-landmarks faces/test.csv [--output probe.json]
 
-Images are centre-cropped to a square and resized to the model's input size (no augmentation);
+Images are centre-cropped to a square and resized to the model's input size (no augmentation;
+there is no face-box input: datasets of whole scenes, such as WFLW and 300W, are cropped to
+their face boxes first, with the landmarks in the crops' pixels);
 landmarks (any number of points per face, the same in every file; CSV `path,x1,y1,...` or JSON
 `{path: [[x, y], ...]}` as for pretraining) follow the crop. The encoder's patch tokens,
 average-pooled to a `grid` x `grid` map, are the features. A ridge regression from features to
@@ -14,8 +16,10 @@ the points, divided by a per-face scale, averaged over faces:
 
 - "inter_ocular": the distance between the outer eye corners (68 points: 36 and 45, iBUG; 98
   points: 60 and 72, WFLW) or between the eye centres (5 points: 0 and 1, inter-pupil);
-- "diag": the diagonal of the bounding box of the face's ground-truth landmarks (datasets that
-  define NME_diag by an annotated face box, such as AFLW-19, give somewhat other values).
+- "diag": the diagonal of the bounding box of the face's ground-truth landmarks. Papers that
+  report AFLW-19's NME_diag divide by the annotated face box, or by sqrt(w * h) of a box: the
+  diagonal is at least sqrt(2) times sqrt(w * h) of the same box, and the 19 points' box is
+  smaller than the face box, so those figures are not comparable with this one.
 
 The mean shape of the train set (the coordinates' mean) is scored too, as the floor a probe
 must beat. This is a linear probe of frozen features, not the fine-tuned alignment models the
@@ -109,8 +113,9 @@ def _alphas(g: torch.Tensor, fit: torch.Tensor, y: torch.Tensor, penalties) -> l
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, norm: str, holdout: float = 0.1, seed: int = 0) -> tuple[Ridge, dict]:
     """Features [N, F] and targets [N, K, 2] -> the ridge fitted on all of them with the
     penalty (LAMBDAS times the kernel's mean diagonal) whose fit on the others had the lowest
-    NME on a held-out `holdout` fraction (ties: the stronger penalty); and the search: the
-    held-out faces, each penalty and its validation NME."""
+    NME on a held-out `holdout` fraction (ties: the stronger penalty), scaled by the faces'
+    count to keep its strength per face; and the search: the held-out faces, each penalty and
+    its validation NME."""
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"the probe needs at least 2 training faces, got {n}")
@@ -128,8 +133,9 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, norm: str, holdout: float = 0.1,
         scores.append(float(nme(pred.cpu(), y[val.cpu()].double(), norm).mean()))
     best = min(range(len(scores)), key=lambda i: (scores[i], -penalties[i]))
     everyone = torch.arange(n, device=x.device)
-    (alpha,) = _alphas(g, everyone, y2, [penalties[best]])
-    model = Ridge(x, g.mean(0), alpha, y2.mean(0), penalties[best])
+    refit = penalties[best] * n / len(fit)  # the same strength per face on all of them
+    (alpha,) = _alphas(g, everyone, y2, [refit])
+    model = Ridge(x, g.mean(0), alpha, y2.mean(0), refit)
     return model, {"holdout": val.tolist(), "penalties": penalties, "val_nme": scores, "penalty": penalties[best]}
 
 
@@ -190,14 +196,16 @@ def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tens
 
 
 def extract(encoder, dataset: AlignmentImages, grid: int, batch_size: int, workers: int, device):
-    """-> (features [N, F] float32 on CPU, landmarks [N, K, 2], {skip reason: count})."""
+    """-> (features [N, F] float32 on CPU, landmarks [N, K, 2], {skip reason: count}). No usable
+    face raises, naming the dataset (`dataset.what` and its source)."""
     feats, points, skipped = [], [], {}
     for images, lm in batches(dataset, batch_size, workers, skipped):
         with autocast(device):
             feats.append(features(encoder, images.to(device), grid).float().cpu())
         points.append(lm)
     if not feats:
-        raise ValueError("no usable face (every file was skipped: " + json.dumps(skipped) + ")")
+        raise ValueError(f"{dataset.what} '{dataset.source}': no usable face (every file was skipped: "
+                         + json.dumps(skipped) + ")")
     return torch.cat(feats), torch.cat(points), skipped
 
 

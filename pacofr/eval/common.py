@@ -19,7 +19,7 @@ class FaceImages(Dataset):
     def __init__(self, source: str, img_size: int, what: str):
         self.paths, self.keys = image_files(source, what)
         self.transform = FaceTransform(img_size, augment=False)
-        self.what = what
+        self.what, self.source = what, source
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -37,7 +37,8 @@ IGNORE = 255
 class ParsingImages(FaceImages):
     """(image [3, S, S] normalized, labels [S, S] int64) or None with the skip reason: an
     unreadable image or label map, no label map, a label map of another shape than its image
-    (one at another resolution, CelebAMask-HQ's 512 px masks of 1024 px images, is scaled),
+    (one at another resolution, CelebAMask-HQ's 512 px masks of 1024 px images, is scaled;
+    that dataset's per-part masks are merged into one class-id map per image beforehand),
     a label map that is not of class ids (colours)."""
 
     def __init__(self, source: str, labels: str, img_size: int, num_classes: int, what: str = "--train"):
@@ -45,6 +46,12 @@ class ParsingImages(FaceImages):
         keys = self.keys
         if not os.path.isdir(labels):
             raise FileNotFoundError(f"{what}-labels '{labels}': no such folder")
+        # a label map is found by its image's path relative to the folder or list: one listed
+        # as an absolute path or above the list's folder has no place under `labels`
+        outside = next((k for k in keys if os.path.isabs(k) or ".." in k.split("/")), None)
+        if outside is not None:
+            raise ValueError(f"{what} '{source}' lists '{outside}': label maps are found by the image's path "
+                             f"relative to the list's folder, so list paths below that folder")
         self.labels = [os.path.join(labels, os.path.splitext(k)[0] + ".png") for k in keys]
         if not any(os.path.isfile(p) for p in self.labels):
             raise ValueError(f"{what}-labels '{labels}': no label map for any image (e.g. '{self.labels[0]}')")
