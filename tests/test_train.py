@@ -340,8 +340,13 @@ def test_deepspeed_config_takes_pacofr_settings_and_refuses_what_it_sets(tmp_pat
     optimizer.step()
     with pytest.raises(ConfigError, match=r"param groups of \[2\] parameters, the model \[1, 1\]"):
         zero.load_optimizer_state(None, optimizer, [[a], [b]], optimizer.state_dict(), tmp_path)
-    with pytest.raises(ConfigError, match=r"param group 0 were stepped \[1.0, 2.0\] times"):
+    with pytest.raises(ConfigError, match=r"param group 0 were stepped \[1.0, 2.0\] times \(0 never\)"):
         zero.load_optimizer_state(None, optimizer, [[a, b]], optimizer.state_dict(), tmp_path)
+    c = torch.nn.Parameter(torch.ones(1))  # a parameter without a state beside stepped ones
+    with pytest.raises(ConfigError, match=r"param group 0 were stepped \[1.0, 2.0\] times \(1 never\)"):
+        zero.load_optimizer_state(None, torch.optim.AdamW([a, b, c]), [[a, b, c]],
+                                  {**optimizer.state_dict(), "param_groups": [{**optimizer.state_dict()["param_groups"][0],
+                                                                               "params": [0, 1, 2]}]}, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
@@ -408,6 +413,32 @@ def test_deepspeed_zero_two_ranks_match_one_process_and_resume_exactly(tmp_path,
         assert single.returncode == 0, single.stderr[-2000:]
         assert [s for s, _ in _losses(tmp_path / run)] == [5, 6, 7, 8]
         close(final(run), a)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_zero3_resumes_on_a_rank_count_that_does_not_divide_the_parameters(tmp_path):
+    """One plain process's checkpoint resumed by ZeRO-3 on 3 ranks (the tiny model has
+    parameters of 64 and 4096 elements: the last rank's slice is short) ends with the
+    uninterrupted run's weights."""
+    pytest.importorskip("deepspeed")
+    import json
+
+    args = ["--max-steps", "4", "--set", "train.ckpt_every=2", "--set", "train.batch_size=12"]
+    single = _train("--output", str(tmp_path / "one"), *args)
+    assert single.returncode == 0, single.stderr[-2000:]
+    ds = json.loads((ROOT / "configs" / "zero3.json").read_text())
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=0)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    run = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "3", "--master_port",
+                          "29735", str(ROOT / "train.py"), *BASE, *args, "--deepspeed", "--deepspeed_config",
+                          str(tmp_path / "ds.json"), "--output", str(tmp_path / "three"),
+                          "--resume", str(tmp_path / "one" / "checkpoints" / "ckpt-00000002")],
+                         capture_output=True, text=True, env=_env(), timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [s for s, _ in _losses(tmp_path / "three")] == [3, 4]
+    a, b = (load_file(str(tmp_path / r / "checkpoints" / "ckpt-00000004" / "model.safetensors")) for r in ("one", "three"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
 
 
 def test_optimizer_states_saved_with_two_groups_resume(faces64):

@@ -190,9 +190,10 @@ def optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[list[
     _link_states(engine)
     state, param_groups, index = {}, [], 0
     for g, (group, params) in enumerate(zip(optimizer.param_groups, groups)):
-        # (ZeRO steps every group at every applied step, so each has a state by a checkpoint)
-        step = optimizer.state[_flats(engine, g)[0]]["step"]
-        for j, p in enumerate(params):
+        # ZeRO steps every group at every applied step: all groups have a state once a step
+        # was applied, none before (the same on every rank)
+        step = optimizer.state.get(_flats(engine, g)[0], {}).get("step")
+        for j, p in enumerate(params if step is not None else []):
             moments = {key: safe_get_full_optimizer_state(p, key) for key in MOMENTS}  # (all ranks take part)
             if main:
                 state[index + j] = {"step": step.detach().clone().cpu(), **{k: v.cpu() for k, v in moments.items()}}
@@ -205,11 +206,9 @@ def optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[list[
 def load_optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[list[torch.nn.Parameter]],
                          saved: dict, where: Path) -> None:
     """A state_dict() of pacofr's AdamW (from optimizer_state, or from a run without ZeRO, any
-    rank count) into this rank's partitions. ZeRO keeps one step count per param group: the
-    group's parameters that have a state must agree on it. A group without one (the code table
-    during incubation, from a run without ZeRO) stays without one until its next step."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
+    rank count) into this rank's partitions. ZeRO keeps one step count per param group: a
+    group's parameters have a state with the same count, or none has one (the code table during
+    incubation, from a run without ZeRO: it gets one at its next step)."""
     sizes = [len(g["params"]) for g in saved["param_groups"]]
     if sizes != [len(params) for params in groups]:
         raise ConfigError(f"{where}: its optimizer state has param groups of {sizes} parameters, the model "
@@ -217,24 +216,42 @@ def load_optimizer_state(engine, optimizer: torch.optim.Optimizer, groups: list[
     stepped = []
     for g, (group, kept) in enumerate(zip(optimizer.param_groups, saved["param_groups"])):
         group.update({k: v for k, v in kept.items() if k != "params"})  # lr, betas, ... as torch's loader does
-        steps = {float(saved["state"][i]["step"]) for i in kept["params"] if i in saved["state"]}
-        if len(steps) > 1:
-            raise ConfigError(f"{where}: the parameters of param group {g} were stepped {sorted(steps)} times; "
-                              f"ZeRO keeps one count per group")
+        steps = [float(saved["state"][i]["step"]) for i in kept["params"] if i in saved["state"]]
+        if steps and (len(set(steps)) > 1 or len(steps) < len(kept["params"])):
+            raise ConfigError(f"{where}: the parameters of param group {g} were stepped {sorted(set(steps))} times "
+                              f"({len(kept['params']) - len(steps)} never); ZeRO keeps one count per group")
         stepped.append(bool(steps))
-        for flat in _flats(engine, g) if steps else []:  # AdamW's lazily made state, made now to be written into
-            optimizer.state[flat] = {"step": torch.tensor(min(steps)),
+        # AdamW's lazily made state, made now to be written into (the step where torch keeps it)
+        on_device = group.get("capturable") or group.get("fused")
+        for flat in _flats(engine, g) if steps else []:
+            optimizer.state[flat] = {"step": torch.tensor(steps[0], device=flat.device if on_device else "cpu"),
                                      **{key: torch.zeros_like(flat) for key in MOMENTS}}
     _link_states(engine)
     for params, kept, has_state in zip(groups, saved["param_groups"], stepped):
         for p, i in zip(params, kept["params"]) if has_state else []:
             shape = tuple(getattr(p, "ds_shape", p.shape))  # (stage 3: p itself is this rank's slice)
             for key in MOMENTS:
-                value = saved["state"][i][key] if i in saved["state"] else torch.zeros(shape)
+                value = saved["state"][i][key]
                 if tuple(value.shape) != shape:
                     raise ConfigError(f"{where}: optimizer state {key} of shape {tuple(value.shape)} for a "
                                       f"parameter of shape {shape}")
-                safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
+                _set_full_state(engine, p, value.to(p.device, torch.float32), key)
+
+
+def _set_full_state(engine, p: torch.nn.Parameter, value: torch.Tensor, key: str) -> None:
+    """This rank's part of a parameter's optimizer state `key` from its full value. Under stage 3
+    the last rank's part is cut to the parameter's end: DeepSpeed's own setter reads past it
+    when the size does not divide by the rank count (and fails on that rank alone)."""
+    if not partitions_parameters(engine):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        safe_set_full_optimizer_state(p, value, key)
+        return
+    opt = engine.optimizer
+    part, _ = opt._get_fp32_opt_state_partition(p, False, key)
+    start = part.numel() * opt._get_param_partition_rank(p)
+    n = max(0, min(part.numel(), p.ds_numel - start))
+    part[:n].copy_(value.flatten()[start:start + n])
 
 
 def load_partition(engine, directory: Path, rank: int, world: int, saved_world: int | None) -> None:
@@ -246,6 +263,8 @@ def load_partition(engine, directory: Path, rank: int, world: int, saved_world: 
     if saved_world != world:
         raise ConfigError(f"{directory}: written by {saved_world} ZeRO ranks; resume it with {saved_world}, "
                           f"not {world}")
+    if partitions_parameters(engine) and engine.optimizer.elastic_checkpoint:  # (stage 3 cannot read it then)
+        raise ConfigError(f"{directory}: written with zero_optimization.elastic_checkpoint false: resume it so")
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
