@@ -154,6 +154,11 @@ PRESETS: dict[str, dict] = {
 def _check_type(key: str, value, tp):
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # (YAML 1.1 reads 1e-4, without a dot, as a string)
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}' must be {tp.__name__}, got {value!r}")
     return value
@@ -210,8 +215,47 @@ def load_config(source: str | Path | None = "vit_base_patch16_224", overrides: l
     return cfg
 
 
+# The range of each numeric key that has one: (key, lowest, highest), inclusive unless the
+# bound is in a 1-tuple, which excludes it; None: unbounded. Floats must also be finite.
+_RANGES = [
+    *[(f"model.{k}", 1, None) for k in ("img_size", "patch_size", "in_chans")],
+    *[(f"model.{part}.{k}", 1, None) for part in ("encoder", "decoder") for k in ("embed_dim", "depth", "num_heads")],
+    ("model.encoder.mlp_ratio", (0,), None), ("model.decoder.mlp_ratio", (0,), None),
+    *[(f"model.codebook.{k}", 1, None) for k in ("num_codes", "belief_dim", "belief_hidden")],
+    ("model.codebook.temperature", (0,), None), ("model.codebook.ema_decay", 0, (1,)),
+    ("model.codebook.dead_code_threshold", 0, None),
+    ("masking.region_prob", 0, 1), ("masking.regions_max", 1, None), ("masking.replace_ratio", 0, 1),
+    ("masking.background_replace_weight", 0, None),
+    ("loss.eps", (0,), None),
+    *[(f"loss.{k}", 0, None) for k in ("weight_masked", "weight_replaced", "weight_visible", "w_sc",
+                                        "w_belief_incubation", "w_belief", "w_commit")],
+    ("data.min_size", 1, None), ("data.scale_min", (0,), 1), ("data.ratio_max", 1, None), ("data.hflip", 0, 1),
+    ("data.color_jitter", 0, (1,)), ("data.num_workers", 0, None), ("data.shuffle_buffer", 0, None),
+    ("data.dali_threads", 1, None),
+    *[(f"train.{k}", 1, None) for k in ("batch_size", "accum_steps", "epochs", "max_nonfinite", "ckpt_every",
+                                         "log_every")],
+    *[(f"train.{k}", 0, None) for k in ("max_steps", "incubation_epochs", "warmup_epochs", "min_lr", "weight_decay",
+                                         "clip_grad", "keep_last", "image_every")],
+    ("train.blr", (0,), None), ("train.beta1", 0, (1,)), ("train.beta2", 0, (1,)),
+]
+
+
+def _check_range(cfg: Config, key: str, lo, hi) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    below = lo is not None and (value <= lo[0] if isinstance(lo, tuple) else value < lo)
+    above = hi is not None and (value >= hi[0] if isinstance(hi, tuple) else value > hi)
+    if below or above or value != value or value in (float("inf"), float("-inf")):
+        left = "(-inf" if lo is None else f"({lo[0]}" if isinstance(lo, tuple) else f"[{lo}"
+        right = "inf)" if hi is None else f"{hi[0]})" if isinstance(hi, tuple) else f"{hi}]"
+        raise ConfigError(f"config key '{key}' must be in {left}, {right}, got {value!r}")
+
+
 def validate(cfg: Config) -> None:
-    """Checks across keys that types alone cannot express."""
+    """Each numeric key's range, and checks across keys that types alone cannot express."""
+    for key, lo, hi in _RANGES:
+        _check_range(cfg, key, lo, hi)
     m, mk = cfg.model, cfg.masking
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size={m.img_size} must be divisible by model.patch_size={m.patch_size}")
@@ -230,8 +274,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.decoder must be 'pil' or 'dali', got '{cfg.data.decoder}'")
     if cfg.data.dali_device not in ("auto", "mixed", "cpu"):
         raise ConfigError(f"data.dali_device must be 'auto', 'mixed' or 'cpu', got '{cfg.data.dali_device}'")
-    if cfg.data.dali_threads < 1:
-        raise ConfigError(f"data.dali_threads must be >= 1, got {cfg.data.dali_threads}")
     if m.codebook.mixing not in ("soft", "gumbel"):
         raise ConfigError(f"model.codebook.mixing must be 'soft' or 'gumbel', got '{m.codebook.mixing}'")
 

@@ -184,7 +184,7 @@ def structured_masks(
     weight = torch.where(regions == BACKGROUND, cfg.background_replace_weight, 1.0)
     gumbel = -torch.log(-torch.log(_uniform((batch, num_patches), generator, device).clamp(1e-20, 1 - 1e-7)))
     keys = torch.where(mask | (weight <= 0), -torch.inf, torch.log(weight.clamp_min(1e-20)) + gumbel)
-    replace = (_rank(keys) < n_replace[:, None]) & ~mask
+    replace = (_rank(keys) < n_replace[:, None]) & torch.isfinite(keys)  # (never masked, nor of weight 0)
     return Masks(mask=mask, replace=replace, regions=regions)
 
 

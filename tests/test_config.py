@@ -45,12 +45,32 @@ def test_dotted_overrides_and_preset_files(tmp_path):
         ("model.img_size=65", "divisible by model.patch_size"),
         ("model.codebook.mixing=hard", "mixing must be 'soft' or 'gumbel'"),
         ("model.encoder=4", "'model.encoder' must be a mapping"),
+        ("train.blr=1e-4x", "'train.blr' must be float"),
+        # ranges: each bound, open or closed, and values that are not finite
+        ("train.ckpt_every=0", "'train.ckpt_every' must be in [1, inf), got 0"),
+        ("train.log_every=0", "'train.log_every' must be in [1, inf), got 0"),
+        ("train.accum_steps=0", "'train.accum_steps' must be in [1, inf)"),
+        ("model.patch_size=0", "'model.patch_size' must be in [1, inf)"),
+        ("data.min_size=-5", "'data.min_size' must be in [1, inf), got -5"),
+        ("masking.region_prob=1.5", "'masking.region_prob' must be in [0, 1], got 1.5"),
+        ("masking.replace_ratio=-0.1", "'masking.replace_ratio' must be in [0, 1]"),
+        ("data.scale_min=0", "'data.scale_min' must be in (0, 1], got 0.0"),
+        ("train.beta2=1", "'train.beta2' must be in [0, 1), got 1.0"),
+        ("loss.eps=.nan", "'loss.eps' must be in (0, inf), got nan"),
+        ("train.blr=.inf", "'train.blr' must be in (0, inf), got inf"),
+        ("data.num_workers=-1", "'data.num_workers' must be in [0, inf)"),
     ],
 )
 def test_bad_keys_fail_naming_them(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override])
     assert fragment in str(err.value)
+
+
+def test_bounds_themselves_pass_and_floats_may_be_written_with_an_exponent():
+    cfg = load_config("tiny", ["train.blr=1e-4", "train.min_lr=0", "masking.region_prob=1", "data.scale_min=1",
+                               "train.beta1=0", "data.num_workers=0", "train.image_every=0", "train.keep_last=0"])
+    assert cfg.train.blr == 1e-4 and isinstance(cfg.train.blr, float) and cfg.masking.region_prob == 1.0
 
 
 def test_unknown_key_in_file_is_named(tmp_path):

@@ -85,9 +85,27 @@ def messy(tmp_path_factory):
     return d
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
+    import threading
+
+    from pacofr.data.decode import read_bytes
+
+    Image.new("RGB", (64, 64), (120, 90, 70)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "b.png")
+    ds = build_dataset(cfg(source=str(tmp_path)), S)
+    result = []
+    reader = threading.Thread(target=lambda: result.append(collect(ds)[1]), daemon=True)
+    reader.start()
+    reader.join(30)  # (opening a FIFO for reading blocks until a writer comes)
+    assert result == [{"unreadable": 1}], "the loader hung on the FIFO"
+    assert read_bytes(tmp_path / "a.png")[1] is None
+
+
 def test_reasons_tuple():
     assert REASONS == ("empty", "not_an_image", "truncated", "too_small", "unreadable",
-                       "gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid")
+                       "gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid",
+                       "landmarks_missing")
     assert set(EXPECTED) <= set(REASONS)
 
 
@@ -373,10 +391,10 @@ def test_landmark_files_csv_json_68_and_invalid(dotted, tmp_path):
     for k in ("p1.png", "p2.png", "p3.png"):
         assert items[k]["issue"] == "landmarks_invalid" and items[k]["landmarks"].isnan().all()
         assert items[k]["image"] is not None
-    assert items["p5.png"]["issue"] is None and items["p5.png"]["landmarks"].isnan().all()  # unknown
+    assert items["p5.png"]["issue"] == "landmarks_missing" and items["p5.png"]["landmarks"].isnan().all()  # unknown
     assert items["g.png"]["issue"] == "gray_converted"
     _, issues = collect(ds)
-    assert issues == {"landmarks_invalid": 3, "gray_converted": 1}
+    assert issues == {"landmarks_invalid": 3, "gray_converted": 1, "landmarks_missing": 1}
 
     json_path = tmp_path / "lm.json"
     json_path.write_text(json.dumps({"p0.png": pts68.tolist(), "a/p4.png": POINTS.tolist(),
@@ -387,7 +405,7 @@ def test_landmark_files_csv_json_68_and_invalid(dotted, tmp_path):
     assert torch.allclose(items["a/p4.png"]["landmarks"], torch.from_numpy(POINTS) * scale, atol=1e-4)
     assert items["g.png"]["issue"] == "gray_converted,landmarks_invalid"  # both are reported
     _, issues = collect(ds)
-    assert issues == {"landmarks_invalid": 1, "gray_converted": 1}
+    assert issues == {"landmarks_invalid": 1, "gray_converted": 1, "landmarks_missing": 4}  # p1, p2, p3, p5
 
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps({"/abs/elsewhere/p0.png": POINTS.tolist()}))
@@ -487,8 +505,10 @@ def test_shard_augmentation_differs_between_shards(tmp_path):
         with wds.TarWriter(str(tmp_path / f"x-{s}.tar")) as w:
             w.write({"__key__": "only", "jpg": jpg})
     ds = build_dataset(cfg(source=str(tmp_path / "x-{0..1}.tar"), shuffle_buffer=0), S)
-    images = collect(ds)[0][0]["images"]
+    batches, issues = collect(ds)
+    images = batches[0]["images"]
     assert images.shape[0] == 2 and not torch.equal(images[0], images[1])
+    assert issues == {"landmarks_missing": 2}  # (no .json member: the template stands in, counted)
 
 
 def test_broken_tar_is_counted_not_fatal(shards, tmp_path):

@@ -96,6 +96,10 @@ def test_replace_set_is_region_aware():
     rate_bg = (m.replace & bg).sum() / (visible & bg).sum()
     rate_face = (m.replace & ~bg).sum() / (visible & ~bg).sum()
     assert rate_bg < 0.6 * rate_face, (rate_bg, rate_face)
+    # weight 0: background is never replaced, even when the visible face patches run short
+    m = _masks((224, 224), 16, MaskingConfig(background_replace_weight=0.0, replace_ratio=1.0), batch=64)
+    assert not (m.replace & (m.regions == BACKGROUND)).any()
+    assert torch.equal(m.replace, ~m.mask & (m.regions != BACKGROUND))  # (every visible face patch, at ratio 1)
 
 
 def test_regions_follow_landmarks_and_bad_ones_fall_back_to_template():

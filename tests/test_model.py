@@ -30,6 +30,8 @@ def test_encoder_matches_timm_on_visible_tokens():
         mask = _ragged_keep(4, 64, seed=1)
         keep, seqlens = visible_index(mask)
         out = ours(images, keep, seqlens)
+        empty = visible_index(mask[:0])  # (an empty batch: nothing to pack)
+        assert empty[0].shape == (0, 0) and empty[1].shape == (0,)
         for b in range(4):
             tokens = ref._pos_embed(ref.patch_embed(images[b : b + 1]))
             idx = torch.cat([torch.zeros(1, dtype=torch.long), 1 + keep[b, : seqlens[b]]])
@@ -70,9 +72,14 @@ def test_forward_outputs_and_replacement(faces64):
     for key in ("loss", "l_pix", "l_sc", "l_belief", "l_commit"):
         assert out[key].dim() == 0 and torch.isfinite(out[key]), key
     assert out["pred"].shape == (8, 64, 8 * 8 * 3)
-    lc = cfg.loss
-    expected = out["l_pix"] + lc.w_sc * out["l_sc"] + lc.w_belief_incubation * out["l_belief"] + lc.w_commit * out["l_commit"]
+    lc = cfg.loss  # (incubating: no commitment term)
+    expected = out["l_pix"] + lc.w_sc * out["l_sc"] + lc.w_belief_incubation * out["l_belief"]
+    assert torch.allclose(out["loss"], expected) and out["l_commit"] > 0
+    model.set_incubation(False)
+    out = model(faces64, masks=masks, generator=torch.Generator().manual_seed(0))
+    expected = out["l_pix"] + lc.w_sc * out["l_sc"] + lc.w_belief * out["l_belief"] + lc.w_commit * out["l_commit"]
     assert torch.allclose(out["loss"], expected)
+    model.set_incubation(True)
     # The encoder input differs from the image exactly on the replaced patches.
     changed = (patchify(out["input"], 8) != patchify(faces64, 8)).any(-1)
     assert torch.equal(changed, masks.replace)

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -191,6 +192,34 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     codes = [load_file(str(tmp_path / run / "checkpoints" / "ckpt-00000004" / "model.safetensors"))["codebook.codes"]
              for run in ("one", "two")]
     assert torch.allclose(codes[0], codes[1], atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is not installed")
+def test_torchrun_shards_split_unevenly_end_each_epoch_on_every_rank_at_once(tmp_path):
+    """Shards of 8, 8 and 2 faces on 2 ranks: one rank's stream holds a micro-batch more than
+    the other's. Every rank ends the epoch when the first runs out, so the ranks stay in one
+    epoch (an epoch of incubation, then training: their collectives differ)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for s, n in enumerate((8, 8, 2)):
+        with wds.TarWriter(str(tmp_path / f"train-{s}.tar")) as w:
+            for k in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+                w.write({"__key__": f"s{s}-{k}", "jpg": buf.getvalue()})
+    run = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+                          "29736", str(ROOT / "train.py"), *BASE, "--set", f"data.source={tmp_path}/train-{{0..2}}.tar",
+                          "--set", "train.batch_size=4", "--set", "train.epochs=2", "--max-steps", "8",
+                          "--output", str(tmp_path / "run")], capture_output=True, text=True, env=_env(), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        epochs = [(int(r["step"]), int(r["epoch"])) for r in csv.DictReader(f)]
+    assert epochs == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1), (7, 1), (8, 1)], epochs
 
 
 @pytest.mark.parametrize("incubating", [False, True])

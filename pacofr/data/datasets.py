@@ -38,6 +38,14 @@ def skipped(reason: str) -> dict:
     return dict(image=None, landmarks=None, issue=reason)
 
 
+def _landmarks_missing(item: dict) -> dict:
+    """An item of a dataset that gives landmarks, but none for this image: the masker's template
+    stands in, and it is counted (a skipped item counts its skip reason alone)."""
+    if item.get("image") is not None or item.get("encoded") is not None:
+        item["issue"] = join_issues([item["issue"], "landmarks_missing"])
+    return item
+
+
 def collate(items: list[dict]) -> dict:
     """-> dict(images=[B, 3, S, S], landmarks=[B, 5, 2], issues={reason: count}). Skipped items
     are dropped; every reason (skipped and repaired) is counted. When every item was skipped,
@@ -203,6 +211,7 @@ class ImageFilesDataset(_MapDataset):
         self.paths, self.keys, self.min_size = list(paths), list(keys), int(min_size)
         self.points = np.full((len(keys), 5, 2), np.nan, dtype=np.float32)
         self.has_points = np.zeros(len(keys), dtype=bool)
+        self.expects_points = landmarks is not None  # (a landmarks file: an image it lacks is counted)
         for i, k in enumerate(self.keys):
             if landmarks and k in landmarks:
                 self.points[i] = landmarks[k]
@@ -214,7 +223,8 @@ class ImageFilesDataset(_MapDataset):
     def __getitem__(self, index: int) -> dict:
         raw, _ = read_bytes(self.paths[index])
         points = self.points[index] if self.has_points[index] else None
-        return self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index))
+        item = self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index))
+        return _landmarks_missing(item) if points is None and self.expects_points else item
 
 
 def _shuffled(items, bufsize: int, rng: random.Random):
@@ -322,7 +332,9 @@ class ShardDataset(IterableDataset):
         if raw is None:
             return skipped("not_an_image")
         seed = sample_seed(self.seed, self.epoch, shard, pos)
-        return self.make_item(raw, _shard_points(sample.get("json")), self.transform, self.min_size, seed)
+        points = _shard_points(sample.get("json"))
+        item = self.make_item(raw, points, self.transform, self.min_size, seed)
+        return _landmarks_missing(item) if points is None else item
 
     def __iter__(self):
         samples = self._raw_samples(self.my_shards())

@@ -25,12 +25,14 @@ One sample may carry several repairs; `issue` then joins them with "," (see `joi
 """
 
 import io
+import os
+import stat
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_small", "unreadable")
-REPAIR_REASONS = ("gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid")
+REPAIR_REASONS = ("gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid", "landmarks_missing")
 REASONS = SKIP_REASONS + REPAIR_REASONS
 
 _GRAY_MODES = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
@@ -47,8 +49,12 @@ def split_issues(issue: str | None) -> list[str]:
 
 
 def read_bytes(path) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or (None, "unreadable"): also for what is not a regular file (a FIFO
+    would block the reader forever)."""
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None, "unreadable"
             return f.read(), None
     except OSError:
         return None, "unreadable"

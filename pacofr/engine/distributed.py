@@ -32,11 +32,14 @@ def init() -> Dist:
 
 
 def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (a copy; the input is untouched). Identity in a single process."""
-    t = t.detach().clone()
+    """Sum over ranks (a copy on the input's device; the input is untouched). Identity in a
+    single process. NCCL reduces CUDA tensors only: a CPU tensor makes the trip through the GPU."""
+    out = t.detach().clone()
     if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
+        work = out.cuda() if dist.get_backend() == "nccl" and not out.is_cuda else out
+        dist.all_reduce(work)
+        out = work.to(t.device)
+    return out
 
 
 def shutdown() -> None:

@@ -230,7 +230,10 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         epoch_done = False
         while state["step"] < total_steps:
             group = [b for _, b in zip(range(t.accum_steps), micro_batches)]
-            if len(group) < t.accum_steps:
+            short = len(group) < t.accum_steps
+            if iterable and d.world > 1:  # shards split unevenly: the epoch ends on every rank at once
+                short = bool(distributed.all_sum(torch.tensor([float(short)])).item())
+            if short:
                 epoch_done = True
                 break
             metrics = _train_step(cfg, net, model, group, amp, d, state["step"], issues, engine)

@@ -137,7 +137,7 @@ class PaCoFR(nn.Module):
     def loss_weights(self) -> dict[str, float]:
         lc = self.cfg.loss
         return {"l_pix": 1.0, "l_sc": lc.w_sc, "l_belief": lc.w_belief_incubation if self.incubating else lc.w_belief,
-                "l_commit": lc.w_commit}
+                "l_commit": 0.0 if self.incubating else lc.w_commit}  # (commitment: after incubation)
 
     def loss_norms(self, masks: Masks) -> dict[str, Tensor]:
         """What each loss term is averaged over in a batch with these masks (they alone decide

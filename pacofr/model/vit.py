@@ -16,8 +16,9 @@ LAYER_NORM_EPS = 1e-6  # timm's ViT default
 
 
 def sincos_pos_embed(dim: int, grid: tuple[int, int], cls_token: bool = True) -> Tensor:
-    """2D sine-cosine position embedding [1, (1 +) L, dim] (MAE): half the channels encode
-    the row, half the column; the class token position is zeros."""
+    """2D sine-cosine position embedding [1, (1 +) L, dim], MAE's formula: the first half of
+    the channels encodes the row, the second the column (MAE's own code puts the column
+    first: the same table with its halves swapped); the class token position is zeros."""
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     gh, gw = grid
@@ -188,7 +189,7 @@ def visible_index(mask: Tensor) -> tuple[Tensor, Tensor]:
     so its lengths need no conversion in every block."""
     seqlens = (~mask).sum(1, dtype=torch.int32)
     order = torch.argsort(mask.to(torch.int8), dim=1, stable=True)
-    return order[:, : int(seqlens.max())], seqlens
+    return order[:, : int(seqlens.max()) if seqlens.numel() else 0], seqlens
 
 
 __all__ = ["ViTEncoder", "Decoder", "Block", "Attention", "Mlp", "PatchEmbed", "sincos_pos_embed", "visible_index"]
