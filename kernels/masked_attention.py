@@ -68,6 +68,17 @@ def _tile(PTR, base, idx, SN, dims, D, limit):
 
 
 @triton.jit
+def _kv_tiles(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM: tl.constexpr):
+    """A key tile's k and v, and which of its keys take part. Keys that take no part read as 0
+    (past the length; with HAS_KM, outside the key mask too, in the same masked load), so what
+    padding holds, NaN included, never reaches a product."""
+    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+    offs = base + cols[:, None] * SN + dims[None, :]
+    m = valid[:, None] & (dims[None, :] < D)
+    return tl.load(K + offs, mask=m, other=0.0), tl.load(V + offs, mask=m, other=0.0), valid
+
+
+@triton.jit
 def _key_valid(KM, b, N, cols, length, HAS_KM: tl.constexpr):
     valid = cols < length
     if HAS_KM:
@@ -103,9 +114,7 @@ def _key_block(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM: tl.const
                BLOCK_D: tl.constexpr):
     """A key block's k and v (rows past the length read as 0), which of its keys take part, and
     zeroed dk and dv accumulators."""
-    k = _tile(K, base, cols, SN, dims, D, length)
-    v = _tile(V, base, cols, SN, dims, D, length)
-    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+    k, v, valid = _kv_tiles(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM)
     return k, v, valid, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
 
 
@@ -158,11 +167,10 @@ def _fwd_tile(q, K, V, KM, base, SN, b, N, D, n0, dims, length, m_i, l_i, acc, q
     the key mask; an unmasked tile (every key valid, qk_scale > 0) skips that select and takes
     the row max before scaling, so that S * qk_scale - max is one FMA per entry."""
     cols = n0 + tl.arange(0, BLOCK_N)
-    k = _tile(K, base, cols, SN, dims, D, length)
-    v = _tile(V, base, cols, SN, dims, D, length)
+    k, v, valid = _kv_tiles(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM)
     s = _dot(q, tl.trans(k), UPCAST, PRECISION)
     if MASKED:  # scaled here, so that the select can put -inf
-        s = tl.where(_key_valid(KM, b, N, cols, length, HAS_KM)[None, :], s * qk_scale, -float("inf"))
+        s = tl.where(valid[None, :], s * qk_scale, -float("inf"))
         qk_scale = 1.0
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
     m_safe = tl.where(m_new == -float("inf"), 0.0, m_new)  # rows with no valid key yet
@@ -180,7 +188,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, SEQ, KM, scale, H, N, D, SB, SH, SN, OB, O
     # no gradients here: out's strides stand in for theirs
     bh, b, base, base_o, _, length, rows, dims, o_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, OB, OH, HAS_SEQ,
                                                                     BLOCK_M, BLOCK_D)
-    q = _tile(Q, base, rows, SN, dims, D, N)
+    q = _tile(Q, base, rows, SN, dims, D, length)
 
     m_i = tl.full((BLOCK_M,), -float("inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -247,9 +255,7 @@ def _dq_tile(q, do, K, V, KM, base, SN, b, N, D, n0, dims, length, lse2, delta, 
              HAS_KM: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """dq plus the share of the key tile at n0."""
     cols = n0 + tl.arange(0, BLOCK_N)
-    k = _tile(K, base, cols, SN, dims, D, length)
-    v = _tile(V, base, cols, SN, dims, D, length)
-    valid = _key_valid(KM, b, N, cols, length, HAS_KM)
+    k, v, valid = _kv_tiles(K, V, KM, base, SN, b, N, D, cols, dims, length, HAS_KM)
     _, ds = _probs_and_ds(q, k, v, do, lse2, delta, valid, qk_scale, MASKED, UPCAST, PRECISION)
     return dq + _dot(ds.to(k.dtype), k, UPCAST, PRECISION)
 
@@ -261,8 +267,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, SEQ, KM, scale, H, N, D, SB
                         PEEL: tl.constexpr):
     bh, b, base, base_o, base_g, length, rows, dims, q_mask, hi = _slab(SEQ, H, N, D, SB, SH, OB, OH, GB, GH,
                                                                          HAS_SEQ, BLOCK_M, BLOCK_D)
-    q = _tile(Q, base, rows, SN, dims, D, N)
-    do = _tile(DO, base_o, rows, ON, dims, D, N)
+    q = _tile(Q, base, rows, SN, dims, D, length)  # (padded rows as 0: their dq is 0, whatever they hold)
+    do = _tile(DO, base_o, rows, ON, dims, D, length)
     lse2, delta = _row_stats(LSE, DELTA, bh, N, rows, N)
     qk_scale = scale * LOG2E
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)

@@ -696,6 +696,72 @@ def test_masked_attention_seqlens_dtype_and_scale_default(use_backend, backend):
 
 
 @pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_masked_attention_ignores_what_padding_and_masked_keys_hold(use_backend, backend):
+    """NaN and inf in padded queries and keys and in keys outside key_mask (torch.empty
+    padding holds anything) change no output and no gradient: they equal those of zeros there,
+    and padded rows stay exactly zero."""
+    dev = use_backend(backend)
+    B, H, N, d = 2, 2, 37, 32
+    seqlens = torch.tensor([37, 20], device=dev)
+    key_mask = torch.rand(B, N, generator=torch.Generator().manual_seed(3)).to(dev) > 0.3
+    key_mask[:, 0] = True
+    clean = _attn_inputs(B, H, N, d, dev, F32, seed=42)
+    padded = ~(torch.arange(N, device=dev)[None, :] < seqlens[:, None])  # [B, N]
+    dropped = padded | ~key_mask
+    dirty = [t.clone() for t in clean]
+    dirty[0][padded[:, None, :].expand(B, H, N)] = float("nan")
+    for t, bad in zip(dirty[1:], (float("nan"), float("inf"))):
+        t[dropped[:, None, :].expand(B, H, N)] = bad
+    for t in clean:  # the reference inputs: zeros where the dirty ones hold garbage
+        t[padded[:, None, :].expand(B, H, N)] = 0.0
+    for t in clean[1:]:
+        t[dropped[:, None, :].expand(B, H, N)] = 0.0
+    g = torch.randn(B, H, N, d, generator=torch.Generator().manual_seed(5)).to(dev)
+    results = []
+    for qkv in (clean, dirty):
+        q, k, v = (t.clone().requires_grad_() for t in qkv)
+        out = masked_attention(q, k, v, seqlens=seqlens, key_mask=key_mask)
+        out.backward(g)
+        results.append([out, q.grad, k.grad, v.grad])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(b).all(), f"{name}: garbage reached it"
+        assert torch.equal(a, b), f"{name}: differs from zeros in the padding"
+    rows = padded[:, None, :].expand(B, H, N)
+    assert (results[1][0][rows] == 0).all() and (results[1][1][rows] == 0).all()
+
+
+def test_ops_refuse_inputs_they_would_truncate():
+    q, k, v = _attn_inputs(1, 2, 9, 32, "cpu", F32, seed=0)
+    with pytest.raises(TypeError, match="masked_attention: q must be float16, bfloat16, float32 or float64"):
+        masked_attention((q * 4).int(), k, v)
+    with pytest.raises(TypeError, match="masked_attention: v must be"):
+        masked_attention(q, k, v.int())
+    with pytest.raises(TypeError, match="one dtype"):
+        masked_attention(q, k.to(BF16), v)
+    with pytest.raises(TypeError, match="seqlens must hold integers"):
+        masked_attention(q, k, v, seqlens=torch.tensor([2.7]))
+    with pytest.raises(TypeError, match="masked_attention_qkv: qkv must be"):
+        masked_attention_qkv(torch.zeros(1, 9, 3, 2, 32, dtype=torch.int32))
+    x, c = torch.randn(5, 8), torch.randn(7, 8)
+    with pytest.raises(TypeError, match="codebook_topk: codebook must be"):
+        codebook_topk(x, c.to(torch.complex64), 2)
+    with pytest.raises(TypeError, match="codebook_topk: k must be an int, got 2.5"):
+        codebook_topk(x, c, 2.5)
+    with pytest.raises(TypeError, match="k must be an int, got True"):
+        codebook_topk(x, c, True)
+    import numpy as np
+
+    assert codebook_topk(x, c, np.int64(2))[1].shape == (5, 2)  # (NumPy ints are ints)
+    images, weight = torch.randn(1, 3, 8, 8), torch.ones(1, 4)
+    with pytest.raises(TypeError, match="patch_pixel_loss: patch_size must be an int, got 4.5"):
+        patch_pixel_loss(torch.randn(1, 4, 48), images, weight, 4.5)
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        patch_pixel_loss(torch.randn(1, 4, 48), images, weight, 0)
+    with pytest.raises(TypeError, match="patch_pixel_loss: pred must be"):
+        patch_pixel_loss(torch.zeros(1, 4, 48, dtype=torch.int64), images, weight, 4)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 def test_masked_attention_gradcheck(use_backend, backend):
     _skip_fp64_unless_reference(backend)
     dev = use_backend(backend)

@@ -4,7 +4,8 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, autocast_inputs, choose, register, register_triton, with_eager_path
+from .dispatch import (Backend, as_int, autocast_inputs, check_inputs, choose, register, register_triton,
+                       with_eager_path)
 
 MAX_K = 32
 METRICS = ("l2", "ip")
@@ -87,9 +88,9 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tu
         raise ValueError(f"codebook_topk wants x[N, D] and codebook[K, D], got {tuple(x.shape)} and {tuple(codebook.shape)}")
     if metric not in METRICS:
         raise ValueError(f"codebook_topk: metric must be one of {METRICS}, got {metric!r}")
+    k = as_int("codebook_topk", "k", k)
     if not 1 <= k <= min(MAX_K, codebook.shape[0]):
         raise ValueError(f"codebook_topk: need 1 <= k <= min({MAX_K}, K={codebook.shape[0]}), got k={k}")
-    if x.device != codebook.device:
-        raise ValueError(f"codebook_topk: x on {x.device}, codebook on {codebook.device}")
+    check_inputs("codebook_topk", x=x, codebook=codebook)
     x, codebook = autocast_inputs(x.device.type, x, codebook)
     return _op(x.contiguous(), codebook.contiguous(), int(k), metric)

@@ -10,6 +10,7 @@ were rejected.
 
 import functools
 import importlib
+import operator
 import os
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -25,6 +26,32 @@ def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Ten
         return tensors
     dtype = torch.get_autocast_dtype(device_type)  # float64 is left alone, as autocast does
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
+
+
+FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_inputs(op: str, **tensors: torch.Tensor) -> None:
+    """The named tensors are floating (fp16, bf16, fp32, fp64) and on one device, or a
+    TypeError / ValueError names the one that is not: an integer input would otherwise be
+    truncated or read as garbage, a foreign device handed to a kernel as a pointer."""
+    for name, t in tensors.items():
+        if t.dtype not in FLOATING:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"{op}: inputs on different devices: " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def as_int(op: str, name: str, value) -> int:
+    """An integer argument (Python or NumPy int), or a TypeError naming it: a float or a bool
+    would be truncated in silence."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int, got {value!r}") from None
 
 
 def triton_interpreting() -> bool:

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, autocast_inputs, choose, register, register_triton, with_eager_path
+from .dispatch import Backend, autocast_inputs, check_inputs, choose, register, register_triton, with_eager_path
 
 
 def _reference_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=None):
@@ -166,6 +166,8 @@ def _checked_masks(op: str, b: int, n: int, device: torch.device, seqlens: Tenso
     if seqlens is not None:
         if seqlens.shape != (b,):
             raise ValueError(f"{op}: seqlens must be [B]={b}, got {tuple(seqlens.shape)}")
+        if seqlens.is_floating_point() or seqlens.is_complex():
+            raise TypeError(f"{op}: seqlens must hold integers, got {seqlens.dtype}")
         seqlens = seqlens.to(device, torch.int32).contiguous()
     if key_mask is not None:
         if key_mask.shape != (b, n):
@@ -190,10 +192,13 @@ def masked_attention(
     """
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"masked_attention wants q, k, v of one shape [B, H, N, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    check_inputs("masked_attention", q=q, k=k, v=v)
     b, _, n, d = q.shape
     seqlens, key_mask = _checked_masks("masked_attention", b, n, q.device, seqlens, key_mask)
     scale = float(d**-0.5 if scale is None else scale)
     q, k, v = autocast_inputs(q.device.type, q, k, v)
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"masked_attention wants q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return _op(q, k, v, seqlens, key_mask, scale)[0]
 
 
@@ -210,6 +215,7 @@ def masked_attention_qkv(
     """
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"masked_attention_qkv wants qkv of shape [B, N, 3, H, d], got {tuple(qkv.shape)}")
+    check_inputs("masked_attention_qkv", qkv=qkv)
     b, n, _, _, d = qkv.shape
     seqlens, key_mask = _checked_masks("masked_attention_qkv", b, n, qkv.device, seqlens, key_mask)
     scale = float(d**-0.5 if scale is None else scale)

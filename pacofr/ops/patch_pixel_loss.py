@@ -4,7 +4,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, choose, first_order, register, register_triton
+from .dispatch import Backend, as_int, check_inputs, choose, first_order, register, register_triton
 
 
 def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
@@ -157,7 +157,10 @@ def patch_pixel_loss_terms(
     `l_pix + sc_weight * l_sc`, and an in-place rescale otherwise), at the cost of holding a
     pred-sized gradient from the forward to the backward.
     """
-    p = int(patch_size)
+    p = as_int("patch_pixel_loss", "patch_size", patch_size)
+    if p < 1:
+        raise ValueError(f"patch_pixel_loss: patch_size must be >= 1, got {p}")
+    check_inputs("patch_pixel_loss", pred=pred, images=images)
     if images.dim() != 4 or images.shape[2] % p or images.shape[3] % p:
         raise ValueError(f"patch_pixel_loss: images must be [B, C, H, W] with H, W divisible by {p}, got {tuple(images.shape)}")
     b, c, h, w = images.shape

@@ -111,6 +111,13 @@ def attention_masks(
     return query_valid, key_valid
 
 
+def _valid_only(q, k, v, query_valid, key_valid):
+    """q, k, v with zeros for the queries and keys that take no part: what padding holds, NaN
+    included, then never reaches a product (0 * NaN would)."""
+    keep = lambda t, valid: torch.where(valid[:, None, :, None], t, 0.0)  # noqa: E731
+    return keep(q, query_valid), keep(k, key_valid), keep(v, key_valid)
+
+
 def _attention_probs(q, k, scale, lse, key_valid):
     s = (q @ k.transpose(-1, -2)) * scale
     s = s.masked_fill(~key_valid[:, None, None, :], -math.inf)
@@ -125,7 +132,7 @@ def masked_attention(
     acc = accumulation_dtype(q, k, v)
     b, _, n, _ = q.shape
     query_valid, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    qf, kf, vf = _valid_only(q.to(acc), k.to(acc), v.to(acc), query_valid, key_valid)
     s = (qf @ kf.transpose(-1, -2)) * scale
     s = s.masked_fill(~key_valid[:, None, None, :], -math.inf)
     lse = torch.logsumexp(s, dim=-1)  # -inf where no key is valid
@@ -140,8 +147,9 @@ def masked_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     acc = accumulation_dtype(q, k, v)
     b, _, n, _ = q.shape
-    _, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
-    qf, kf, vf, of, go = (t.to(acc) for t in (q, k, v, out, grad_out))
+    query_valid, key_valid = attention_masks(b, n, seqlens, key_mask, q.device)
+    qf, kf, vf = _valid_only(q.to(acc), k.to(acc), v.to(acc), query_valid, key_valid)
+    of, go = out.to(acc), torch.where(query_valid[:, None, :, None], grad_out.to(acc), 0.0)
     p = _attention_probs(qf, kf, scale, lse, key_valid)
     dv = p.transpose(-1, -2) @ go
     dp = go @ vf.transpose(-1, -2)
