@@ -112,6 +112,18 @@ def test_kernels_import_from_a_source_tree():
     assert out.stdout.strip() == os.path.join(root, "kernels", "__init__.py")
 
 
+def test_interpreter_asked_for_too_late_is_explained():
+    """TRITON_INTERPRET=1 set after triton's import: triton's own helpers were built for a GPU,
+    so the Triton backend is refused with that reason (not an interpreter error inside a kernel)."""
+    code = ("import os, triton, torch; os.environ['TRITON_INTERPRET'] = '1'; os.environ['PACOFR_OPS'] = 'triton'\n"
+            "from pacofr.ops import masked_attention\nq = torch.randn(1, 2, 5, 32)\n"
+            "try:\n    masked_attention(q, q, q)\nexcept RuntimeError as e:\n    print(e)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PACOFR_OPS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stdout, out.stdout
+
+
 def test_backends_listing():
     for op in ("codebook_topk", "masked_attention", "patch_pixel_loss"):
         names = ops.backends(op)
@@ -1230,3 +1242,5 @@ def test_explain_names_the_choice_and_the_rejections(monkeypatch):
     for x, why in ((small.double(), "float64"), (torch.empty(2**25, 64, device="meta"), "2^31")):
         line = ops.explain("codebook_topk", dev, x=x, codebook=small, k=4, metric="l2")
         assert line.startswith("codebook_topk: reference (rejected triton: ") and why in line, line
+    with pytest.raises(ValueError, match="unknown op 'nope' \\(known: codebook_topk, masked_attention"):
+        ops.explain("nope")

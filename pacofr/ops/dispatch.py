@@ -70,6 +70,15 @@ def triton_available() -> str | None:
     return None
 
 
+def _interpreter_on() -> bool:
+    """Whether triton's own helpers (tl.cdiv, ...) were built for its interpreter: it reads
+    TRITON_INTERPRET as it is first imported, and kernels built later call them."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.cdiv, InterpretedFunction)
+
+
 def _always() -> str | None:
     return None
 
@@ -123,6 +132,8 @@ def register_triton(op: str, supports: Callable[..., str | None]) -> None:
         device = next(t.device for t in inputs.values() if isinstance(t, torch.Tensor))
         if device.type == "cpu" and not triton_interpreting():
             return "CPU tensors need TRITON_INTERPRET=1"
+        if device.type == "cpu" and not _interpreter_on():
+            return "TRITON_INTERPRET=1 was set after triton was imported (it reads it once): set it before"
         return supports(**inputs)
 
     register(op, Backend("triton", kernel("forward"), kernel("backward"), triton_available, check))
@@ -205,7 +216,10 @@ def choose(op: str, device: torch.device, **inputs) -> Backend:
 
 
 def explain(op: str, device: torch.device | str = "cpu", **inputs) -> str:
-    """One line: the backend `op` would use for these inputs, and why the others were not."""
+    """One line: the backend `op` would use for these inputs (the op's own keyword arguments:
+    q, k, v, ... as its backends' checks take them), and why the others were not."""
+    if op not in _BACKENDS:
+        raise ValueError(f"explain: unknown op {op!r} (known: {', '.join(sorted(_BACKENDS))})")
     backend, rejected = _choose(op, torch.device(device), inputs)
     chosen = backend.name if backend is not None else "none"
     return f"{op}: {chosen}" + (f" (rejected {'; '.join(rejected)})" if rejected else "")
