@@ -18,11 +18,19 @@ from typing import Callable
 import torch
 
 
+def _autocasting(device_type: str) -> bool:
+    """Autocast is on for this device type (never for types it does not know, such as meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_inputs(device_type: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Under autocast, the floating inputs in autocast's dtype, as torch.mm would take them:
     a bf16 activation against fp32 parameters then runs the bf16 kernel, not the fp32 one.
     The cast is differentiable, so gradients reach fp32 parameters in fp32."""
-    if not torch.is_autocast_enabled(device_type):
+    if not _autocasting(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)  # float64 is left alone, as autocast does
     return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors)
@@ -106,7 +114,7 @@ def _outside_autocast(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(*args, **kwargs):
         device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
-        if not torch.is_autocast_enabled(device):
+        if not _autocasting(device):
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
