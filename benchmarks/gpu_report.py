@@ -7,7 +7,8 @@ on the device, then time it against its baselines and print a table.
 Timing: CUDA events around each call, median of repeated runs, inputs rotated between calls
 so no run hits a warm L2 with the previous one's data. Ceilings are measured in the same run:
 a large bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s, read + write). The table and
-a JSON file (benchmarks/results/gpu_report_<card>.json) give time, throughput, % of ceiling,
+a JSON file (benchmarks/results/gpu_report_<card>[_<op>...].json, strict JSON, renamed into
+place after each op) give time, throughput, % of ceiling,
 peak extra memory and the ratio to each baseline. On a machine without CUDA it runs the same
 code on CPU with tiny shapes (set TRITON_INTERPRET=1 to include the Triton kernels), which
 checks the script, not the speed.
@@ -15,6 +16,7 @@ checks the script, not the speed.
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -499,9 +501,20 @@ def print_verdicts(verdicts, fastest) -> None:
         print(f"  fastest configuration, {f['op']} {f['shape']} {f['dtype']}: {f['fastest']} ({f['ms']:.3f} ms{ratio})")
 
 
-BENCHES = {"codebook_topk": (check_codebook_topk, bench_codebook_topk),
+BENCHES = {"masked_attention": (check_masked_attention, bench_masked_attention),
            "patch_pixel_loss": (check_patch_pixel_loss, bench_patch_pixel_loss),
-           "masked_attention": (check_masked_attention, bench_masked_attention)}
+           "codebook_topk": (check_codebook_topk, bench_codebook_topk)}
+
+
+def _finite(value):
+    """NaN and inf (a figure a row lacks) as null: strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def main(argv=None) -> int:
@@ -518,15 +531,19 @@ def main(argv=None) -> int:
     print(f"device: {card}; matmul ceiling {ceil['matmul_tflops']:.1f} TFLOP/s, copy ceiling {ceil['copy_gbps']:.0f} GB/s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"gpu_report_{card.replace(' ', '_')}.json"
+    # one file per op list, so that runs of one op each (gpu_session.sh) keep all their files
+    path = out / f"gpu_report_{card.replace(' ', '_')}{''.join('_' + op for op in args.ops or [])}.json"
     rows, skipped, failed = [], [], []
 
     def save(complete: bool):
         """The JSON so far: written after each op, so a run cut short keeps what it measured."""
         verdicts, fastest = targets(rows), fastest_configs(rows)
-        path.write_text(json.dumps({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
-                                    "fastest_configs": fastest, "skipped": skipped, "failed": failed,
-                                    "complete": complete, "seconds": time.time() - t0}, indent=1))
+        tmp = path.with_suffix(".tmp")  # (renamed into place: a run killed while writing keeps the last file)
+        tmp.write_text(json.dumps(_finite({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
+                                           "fastest_configs": fastest, "skipped": skipped, "failed": failed,
+                                           "complete": complete, "seconds": time.time() - t0}),
+                                  indent=1, allow_nan=False))
+        tmp.replace(path)
         return verdicts, fastest
 
     for op, (check, bench) in BENCHES.items():

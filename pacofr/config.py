@@ -14,8 +14,6 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 
 class ConfigError(ValueError):
     pass
@@ -183,12 +181,20 @@ def _merge(obj, updates: dict, prefix: str = ""):
     return obj
 
 
+def _yaml():
+    """PyYAML, imported when a file or an override is read: presets need none (the GPU
+    machines that run benchmarks/ may lack it)."""
+    import yaml
+
+    return yaml
+
+
 def parse_override(text: str) -> dict:
     """'a.b.c=value' -> {'a': {'b': {'c': value}}}, the value parsed as YAML (so 1, 0.5, true)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _yaml().safe_load(raw) if raw.strip() else ""
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -201,7 +207,7 @@ def load_config(source: str | Path | None = "vit_base_patch16_224", overrides: l
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"config '{source}' is neither a preset ({', '.join(PRESETS)}) nor a file")
-        updates = yaml.safe_load(path.read_text()) or {}
+        updates = _yaml().safe_load(path.read_text()) or {}
         if not isinstance(updates, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
         source = updates.pop("preset", "vit_base_patch16_224")

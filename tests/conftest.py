@@ -35,7 +35,7 @@ _stub_torchvision_for_timm()
 def faces64():
     """8 real faces (scikit-image's LFW subset, 25 x 25 gray), resized to 64 px, RGB,
     normalized to zero mean / unit spread."""
-    from skimage import data
+    data = pytest.importorskip("skimage.data", reason="scikit-image is not installed (the GPU machines lack it)")
 
     faces = torch.from_numpy(data.lfw_subset()[:8]).float()
     x = F.interpolate(faces[:, None], size=64, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)

@@ -77,3 +77,28 @@ def test_verdicts_at_the_thresholds(report, ours, holds):
             _row(*fwd, "triton 128x64 w8 s3", 1.8)]
     (fastest,) = report.fastest_configs(rows)
     assert fastest["fastest"] == "128x64 w8 s3"
+
+
+def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in python that takes 1 s a call and a 30 s
+    session: each step's limit is cut to the time left, and once too little is left the rest
+    are skipped, so the whole fits its call."""
+    import os
+    import re
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\nsleep 1\n")
+    (fake / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SESSION_SECONDS="30")
+    run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(tmp_path / "out")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert len(lines) == 3 + 1 + 4 and lines[0].startswith("report masked_attention: exit 0")
+    limits = [int(m.group(1)) for m in map(re.compile(r".*\(limit (\d+) s\)").match, lines) if m]
+    assert limits and all(limit <= 25 for limit in limits) and limits == sorted(limits, reverse=True), lines
+    skipped = [" skipped, " in line for line in lines]
+    assert skipped[-1] and skipped == sorted(skipped), lines  # (from the first skip on, all)
+    assert {"gpu.txt", "summary.txt", "report.txt"} <= {p.name for p in (tmp_path / "out").iterdir()}
