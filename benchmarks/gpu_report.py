@@ -16,7 +16,6 @@ checks the script, not the speed.
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from test_masked_attention import counted_lengths, ragged_inputs, valid_flops  #
 from test_patch_pixel_loss import implementations as loss_impls  # noqa: E402
 from test_patch_pixel_loss import loss_inputs, minimal_bytes  # noqa: E402
 
+from pacofr.cli import finite_floats  # noqa: E402
 from pacofr.ops import backends  # noqa: E402
 
 
@@ -506,17 +506,6 @@ BENCHES = {"masked_attention": (check_masked_attention, bench_masked_attention),
            "codebook_topk": (check_codebook_topk, bench_codebook_topk)}
 
 
-def _finite(value):
-    """NaN and inf (a figure a row lacks) as null: strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes")
@@ -539,7 +528,7 @@ def main(argv=None) -> int:
         """The JSON so far: written after each op, so a run cut short keeps what it measured."""
         verdicts, fastest = targets(rows), fastest_configs(rows)
         tmp = path.with_suffix(".tmp")  # (renamed into place: a run killed while writing keeps the last file)
-        tmp.write_text(json.dumps(_finite({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
+        tmp.write_text(json.dumps(finite_floats({"device": card, "ceilings": ceil, "rows": rows, "targets": verdicts,
                                            "fastest_configs": fastest, "skipped": skipped, "failed": failed,
                                            "complete": complete, "seconds": time.time() - t0}),
                                   indent=1, allow_nan=False))

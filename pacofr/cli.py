@@ -118,16 +118,17 @@ def _report(args, result: dict) -> None:
             print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))
     if args.output:  # (strict JSON: a score that is not finite, from a failed prediction, is null)
         with open(args.output, "w") as f:
-            json.dump(_finite(result), f, indent=2, allow_nan=False)
+            json.dump(finite_floats(result), f, indent=2, allow_nan=False)
 
 
-def _finite(value):
+def finite_floats(value):
+    """A JSON-able value with NaN and inf floats as None (null): strict JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_floats(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_floats(v) for v in value]
     return value
 
 
