@@ -43,16 +43,13 @@ def _eval_parser(sub) -> None:
 
 
 def _eval_alignment(args, cfg) -> None:
-    import torch
-
     from .eval.alignment import AlignmentImages, evaluate
     from .eval.common import load_encoder
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.model.img_size
     train = AlignmentImages(args.train, args.train_landmarks, size, args.norm, "--train")
     test = AlignmentImages(args.test, args.test_landmarks, size, args.norm, "--test")
-    result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.norm, args.grid,
+    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.norm, args.grid,
                       args.batch_size, args.workers)
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
@@ -69,16 +66,13 @@ def _parsing_parser(sub) -> None:
 
 
 def _eval_parsing(args, cfg) -> None:
-    import torch
-
     from .eval.common import load_encoder
     from .eval.parsing import ParsingImages, evaluate
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.model.img_size
     train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train")
     test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test")
-    result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.batch_size, args.workers)
+    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers)
     pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
     present = sum(v is not None for v in result["f1"][1:])
     print(f"mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
@@ -95,16 +89,13 @@ def _attributes_parser(sub) -> None:
 
 
 def _eval_attributes(args, cfg) -> None:
-    import torch
-
     from .eval.attributes import AttributeImages, evaluate
     from .eval.common import load_encoder
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.model.img_size
     train = AttributeImages(args.train, args.train_labels, size, "--train")
     test = AttributeImages(args.test, args.test_labels, size, "--test")
-    result = evaluate(load_encoder(cfg, args.encoder, device), train, test, args.batch_size, args.workers)
+    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers)
     print(f"mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
           f"majority: {result['majority_mean_accuracy']:.2f}%   "
           f"train {result['train_images']} / test {result['test_images']} images")

@@ -40,10 +40,9 @@ import torch
 
 from ..data.landmarks import load_landmarks_file
 from ..model import ViTEncoder
-from .common import FaceImages, autocast, batches
+from .common import LAMBDAS, FaceImages, autocast, batches
 
 EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
-LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties, relative to the mean kernel diagonal
 
 
 # -- the metric ------------------------------------------------------------------------------------

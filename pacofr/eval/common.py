@@ -37,8 +37,11 @@ class FaceImages(Dataset):
         return (x, lm, params, rgb.size), None
 
 
-def load_encoder(cfg, path: str, device) -> ViTEncoder:
-    """The encoder of config `cfg` with the weights of an encoder.safetensors (strict)."""
+def load_encoder(cfg, path: str, device: torch.device | None = None) -> ViTEncoder:
+    """The encoder of config `cfg` with the weights of an encoder.safetensors (strict), on
+    `device` (default: CUDA when there is one, else the CPU)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     m = cfg.model
     encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
                          m.encoder.num_heads, m.encoder.mlp_ratio, m.attn_impl)
@@ -82,7 +85,9 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
-LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))  # ridge penalties per row, relative to the mean feature variance
+# Ridge penalties, relative to each probe's scale of its features (per row: the mean feature
+# variance; alignment's dual form: the kernel's mean diagonal).
+LAMBDAS = tuple(10.0 ** e for e in range(-6, 3))
 
 
 class Stats:

@@ -93,4 +93,4 @@ def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tu
         raise ValueError(f"codebook_topk: need 1 <= k <= min({MAX_K}, K={codebook.shape[0]}), got k={k}")
     check_inputs("codebook_topk", x=x, codebook=codebook)
     x, codebook = autocast_inputs(x.device.type, x, codebook)
-    return _op(x.contiguous(), codebook.contiguous(), int(k), metric)
+    return _op(x.contiguous(), codebook.contiguous(), k, metric)

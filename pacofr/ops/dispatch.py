@@ -78,6 +78,7 @@ def triton_available() -> str | None:
     return None
 
 
+@functools.cache  # (fixed once triton is imported)
 def _interpreter_on() -> bool:
     """Whether triton's own helpers (tl.cdiv, ...) were built for its interpreter: it reads
     TRITON_INTERPRET as it is first imported, and kernels built later call them."""
