@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from pacofr.config import ConfigError, load_config
 from pacofr.data import build_dataset, collate, collate_encoded, denormalize
 from pacofr.data.transforms import FLIP_PERM
-from pacofr.engine.pretrain import MaskingCollate, pretrain
+from pacofr.data import MaskingCollate
+from pacofr.engine.pretrain import pretrain
 from test_data import POINTS, S, cfg, encode, face_rgb, messy, shards  # noqa: F401 (fixtures)
 from test_train import _cfg, _losses
 
@@ -55,12 +56,12 @@ def _decode(decoder, items):
 
 def _assert_same_samples(pil_batch, dali_batch, mean_tol, max_tol):
     """The same samples, landmarks and counts; pixels (in 0..255) within the tolerances."""
-    assert dali_batch["issues"] == pil_batch["issues"]
-    assert dali_batch["images"].shape == pil_batch["images"].shape
-    assert dali_batch["images"].dtype == torch.float32 and torch.isfinite(dali_batch["images"]).all()
-    assert torch.equal(dali_batch["landmarks"].isnan(), pil_batch["landmarks"].isnan())
-    assert torch.allclose(dali_batch["landmarks"].nan_to_num(), pil_batch["landmarks"].nan_to_num())
-    diff = (denormalize(dali_batch["images"]) - denormalize(pil_batch["images"])).abs() * 255
+    assert dali_batch.issues == pil_batch.issues
+    assert dali_batch.images.shape == pil_batch.images.shape
+    assert dali_batch.images.dtype == torch.float32 and torch.isfinite(dali_batch.images).all()
+    assert torch.equal(dali_batch.landmarks.isnan(), pil_batch.landmarks.isnan())
+    assert torch.allclose(dali_batch.landmarks.nan_to_num(), pil_batch.landmarks.nan_to_num())
+    diff = (denormalize(dali_batch.images) - denormalize(pil_batch.images)).abs() * 255
     assert diff.mean((1, 2, 3)).max() <= mean_tol and diff.max() <= max_tol, (diff.mean((1, 2, 3)), diff.max())
 
 
@@ -75,7 +76,7 @@ def test_dali_decodes_what_pil_decodes(messy, jitter):
     decoder = _decoder(len(b))
     out, warned = _decode(decoder, b)
     assert decoder.host_batches == 0 and not warned
-    assert out["images"].shape[0] == 9 and out["issues"]["truncated"] == 1
+    assert out.images.shape[0] == 9 and out.issues["truncated"] == 1
     # (no drafting at these sizes: the difference is the decoders' and resamplers' rounding)
     _assert_same_samples(collate(a), out, mean_tol=0.5, max_tol=2.0)
 
@@ -116,18 +117,18 @@ def test_dali_fallback_counts_and_drops_as_pil(broken_inside):
     pil = build_dataset(replace_decoder(c.data, "pil"), 64, seed=3)
     enc = build_dataset(c.data, 64, seed=3)
     a, b = [pil[i] for i in range(5)], [enc[i] for i in range(5)]
-    assert collate(a)["issues"] == {"truncated": 2, "gray_converted": 1}
+    assert collate(a).issues == {"truncated": 2, "gray_converted": 1}
     batch = MaskingCollate(c)(b)
-    masks = batch["masks"]
+    masks = batch.masks
     decoder = _decoder_size(64, 5)
     with pytest.warns(RuntimeWarning, match="Failed to decode sample #1"):
         out = decoder(batch)
     assert decoder.host_batches == 1
     _assert_same_samples(collate(a), out, mean_tol=1e-3, max_tol=0.01)  # (PIL decoded this batch)
     rows = torch.tensor([0, 2, 4])
-    assert torch.equal(out["masks"].mask, masks.mask[rows]) and torch.equal(out["masks"].regions, masks.regions[rows])
+    assert torch.equal(out.masks.mask, masks.mask[rows]) and torch.equal(out.masks.regions, masks.regions[rows])
     out, warned = _decode(decoder, [b[i] for i in (0, 2, 4)])
-    assert decoder.host_batches == 1 and not warned and out["images"].shape[0] == 3
+    assert decoder.host_batches == 1 and not warned and out.images.shape[0] == 3
 
 
 @needs_dali
@@ -147,9 +148,9 @@ def test_dali_large_jpegs_and_landmarks_follow_the_crop(tmp_path):
     out, warned = _decode(_decoder(6), b)
     assert not warned
     _assert_same_samples(collate(a), out, mean_tol=1.0, max_tol=40.0)
-    flips = [it["params"]["flip"] for it in b]
+    flips = [it.params["flip"] for it in b]
     assert any(flips) and not all(flips)  # both cases seen
-    for img, lm, flip in zip(denormalize(out["images"]), out["landmarks"], flips):
+    for img, lm, flip in zip(denormalize(out.images), out.landmarks, flips):
         for j in range(5):  # after a flip, point j is the mirror of point FLIP_PERM[j]
             colour = COLOURS[FLIP_PERM[j] if flip else j]
             assert torch.allclose(dot_centre(img, colour), lm[j], atol=1.0), (j, lm[j])
@@ -162,7 +163,7 @@ def test_dali_shards_and_skips_match_pil(shards):
     a, b = list(pil), list(enc)
     out, _ = _decode(_decoder(len(b)), b)
     _assert_same_samples(collate(a), out, mean_tol=0.5, max_tol=2.0)
-    assert out["issues"] == {"not_an_image": 1, "truncated": 1, "landmarks_invalid": 1}
+    assert out.issues == {"not_an_image": 1, "truncated": 1, "landmarks_invalid": 1}
 
 
 @needs_dali
@@ -212,27 +213,27 @@ def test_missing_dali_says_how_to_install(monkeypatch):
 
 def test_encoded_items_leave_the_pixels_encoded(messy):
     """The worker side needs no DALI: header checks, repairs re-encoded as BMP, the rest as read."""
-    from pacofr.data.datasets import make_encoded_item, make_item
+    from pacofr.data.items import make_encoded_item, make_item
     from pacofr.data.transforms import FaceTransform
 
     t = FaceTransform(S)
     raw = (messy / "face0.jpg").read_bytes()
     item = make_encoded_item(raw, None, t, 32, 5)
-    assert item["encoded"].tobytes() == raw and item["issue"] is None
-    assert item["landmarks"].shape == (5, 2) and item["landmarks"].isnan().all()
+    assert item.data.tobytes() == raw and item.issues == ()
+    assert item.landmarks.shape == (5, 2) and item.landmarks.isnan().all()
     cmyk = make_encoded_item((messy / "cmyk.jpg").read_bytes(), None, t, 32, 5)
-    assert cmyk["issue"] == "cmyk_converted" and cmyk["encoded"][:4].tobytes() == b"\x89PNG"
+    assert cmyk.issues == ("cmyk_converted",) and cmyk.data[:4].tobytes() == b"\x89PNG"
     cut = make_encoded_item(raw[:-2], None, t, 32, 5)  # no end marker: decoded here, as make_item does
-    assert cut["issue"] == make_item(raw[:-2], None, t, 32, 5)["issue"]
+    assert cut.issues == make_item(raw[:-2], None, t, 32, 5).issues
     assert Image.open((messy / "cmyk.jpg")).size == (96, 96)
     for name, reason in (("empty.jpg", "empty"), ("text.jpg", "not_an_image"), ("tiny.png", "too_small")):
-        assert make_encoded_item((messy / name).read_bytes(), None, t, 32, 5)["issue"] == reason
+        assert make_encoded_item((messy / name).read_bytes(), None, t, 32, 5).issues == (reason,)
     # the same crop, flip and jitter as make_item draws from the seed; masks seeded per sample
-    assert item["params"] == t.params(96, 96, 5)
-    assert make_encoded_item(raw, None, t, 32, 6)["mask_seed"] != item["mask_seed"]
-    assert np.array_equal(make_encoded_item(raw, None, t, 32, 5)["encoded"], item["encoded"])
+    assert item.params == t.params(96, 96, 5)
+    assert make_encoded_item(raw, None, t, 32, 6).mask_seed != item.mask_seed
+    assert np.array_equal(make_encoded_item(raw, None, t, 32, 5).data, item.data)
     batch = collate_encoded([item, cmyk, make_encoded_item(b"", None, t, 32, 5)])
-    assert len(batch["encoded"]) == 2 and batch["landmarks"].shape == (2, 5, 2)
-    assert batch["issues"] == {"empty": 1} and batch["row_issues"] == [[], ["cmyk_converted"]]
+    assert len(batch.encoded) == 2 and batch.landmarks.shape == (2, 5, 2)
+    assert batch.issues == {"empty": 1} and [r.issues for r in batch.encoded] == [(), ("cmyk_converted",)]
     with pytest.raises(TypeError, match="data.decoder='pil'"):  # a dataset that decodes its images itself
         collate_encoded([make_item(raw, None, t, 32, 5)])

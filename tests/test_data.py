@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from pacofr.config import DataConfig
 from pacofr.data import (ASTRONAUT_FACE_BOX, IMAGENET_MEAN, IMAGENET_STD, REASONS, build_dataset, collate,
                          denormalize, embedded_faces)
-from pacofr.data.datasets import make_item
+from pacofr.data.items import Sample, make_item
 from pacofr.data.transforms import FLIP_PERM, FaceTransform
 from pacofr.masking import five_points
 
@@ -48,7 +48,7 @@ def collect(ds, workers=0, batch_size=4):
     batches = list(loader)
     issues: dict[str, int] = {}
     for b in batches:
-        for k, v in b["issues"].items():
+        for k, v in b.issues.items():
             issues[k] = issues.get(k, 0) + v
     return batches, issues
 
@@ -116,13 +116,13 @@ def test_messy_folder_counts_with_workers(messy):
     assert issues == EXPECTED
     n = 0
     for b in batches:
-        if b["images"].shape[0] == 0:  # every item of this batch was skipped
-            assert sum(b["issues"].values()) > 0
+        if b.images.shape[0] == 0:  # every item of this batch was skipped
+            assert sum(b.issues.values()) > 0
             continue
-        assert b["images"].dtype == torch.float32 and b["images"].shape[1:] == (3, S, S)
-        assert torch.isfinite(b["images"]).all()
-        assert b["landmarks"].shape == (b["images"].shape[0], 5, 2) and b["landmarks"].isnan().all()
-        n += b["images"].shape[0]
+        assert b.images.dtype == torch.float32 and b.images.shape[1:] == (3, S, S)
+        assert torch.isfinite(b.images).all()
+        assert b.landmarks.shape == (b.images.shape[0], 5, 2) and b.landmarks.isnan().all()
+        n += b.images.shape[0]
     assert n == GOOD + REPAIRED
 
 
@@ -131,52 +131,51 @@ def test_repairs_are_right(messy):
     # 16-bit gray is scaled to 8 bits (PIL's plain convert would saturate it to white)
     flat16 = encode(Image.fromarray(np.full((40, 40), 128 * 257, np.uint16)), "PNG")
     item = make_item(flat16, None, t, 32, 0)
-    assert item["issue"] == "gray_converted"
-    assert torch.allclose(denormalize(item["image"]), torch.full((3, S, S), 128 / 255), atol=1e-3)
+    assert item.issues == ("gray_converted",)
+    assert torch.allclose(denormalize(item.image), torch.full((3, S, S), 128 / 255), atol=1e-3)
     # alpha is composited on black: a transparent half turns black, the opaque half keeps its colour
     rgba = Image.new("RGBA", (40, 40), (200, 100, 50, 255))
     rgba.paste((200, 100, 50, 0), (0, 0, 20, 40))
     item = make_item(encode(rgba, "PNG"), None, t, 32, 0)
-    assert item["issue"] == "rgba_converted"
-    img = denormalize(item["image"]) * 255
+    assert item.issues == ("rgba_converted",)
+    img = denormalize(item.image) * 255
     assert img[:, :, :28].max() < 1.0
     assert torch.allclose(img[:, :, 36:].mean((1, 2)), torch.tensor([200.0, 100.0, 50.0]), atol=1.0)
     # CMYK JPEG comes back with its colours
     red = encode(Image.new("RGB", (40, 40), (220, 30, 30)).convert("CMYK"), "JPEG", quality=95)
     item = make_item(red, None, t, 32, 0)
-    assert item["issue"] == "cmyk_converted"
-    assert torch.allclose(denormalize(item["image"]).mean((1, 2)) * 255, torch.tensor([220.0, 30.0, 30.0]), atol=6)
+    assert item.issues == ("cmyk_converted",)
+    assert torch.allclose(denormalize(item.image).mean((1, 2)) * 255, torch.tensor([220.0, 30.0, 30.0]), atol=6)
     # a gray palette counts as gray; a colour palette is not a repair
     gray_p = Image.new("L", (40, 40), 90).convert("P")
-    assert make_item(encode(gray_p, "PNG"), None, t, 32, 0)["issue"] == "gray_converted"
-    assert make_item((messy / "palette.png").read_bytes(), None, t, 32, 0)["issue"] is None
+    assert make_item(encode(gray_p, "PNG"), None, t, 32, 0).issues == ("gray_converted",)
+    assert make_item((messy / "palette.png").read_bytes(), None, t, 32, 0).issues == ()
 
 
 def test_skip_reasons_and_min_size(messy):
     t = FaceTransform(S)
-    assert make_item(b"", None, t, 32, 0)["issue"] == "empty"
-    assert make_item(b"GIF89a garbage" * 3, None, t, 32, 0)["issue"] in ("not_an_image", "truncated")
-    assert make_item((messy / "text.jpg").read_bytes(), None, t, 32, 0) == dict(image=None, landmarks=None,
-                                                                               issue="not_an_image")
-    assert make_item((messy / "truncated.jpg").read_bytes(), None, t, 32, 0)["issue"] == "truncated"
+    assert make_item(b"", None, t, 32, 0).issues == ("empty",)
+    assert make_item(b"GIF89a garbage" * 3, None, t, 32, 0).issues in (("not_an_image",), ("truncated",))
+    assert make_item((messy / "text.jpg").read_bytes(), None, t, 32, 0) == Sample(None, None, ("not_an_image",))
+    assert make_item((messy / "truncated.jpg").read_bytes(), None, t, 32, 0).issues == ("truncated",)
     tiny = (messy / "tiny.png").read_bytes()
-    assert make_item(tiny, None, t, 32, 0)["issue"] == "too_small"
-    assert make_item(tiny, None, t, 8, 0)["issue"] is None  # min_size is the only limit
+    assert make_item(tiny, None, t, 32, 0).issues == ("too_small",)
+    assert make_item(tiny, None, t, 8, 0).issues == ()  # min_size is the only limit
 
 
 def test_collate():
     img = torch.zeros(3, S, S)
-    items = [dict(image=None, landmarks=None, issue="empty"),
-             dict(image=img, landmarks=torch.full((5, 2), math.nan), issue="gray_converted,landmarks_invalid"),
-             dict(image=img + 1, landmarks=torch.ones(5, 2), issue=None),
-             dict(image=None, landmarks=None, issue="empty")]
+    items = [Sample(None, None, ("empty",)),
+             Sample(img, torch.full((5, 2), math.nan), ("gray_converted", "landmarks_invalid")),
+             Sample(img + 1, torch.ones(5, 2)),
+             Sample(None, None, ("empty",))]
     out = collate(items)
-    assert out["images"].shape == (2, 3, S, S) and out["landmarks"].shape == (2, 5, 2)
-    assert torch.equal(out["images"][1], img + 1)
-    assert out["issues"] == {"empty": 2, "gray_converted": 1, "landmarks_invalid": 1}
+    assert out.images.shape == (2, 3, S, S) and out.landmarks.shape == (2, 5, 2)
+    assert torch.equal(out.images[1], img + 1)
+    assert out.issues == {"empty": 2, "gray_converted": 1, "landmarks_invalid": 1}
     none = collate([items[0], items[3]])
-    assert none["images"].shape[0] == 0 and none["landmarks"].shape == (0, 5, 2)
-    assert none["issues"] == {"empty": 2}
+    assert none.images.shape[0] == 0 and none.landmarks.shape == (0, 5, 2)
+    assert none.issues == {"empty": 2}
 
 
 def test_denormalize_inverts_normalization():
@@ -225,19 +224,19 @@ def test_augmentation_is_a_function_of_seed_epoch_index(messy):
     ds = build_dataset(cfg(source=str(messy)), S, seed=3)
     i = ds.keys.index("face0.jpg")
     ds.set_epoch(5)
-    a = ds[i]["image"]
+    a = ds[i].image
     ds.set_epoch(0)
     ds[i], ds[i + 1]
     ds.set_epoch(5)
-    assert torch.equal(ds[i]["image"], a)  # a resumed run at epoch 5 sees the same sample
+    assert torch.equal(ds[i].image, a)  # a resumed run at epoch 5 sees the same sample
     again = build_dataset(cfg(source=str(messy)), S, seed=3)
     again.set_epoch(5)
-    assert torch.equal(again[i]["image"], a)
+    assert torch.equal(again[i].image, a)
     ds.set_epoch(6)
-    assert not torch.equal(ds[i]["image"], a)
+    assert not torch.equal(ds[i].image, a)
     other = build_dataset(cfg(source=str(messy)), S, seed=4)
     other.set_epoch(5)
-    assert not torch.equal(other[i]["image"], a)
+    assert not torch.equal(other[i].image, a)
 
 
 def test_workers_give_identical_batches(messy):
@@ -248,7 +247,7 @@ def test_workers_give_identical_batches(messy):
     assert i0 == i2 == EXPECTED
     assert len(b0) == len(b2)
     for x, y in zip(b0, b2):
-        assert torch.equal(x["images"], y["images"]) and x["issues"] == y["issues"]
+        assert torch.equal(x.images, y.images) and x.issues == y.issues
 
 
 # -- landmarks ----------------------------------------------------------------------------------
@@ -294,15 +293,15 @@ def test_landmarks_follow_resize_and_flip(dotted, flip):
             scale_min=1.0, ratio_max=1.0, color_jitter=0.0)
     ds = build_dataset(c, S)
     item = ds[ds.keys.index("dots.png")]
-    assert item["issue"] is None
-    lm = item["landmarks"]
+    assert item.issues == ()
+    lm = item.landmarks
     expected = torch.from_numpy(POINTS) * (S / 96)
     if flip:
         expected = expected[list(FLIP_PERM)]
         expected[:, 0] = S - expected[:, 0]
     assert torch.allclose(lm, expected, atol=1e-4)
     assert lm[0, 0] < lm[1, 0] and lm[3, 0] < lm[4, 0]  # left stays on the image's left
-    img = denormalize(item["image"])
+    img = denormalize(item.image)
     for j in range(5):
         src = FLIP_PERM[j] if flip else j  # after a flip, point j is the dot drawn for point FLIP_PERM[j]
         assert torch.dist(dot_centre(img, COLOURS[src]), lm[j]) < 1.0, (j, dot_centre(img, COLOURS[src]), lm[j])
@@ -317,7 +316,7 @@ def test_landmarks_follow_random_crops(dotted):
     for epoch in range(8):
         ds.set_epoch(epoch)
         item = ds[i]
-        lm, img = item["landmarks"], denormalize(item["image"])
+        lm, img = item.landmarks, denormalize(item.image)
         flip = ds.transform.params(96, 96, ds.sample_seed(i))["flip"]
         flips.add(flip)
         for j in range(5):
@@ -384,15 +383,15 @@ def test_landmark_files_csv_json_68_and_invalid(dotted, tmp_path):
     ds = build_dataset(replace(c, landmarks=(str(csv_path))), S)
     items = {k: ds[i] for i, k in enumerate(ds.keys)}
     scale = S / 96
-    assert torch.allclose(items["p0.png"]["landmarks"], torch.from_numpy(POINTS) * scale, atol=1e-4)
+    assert torch.allclose(items["p0.png"].landmarks, torch.from_numpy(POINTS) * scale, atol=1e-4)
     five = five_points(torch.from_numpy(pts68)[None])[0]
-    assert torch.allclose(items["a/p4.png"]["landmarks"], five * scale, atol=1e-4)
-    assert torch.allclose(items["a/p4.png"]["landmarks"][0], torch.from_numpy(pts68[36:42]).mean(0) * scale, atol=1e-4)
+    assert torch.allclose(items["a/p4.png"].landmarks, five * scale, atol=1e-4)
+    assert torch.allclose(items["a/p4.png"].landmarks[0], torch.from_numpy(pts68[36:42]).mean(0) * scale, atol=1e-4)
     for k in ("p1.png", "p2.png", "p3.png"):
-        assert items[k]["issue"] == "landmarks_invalid" and items[k]["landmarks"].isnan().all()
-        assert items[k]["image"] is not None
-    assert items["p5.png"]["issue"] == "landmarks_missing" and items["p5.png"]["landmarks"].isnan().all()  # unknown
-    assert items["g.png"]["issue"] == "gray_converted"
+        assert items[k].issues == ("landmarks_invalid",) and items[k].landmarks.isnan().all()
+        assert items[k].image is not None
+    assert items["p5.png"].issues == ("landmarks_missing",) and items["p5.png"].landmarks.isnan().all()  # unknown
+    assert items["g.png"].issues == ("gray_converted",)
     _, issues = collect(ds)
     assert issues == {"landmarks_invalid": 3, "gray_converted": 1, "landmarks_missing": 1}
 
@@ -401,9 +400,9 @@ def test_landmark_files_csv_json_68_and_invalid(dotted, tmp_path):
                                      "g.png": [[float("nan"), 1.0]] * 5}))
     ds = build_dataset(replace(c, landmarks=(str(json_path))), S)
     items = {k: ds[i] for i, k in enumerate(ds.keys)}
-    assert torch.allclose(items["p0.png"]["landmarks"], five * scale, atol=1e-4)
-    assert torch.allclose(items["a/p4.png"]["landmarks"], torch.from_numpy(POINTS) * scale, atol=1e-4)
-    assert items["g.png"]["issue"] == "gray_converted,landmarks_invalid"  # both are reported
+    assert torch.allclose(items["p0.png"].landmarks, five * scale, atol=1e-4)
+    assert torch.allclose(items["a/p4.png"].landmarks, torch.from_numpy(POINTS) * scale, atol=1e-4)
+    assert items["g.png"].issues == ("gray_converted", "landmarks_invalid")  # both are reported
     _, issues = collect(ds)
     assert issues == {"landmarks_invalid": 1, "gray_converted": 1, "landmarks_missing": 4}  # p1, p2, p3, p5
 
@@ -449,7 +448,7 @@ def shards(tmp_path_factory):
 def _ids(batches):
     ids = []
     for b in batches:
-        first = b["landmarks"][:, 0, 0]
+        first = b.landmarks[:, 0, 0]
         ids += [int(round(float(v))) - 1 for v in first if not math.isnan(float(v))]
     return ids
 
@@ -482,7 +481,7 @@ def test_shards_deterministic_across_workers_and_epochs(shards):
 
     def images(workers):
         batches, issues = collect(ds, workers=workers)
-        imgs = torch.cat([b["images"] for b in batches])
+        imgs = torch.cat([b.images for b in batches])
         return imgs[torch.argsort(imgs.sum((1, 2, 3)))], issues
 
     ds.set_epoch(1)
@@ -506,7 +505,7 @@ def test_shard_augmentation_differs_between_shards(tmp_path):
             w.write({"__key__": "only", "jpg": jpg})
     ds = build_dataset(cfg(source=str(tmp_path / "x-{0..1}.tar"), shuffle_buffer=0), S)
     batches, issues = collect(ds)
-    images = batches[0]["images"]
+    images = batches[0].images
     assert images.shape[0] == 2 and not torch.equal(images[0], images[1])
     assert issues == {"landmarks_missing": 2}  # (no .json member: the template stands in, counted)
 
@@ -529,7 +528,7 @@ def test_broken_tar_is_counted_not_fatal(shards, tmp_path):
         ds = build_dataset(cfg(source=str(path), shuffle_buffer=0), S, augment=False)
         batches, issues = collect(ds)
         assert issues == {"unreadable": 1}, what
-        assert sum(b["images"].shape[0] for b in batches) == 2, what  # the two samples before the cut
+        assert sum(b.images.shape[0] for b in batches) == 2, what  # the two samples before the cut
     ds = build_dataset(cfg(source=str(src), shuffle_buffer=0), S, augment=False)
     assert collect(ds)[1] == {}  # the complete shard has no issue
 
@@ -542,9 +541,9 @@ def test_embedded_faces():
     assert len(ds) == 101
     batches, issues = collect(ds, batch_size=64)
     assert issues == {}
-    imgs = torch.cat([b["images"] for b in batches])
+    imgs = torch.cat([b.images for b in batches])
     assert imgs.shape == (101, 3, S, S) and torch.isfinite(imgs).all()
-    assert torch.cat([b["landmarks"] for b in batches]).isnan().all()
+    assert torch.cat([b.landmarks for b in batches]).isnan().all()
     # the first 100 are lfw_subset's faces (not its non-faces), at 25 px exactly the originals
     raw = embedded_faces(25)
     assert np.array_equal(raw[:100, :, :, 0], np.rint(data.lfw_subset()[:100] * 255).astype(np.uint8))

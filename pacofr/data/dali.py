@@ -3,8 +3,8 @@ flip there, colour jitter and normalization in torch on the same device.
 
 The DataLoader workers still read the files, parse headers, skip and repair, draw each
 sample's augmentation (crop box, flip, jitter: `FaceTransform.params`, as with PIL) and its
-masks; what they hand over is the encoded bytes (`make_encoded_item`). `DaliDecoder` then
-turns a batch of those into images in one pipeline run:
+masks; what they hand over is the encoded bytes (`make_encoded_item`: an EncodedSample).
+`DaliDecoder` then turns a Batch of those into images in one pipeline run:
 
     decoders.image (device 'mixed' = nvJPEG on the GPU, or 'cpu')
       -> resize of the continuous crop box to S x S (bilinear, antialiased; PIL's box resize)
@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 import torch
 
+from .batch import Batch
 from .decode import decode_rgb, open_image
 from .transforms import FaceTransform, normalize
 
@@ -52,9 +53,9 @@ def resolve_device(device: str) -> str:
 
 
 class DaliDecoder:
-    """batch from `collate_encoded` -> the same dict with images [B, 3, S, S] (float32,
-    normalized, on the decode device: CUDA for 'mixed'), the encoded fields removed. Rows
-    that could not be decoded are dropped from images, landmarks and masks, and counted."""
+    """Batch from `collate_encoded` -> the same Batch with images [B, 3, S, S] (float32,
+    normalized, on the decode device: CUDA for 'mixed'), `encoded` cleared. Rows that could
+    not be decoded are dropped from images, landmarks and masks, and counted."""
 
     def __init__(self, img_size: int, max_batch: int, device: str = "auto", threads: int = 4,
                  device_id: int | None = None):
@@ -120,16 +121,14 @@ class DaliDecoder:
         stacked = torch.stack(pixels) if pixels else torch.zeros(0, self.size, self.size, 3, dtype=torch.uint8)
         return stacked, kept, issues
 
-    def __call__(self, batch: dict) -> dict:
-        params = batch.pop("params")
-        encoded = batch.pop("encoded")
-        row_issues = batch.pop("row_issues")
-        batch.pop("mask_seeds", None)
-        if not encoded:
-            batch["images"] = torch.zeros(0, 3, 0, 0)
+    def __call__(self, batch: Batch) -> Batch:
+        rows, batch.encoded = batch.encoded, None
+        if not rows:
+            batch.images = torch.zeros(0, 3, 0, 0)
             return batch
-        if len(encoded) > self.max_batch:
-            raise ValueError(f"a batch of {len(encoded)} images; this decoder was built for {self.max_batch}")
+        if len(rows) > self.max_batch:
+            raise ValueError(f"a batch of {len(rows)} images; this decoder was built for {self.max_batch}")
+        encoded, params = [r.data for r in rows], [r.params for r in rows]
         try:
             pixels = self._run(encoded, params)
         except RuntimeError as e:  # the pipeline is dead after this: rebuild it, decode here
@@ -139,24 +138,22 @@ class DaliDecoder:
             warnings.warn(f"DALI could not decode a batch ({why}); decoding it with PIL", RuntimeWarning, stacklevel=2)
             self.pipe = self._build()
             pixels, kept, issues = self._run_on_host(encoded, params)
-            for reason, n in issues.items():
-                batch["issues"][reason] = batch["issues"].get(reason, 0) + n
-            if len(kept) < len(encoded):
-                rows = torch.tensor(kept, dtype=torch.long)
-                params, row_issues = [params[i] for i in kept], [row_issues[i] for i in kept]
-                batch["landmarks"] = batch["landmarks"][rows]
-                if "masks" in batch:
-                    batch["masks"] = batch["masks"].select(rows)
-        for reasons in row_issues:  # the repairs and landmark issues of the decoded rows
-            for reason in reasons:
-                batch["issues"][reason] = batch["issues"].get(reason, 0) + 1
-        if not params:
-            batch["images"] = torch.zeros(0, 3, 0, 0)
+            batch.issues.update(issues)
+            if len(kept) < len(rows):
+                at = torch.tensor(kept, dtype=torch.long)
+                rows = [rows[i] for i in kept]
+                batch.landmarks = batch.landmarks[at]
+                if batch.masks is not None:
+                    batch.masks = batch.masks.select(at)
+        for r in rows:  # the repairs and landmark issues of the decoded rows
+            batch.issues.update(r.issues)
+        if not rows:
+            batch.images = torch.zeros(0, 3, 0, 0)
             return batch
-        jitter = [p["jitter"] for p in params]
+        jitter = [r.params["jitter"] for r in rows]
         factors = None if all(j is None for j in jitter) else torch.tensor(
             [j if j is not None else (1.0, 1.0, 1.0) for j in jitter], dtype=torch.float32)
-        batch["images"] = normalize(pixels, factors)
+        batch.images = normalize(pixels, factors)
         return batch
 
 

@@ -1,7 +1,7 @@
-"""Decoding one image file into RGB, with every problem named (DESIGN.md 6).
+"""Decoding one image file into RGB, with every problem named (docs/design.md 6).
 
 A sample is either skipped (no image comes out) or repaired (an RGB image comes out, and the
-repair is reported). The reasons are fixed strings, counted by `collate`:
+repair is reported). The reasons are fixed strings, counted by `collate` (batch.py):
 
     skipped:  empty         zero-byte file
               not_an_image  PIL cannot identify it as an image
@@ -21,7 +21,7 @@ repair is reported). The reasons are fixed strings, counted by `collate`:
 
 A P image with a coloured palette is converted to RGB without a report: the conversion is
 lossless and the image was colour already. Other colour modes (YCbCr, LAB, HSV, RGBX) likewise.
-One sample may carry several repairs; `issue` then joins them with "," (see `join_issues`).
+One sample may carry several repairs: its `issues` lists them all (items.py).
 """
 
 import io
@@ -37,15 +37,6 @@ REASONS = SKIP_REASONS + REPAIR_REASONS
 
 _GRAY_MODES = ("1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-def join_issues(issues) -> str | None:
-    issues = [i for i in issues if i]
-    return ",".join(issues) if issues else None
-
-
-def split_issues(issue: str | None) -> list[str]:
-    return issue.split(",") if issue else []
 
 
 def read_bytes(path) -> tuple[bytes | None, str | None]:

@@ -3,7 +3,6 @@ resume, a non-finite loss guard, and logs."""
 
 import math
 import time
-import zlib
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
@@ -11,12 +10,11 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from ..config import Config, ConfigError, to_dict
-from ..data import REASONS, build_dataset, collate, collate_encoded, sample_seed
-from ..masking import sample_masks
+from ..data import REASONS, Batches, MaskingCollate, build_dataset, micro_batches, sample_seed
 from ..model import PaCoFR
 from . import checkpoint, distributed, zero
 from .monitor import Monitor
@@ -75,71 +73,6 @@ def lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return f
-
-
-class Batches:
-    """This rank's share of each global batch, as DataLoader batch indices.
-
-    Epoch e shuffles all samples with seed (seed, e); global batch s is the slice
-    [s*G, (s+1)*G) of that order, micro-batch m the m-th of its `accum` parts, and rank r the
-    r-th part of that, so the union over ranks is exactly a single process's batch."""
-
-    def __init__(self, size: int, global_batch: int, accum: int, rank: int, world: int, seed: int):
-        self.size, self.global_batch, self.accum, self.rank, self.world, self.seed = size, global_batch, accum, rank, world, seed
-        self.epoch, self.start = 0, 0
-
-    def steps(self) -> int:
-        return self.size // self.global_batch
-
-    def __len__(self) -> int:
-        return (self.steps() - self.start) * self.accum
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        micro = self.global_batch // self.accum
-        part = micro // self.world
-        for s in range(self.start, self.steps()):
-            for m in range(self.accum):
-                lo = s * self.global_batch + m * micro + self.rank * part
-                yield order[lo : lo + part].tolist()
-
-
-class MaskingCollate:
-    """Stacks the samples, counts bad ones, and draws each sample's masks from a seed made of
-    the run seed, the epoch and the sample's pixels: the same masks whatever the rank,
-    worker or batch position of the sample. Encoded samples (data.decoder='dali', decoded
-    later by DaliDecoder) bring their seed, a function of the sample's identity and epoch."""
-
-    def __init__(self, cfg: Config):
-        self.cfg, self.epoch = cfg, 0
-
-    def __call__(self, items: list[dict]) -> dict:
-        if self.cfg.data.decoder == "dali":
-            batch = collate_encoded(items)
-            seeds = batch["mask_seeds"]
-        else:
-            batch = collate(items)
-            seeds = [zlib.crc32(img[:, ::7, ::7].contiguous().numpy().tobytes(), self.cfg.train.seed * 1000 + self.epoch)
-                     for img in batch["images"]]
-        m = self.cfg.model
-        batch["masks"] = sample_masks(seeds, (m.img_size, m.img_size), m.patch_size, self.cfg.masking, batch["landmarks"])
-        return batch
-
-
-def _micro_batches(cfg, dataset, batches, collate_fn, per_rank, epoch_step, d, decoder=None):
-    """An iterator over this rank's micro-batches of the current epoch, from `epoch_step` on;
-    `decoder` (a DaliDecoder) decodes each one in this process."""
-    pin = d.device.type == "cuda" and decoder is None
-    if batches is not None:  # map-style: the batch sampler starts at the data position
-        batches.epoch, batches.start = collate_fn.epoch, epoch_step
-        it = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
-                             num_workers=cfg.data.num_workers, pin_memory=pin))
-    else:
-        it = iter(DataLoader(dataset, batch_size=per_rank, collate_fn=collate_fn, drop_last=True,
-                             num_workers=cfg.data.num_workers, pin_memory=pin))
-        for _ in range(epoch_step * cfg.train.accum_steps):  # streams: replay up to the data position
-            next(it, None)
-    return it if decoder is None else map(decoder, it)
 
 
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None) -> dict:
@@ -225,11 +158,11 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
                 zero.restart_moments(engine, CODES_GROUP)
             else:  # (only a state resumed from a ZeRO run has one for it yet)
                 optimizer.state.pop(model.codebook.codes, None)
-        micro_batches = _micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d,
-                                       decoder)
+        loader = micro_batches(cfg, dataset, batches, masking_collate, per_rank, state["epoch_step"], d.device,
+                               decoder)
         epoch_done = False
         while state["step"] < total_steps:
-            group = [b for _, b in zip(range(t.accum_steps), micro_batches)]
+            group = [b for _, b in zip(range(t.accum_steps), loader)]
             short = len(group) < t.accum_steps
             if iterable and d.world > 1:  # shards split unevenly: the epoch ends on every rank at once
                 short = bool(distributed.all_sum(torch.tensor([float(short)])).item())
@@ -268,7 +201,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
                 monitor.log(row)
                 progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
             # (under ZeRO-3 every rank runs the forward: it gathers the parameters collectively)
-            if t.image_every and state["step"] % t.image_every == 0 and len(group[0]["images"]) and (
+            if t.image_every and state["step"] % t.image_every == 0 and len(group[0].images) and (
                     d.main or zero.partitions_parameters(engine)):
                 _grid(cfg, model, group[0], d, monitor, state["step"])
             # No checkpoint right after a skipped step: the last one stays the last good one.
@@ -312,8 +245,8 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
     totals, images = Counter(), 0
     usable = []
     for i, batch in enumerate(group):
-        issues.update(batch["issues"])
-        if batch["images"].shape[0] == 0:  # every sample of this micro-batch was unusable
+        issues.update(batch.issues)
+        if batch.images.shape[0] == 0:  # every sample of this micro-batch was unusable
             if d.world > 1:  # the other ranks would wait for this one's gradients forever
                 raise RuntimeError(f"rank {d.rank}: a micro-batch with no usable sample at step {step}; "
                                    f"clean the data or raise the per-rank batch size")
@@ -324,7 +257,7 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
             with zero.gathered(engine, model):  # (outside a forward, ZeRO-3 parameters are empty slices)
                 engine.backward(sum(p.sum() for p in model.parameters()) * 0.0, scale_wrt_gas=False)
             engine.step()
-    masks = [b["masks"].to(d.device, non_blocking=True) for _, b in usable]
+    masks = [b.masks.to(d.device, non_blocking=True) for _, b in usable]
     names = list(model.loss_weights())  # loss terms, in a fixed order
     norms = [torch.stack([n[name].float() for name in names]) for n in map(model.loss_norms, masks)]
     incubating = bool(norms) and model.incubating
@@ -334,13 +267,13 @@ def _train_step(cfg, net, model, group, amp, d, step, issues, engine=None) -> di
         # The code table's draws (initialization, restarts) have a generator of their own, seeded
         # by the step alone: the same on every rank and for any accumulation, apart from the forwards'.
         codebook_gen = torch.Generator(device=d.device).manual_seed(sample_seed(t.seed, step, CODEBOOK_STREAM))
-        _codebook_step(model, engine, lambda: model.start_step([b["images"] for _, b in usable], masks, codebook_gen))
+        _codebook_step(model, engine, lambda: model.start_step([b.images for _, b in usable], masks, codebook_gen))
     for (i, batch), m, norm in zip(usable, masks, norms):
-        images += batch["images"].shape[0]
+        images += batch.images.shape[0]
         gen = torch.Generator(device=d.device).manual_seed(t.seed * 1_000_003 + step * t.accum_steps + i)
         sync = i == usable[-1][0] or d.world == 1 or engine is not None
         with (nullcontext() if sync else net.no_sync()), amp:
-            out = net(batch["images"].to(d.device, non_blocking=True), masks=m, generator=gen)
+            out = net(batch.images.to(d.device, non_blocking=True), masks=m, generator=gen)
         share = norm * d.world / total
         share = torch.where(torch.isfinite(share), share, torch.zeros_like(share))
         loss = sum(out["weights"][n] * out[n].float() * share[j] for j, n in enumerate(names))
@@ -381,10 +314,10 @@ def _codebook_step(model, engine, write) -> None:
 def _grid(cfg, model, batch, d, monitor, step):
     was_training = model.training
     model.eval()
-    out = model(batch["images"].to(d.device), masks=batch["masks"].to(d.device))
+    out = model(batch.images.to(d.device), masks=batch.masks.to(d.device))
     model.train(was_training)
     if monitor is not None:
-        monitor.reconstruction_grid(step, batch["images"].to(d.device), out, cfg.model.patch_size,
+        monitor.reconstruction_grid(step, batch.images.to(d.device), out, cfg.model.patch_size,
                                     cfg.loss.norm_pix, cfg.loss.eps)
 
 

@@ -1,0 +1,127 @@
+"""One sample, decoded (`Sample`, the PIL path) or left encoded for DaliDecoder
+(`EncodedSample`, data.decoder='dali'), built from an image's bytes and its given landmarks.
+
+A skipped sample is a `Sample` without an image, its `issues` naming the skip reason; a kept
+one lists its repairs (decode.py names every reason)."""
+
+import io
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decode import decode_rgb, draft, open_image
+from .landmarks import NAN5, check_landmarks
+from .transforms import FaceTransform, sample_seed
+
+MASK_KEY = 0x6D61736B  # derives a sample's mask seed from its augmentation seed
+
+
+@dataclass
+class Sample:
+    """image: FloatTensor [3, S, S] (ImageNet-normalized), None when skipped; landmarks:
+    FloatTensor [5, 2] (x, y in output pixels, NaN when unknown), None when skipped; issues:
+    the reasons it was skipped or repaired, in the order they were found."""
+
+    image: torch.Tensor | None
+    landmarks: torch.Tensor | None
+    issues: tuple[str, ...] = ()
+
+
+@dataclass
+class EncodedSample:
+    """A sample whose pixels DaliDecoder decodes: data (the encoded file, uint8), params (crop,
+    flip, jitter: FaceTransform.params), landmarks [5, 2] (output pixels), mask_seed (a function
+    of the sample's identity and epoch), issues (its repairs and landmark issues, counted once
+    it is decoded)."""
+
+    data: np.ndarray
+    params: dict
+    landmarks: torch.Tensor
+    mask_seed: int
+    issues: tuple[str, ...] = ()
+
+
+def skipped(reason: str) -> Sample:
+    return Sample(None, None, (reason,))
+
+
+def landmarks_missing(sample: Sample | EncodedSample) -> Sample | EncodedSample:
+    """A sample of a dataset that gives landmarks, but none for this image: the masker's
+    template stands in, and it is counted (a skipped sample counts its skip reason alone)."""
+    if isinstance(sample, Sample) and sample.image is None:
+        return sample
+    return replace(sample, issues=sample.issues + ("landmarks_missing",))
+
+
+def _given_points(points: np.ndarray | None, width: int, height: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    if points is None:
+        return NAN5, ()
+    if not check_landmarks(points, width, height):
+        return NAN5, ("landmarks_invalid",)
+    return points, ()
+
+
+def _reasons(repair: str | None, issues: tuple[str, ...]) -> tuple[str, ...]:
+    return ((repair,) if repair else ()) + issues
+
+
+def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
+              seed: int) -> Sample:
+    """Encoded image (+ given landmarks in original pixels, or None) -> Sample."""
+    im, reason = open_image(raw, min_size)
+    if im is None:
+        return skipped(reason)
+    width, height = im.size
+    points, issues = _given_points(points, width, height)
+    params = transform.params(width, height, seed)
+    scale = draft(im, transform.draft_size(params, width, height))
+    rgb, repair = decode_rgb(im)
+    if rgb is None:
+        return skipped(repair)
+    image, lm = transform.apply(rgb, params, torch.from_numpy(np.array(points, dtype=np.float32)), scale)
+    return Sample(image, lm, _reasons(repair, issues))
+
+
+# What DALI decodes as PIL does; anything else (alpha, CMYK, palette, 16 bits, BMP's many
+# layouts, other formats) is decoded and repaired in the worker and passed on as PNG.
+DALI_FORMATS = ("JPEG", "PNG")
+DALI_MODES = ("RGB", "L")
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+
+
+def png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", compress_level=1)  # (fast; DALI decodes it anywhere)
+    return buf.getvalue()
+
+
+def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
+                      seed: int) -> EncodedSample | Sample:
+    """Like make_item, but leaves the pixels encoded for DaliDecoder: an EncodedSample, or a
+    skipped Sample. A JPEG or PNG in a mode DALI reads as PIL does, and ending with its end
+    marker, is passed on as read (only its header is parsed here); anything else is decoded
+    here, skipped or repaired as make_item does. A file broken inside is caught by the
+    decoder (DaliDecoder falls back to PIL)."""
+    im, reason = open_image(raw, min_size)
+    if im is None:
+        return skipped(reason)
+    width, height = im.size
+    points, issues = _given_points(points, width, height)
+    repair = None
+    if (im.format not in DALI_FORMATS or im.mode not in DALI_MODES or "transparency" in im.info
+            or not raw.rstrip(b"\0").endswith(_END_MARKERS[im.format])):  # (cut short: nvJPEG might not tell)
+        rgb, repair = decode_rgb(im)
+        if rgb is None:
+            return skipped(repair)
+        raw = png_bytes(rgb)
+    elif im.mode == "L":
+        repair = "gray_converted"  # DALI decodes it to RGB, as to_rgb does
+    params = transform.params(width, height, seed)
+    return EncodedSample(np.frombuffer(raw, dtype=np.uint8), params,
+                         transform.landmarks(torch.from_numpy(np.array(points, dtype=np.float32)), params),
+                         sample_seed(seed, MASK_KEY), _reasons(repair, issues))
+
+
+__all__ = ["Sample", "EncodedSample", "skipped", "landmarks_missing", "make_item", "make_encoded_item", "png_bytes"]

@@ -1,0 +1,152 @@
+"""Map-style sources: the embedded faces, an image folder, a .txt file list.
+
+Augmentation randomness is a pure function of (seed, epoch, index), so it does not depend on
+the rank, the number of workers, the shuffle, or on whether the run was resumed.
+`set_epoch(epoch)` must be called before the DataLoader iterator is made (workers copy the
+dataset when they start: use persistent_workers=False)."""
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .decode import read_bytes
+from .items import EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, png_bytes
+from .landmarks import NAN5, norm_key
+from .transforms import FaceTransform, sample_seed
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# The astronaut's face in skimage.data.astronaut() (512 x 512): PIL box (left, top, right,
+# bottom), chosen by eye on a 32-px grid drawn over the image: hair top to chin, both ears.
+ASTRONAUT_FACE_BOX = (150, 30, 300, 180)
+N_LFW_FACES = 100  # lfw_subset(): the first 100 of its 200 images are faces
+
+
+def embedded_faces(img_size: int) -> np.ndarray:
+    """The 100 LFW faces of scikit-image's lfw_subset (25 x 25 gray) and the astronaut's face,
+    as RGB uint8 [101, S, S, 3] (bicubic resize). Loaded at run time, never stored here."""
+    try:
+        from skimage import data
+    except ImportError as e:
+        raise ImportError("data.source='faces' needs scikit-image (pip install scikit-image)") from e
+
+    faces = []
+    for a in data.lfw_subset()[:N_LFW_FACES]:
+        im = Image.fromarray(np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+        faces.append(np.asarray(im.resize((img_size, img_size), Image.BICUBIC)))
+    astro = Image.fromarray(data.astronaut()).crop(ASTRONAUT_FACE_BOX)
+    faces.append(np.asarray(astro.resize((img_size, img_size), Image.BICUBIC)))
+    return np.stack(faces)
+
+
+class _MapDataset(Dataset):
+    def __init__(self, transform: FaceTransform, seed: int, encoded: bool):
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+        self.encoded = encoded
+        self.make_item = make_encoded_item if encoded else make_item
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def sample_seed(self, index: int) -> int:
+        return sample_seed(self.seed, self.epoch, index)
+
+
+class FacesDataset(_MapDataset):
+    """Source "faces": 101 real faces embedded in scikit-image; landmarks unknown (NaN).
+    `encoded`: samples for DaliDecoder (make_encoded_item), the faces encoded as PNG."""
+
+    def __init__(self, img_size: int, transform: FaceTransform, seed: int = 0, encoded: bool = False):
+        super().__init__(transform, seed, encoded)
+        self.images = embedded_faces(img_size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample | EncodedSample:
+        im = Image.fromarray(self.images[index])
+        if self.encoded:
+            return make_encoded_item(png_bytes(im), None, self.transform, 0, self.sample_seed(index))
+        image, lm = self.transform(im, torch.from_numpy(NAN5.copy()), self.sample_seed(index))
+        return Sample(image, lm)
+
+
+class ImageFilesDataset(_MapDataset):
+    """An image folder or a file list. `keys` are the paths relative to the folder (or as the
+    list writes them), the names a landmarks file uses. `encoded`: samples for DaliDecoder."""
+
+    def __init__(self, paths: list[str], keys: list[str], transform: FaceTransform, min_size: int,
+                 seed: int = 0, landmarks: dict[str, np.ndarray] | None = None, encoded: bool = False):
+        super().__init__(transform, seed, encoded)
+        self.paths, self.keys, self.min_size = list(paths), list(keys), int(min_size)
+        self.points = np.full((len(keys), 5, 2), np.nan, dtype=np.float32)
+        self.has_points = np.zeros(len(keys), dtype=bool)
+        self.expects_points = landmarks is not None  # (a landmarks file: an image it lacks is counted)
+        for i, k in enumerate(self.keys):
+            if landmarks and k in landmarks:
+                self.points[i] = landmarks[k]
+                self.has_points[i] = True
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample | EncodedSample:
+        raw, _ = read_bytes(self.paths[index])
+        points = self.points[index] if self.has_points[index] else None
+        sample = self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index))
+        return landmarks_missing(sample) if points is None and self.expects_points else sample
+
+
+def _scan_folder(root: str) -> tuple[list[str], list[str]]:
+    found = []
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in files:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                path = os.path.join(d, name)
+                found.append((norm_key(os.path.relpath(path, root)), path))
+    found.sort()
+    return [p for _, p in found], [k for k, _ in found]
+
+
+def _read_list(list_path: str) -> tuple[list[str], list[str]]:
+    base = os.path.dirname(os.path.abspath(list_path))
+    paths, keys = [], []
+    with open(list_path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                paths.append(os.path.join(base, line))
+                keys.append(norm_key(line))
+    return paths, keys
+
+
+def image_files(source: str, what: str = "data.source") -> tuple[list[str], list[str]]:
+    """An image folder or a .txt file list -> (paths, keys: the paths relative to the folder
+    or as listed). A wrong path or an empty source raises, naming the path."""
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"{what} '{source}': no such file or directory")
+    if os.path.isdir(source):
+        paths, keys = _scan_folder(source)
+        if not paths:
+            raise ValueError(f"{what} '{source}': no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+                             "in this folder or below")
+    elif source.lower().endswith(".txt"):
+        paths, keys = _read_list(source)
+        if not paths:
+            raise ValueError(f"{what} '{source}': the file list has no entries")
+        if not any(os.path.exists(p) for p in paths[:10]):
+            raise FileNotFoundError(f"{what} '{source}': listed files do not exist (first: '{paths[0]}'); "
+                                    "paths are relative to the list's folder")
+    else:
+        kinds = "'faces', a folder, a .txt file list or .tar shard(s)" if what == "data.source" else "a folder or a .txt file list"
+        raise ValueError(f"{what} '{source}' is not {kinds}")
+    return paths, keys
+
+
+__all__ = ["IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "embedded_faces", "FacesDataset", "ImageFilesDataset",
+           "image_files"]
