@@ -176,6 +176,15 @@ def test_collate():
     none = collate([items[0], items[3]])
     assert none.images.shape[0] == 0 and none.landmarks.shape == (0, 5, 2)
     assert none.issues == {"empty": 2}
+    with pytest.raises(TypeError, match="must be a pacofr.data Sample"):  # (a plain dict is not an item)
+        collate([dict(image=img, landmarks=torch.ones(5, 2), issue=None)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_the_loader_pins_a_batch():
+    ds = build_dataset(cfg(), S)
+    batch = next(iter(DataLoader(ds, batch_size=4, collate_fn=collate, pin_memory=True)))
+    assert batch.images.is_pinned() and batch.landmarks.is_pinned()
 
 
 def test_denormalize_inverts_normalization():
