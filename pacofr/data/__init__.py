@@ -15,6 +15,7 @@ With data.decoder='dali' the items stay encoded (collate_encoded) and dali.DaliD
 each batch in the main process: `images = DaliDecoder(S, max_batch)(collate_encoded(items))`.
 """
 
+from .loader import Batches, MaskingCollate, micro_batches
 from .datasets import (ASTRONAUT_FACE_BOX, IMAGE_EXTENSIONS, FacesDataset, ImageFilesDataset, ShardDataset,
                        build_dataset, collate, collate_encoded, embedded_faces)
 from .decode import REASONS, REPAIR_REASONS, SKIP_REASONS
