@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pacofr.config import load_config
+from pacofr.losses import TERMS, PaCoFRLoss
 from pacofr.masking import structured_masks
 from pacofr.model import PaCoFR, PixelCodebook, ViTEncoder, belief_loss, mix_candidates, patchify, unpatchify, visible_index
 from pacofr.ops import patch_pixel_loss_terms
@@ -60,6 +61,12 @@ def _tiny(**overrides):
     return cfg, PaCoFR(cfg)
 
 
+def _scored(cfg, model, images, **kw):
+    """The model's outputs with the loss terms and L of pacofr.losses."""
+    out = model(images, **kw)
+    return {**out, **PaCoFRLoss(cfg)(out, images)}
+
+
 def _fixed_masks(cfg, batch, seed=1):
     size = (cfg.model.img_size, cfg.model.img_size)
     return structured_masks(batch, size, cfg.model.patch_size, cfg.masking, generator=torch.Generator().manual_seed(seed))
@@ -68,7 +75,7 @@ def _fixed_masks(cfg, batch, seed=1):
 def test_forward_outputs_and_replacement(faces64):
     cfg, model = _tiny()
     masks = _fixed_masks(cfg, 8)
-    out = model(faces64, masks=masks, generator=torch.Generator().manual_seed(0))
+    out = _scored(cfg, model, faces64, masks=masks, generator=torch.Generator().manual_seed(0))
     for key in ("loss", "l_pix", "l_sc", "l_belief", "l_commit"):
         assert out[key].dim() == 0 and torch.isfinite(out[key]), key
     assert out["pred"].shape == (8, 64, 8 * 8 * 3)
@@ -76,7 +83,7 @@ def test_forward_outputs_and_replacement(faces64):
     expected = out["l_pix"] + lc.w_sc * out["l_sc"] + lc.w_belief_incubation * out["l_belief"]
     assert torch.allclose(out["loss"], expected) and out["l_commit"] > 0
     model.set_incubation(False)
-    out = model(faces64, masks=masks, generator=torch.Generator().manual_seed(0))
+    out = _scored(cfg, model, faces64, masks=masks, generator=torch.Generator().manual_seed(0))
     expected = out["l_pix"] + lc.w_sc * out["l_sc"] + lc.w_belief * out["l_belief"] + lc.w_commit * out["l_commit"]
     assert torch.allclose(out["loss"], expected)
     model.set_incubation(True)
@@ -103,7 +110,7 @@ def test_incubation_switch_controls_codebook_learning(faces64):
     cfg, model = _tiny()
     masks = _fixed_masks(cfg, 8)
     before = model.codebook.codes.detach().clone()
-    model(faces64, masks=masks)["loss"].backward()
+    _scored(cfg, model, faces64, masks=masks)["loss"].backward()
     # incubation: codes move by EMA, not by gradient; the predictor learns from l_belief
     assert model.codebook.codes.grad is None
     assert not torch.equal(model.codebook.codes.detach(), before)
@@ -111,7 +118,7 @@ def test_incubation_switch_controls_codebook_learning(faces64):
     model.zero_grad()
     model.set_incubation(False)
     codes = model.codebook.codes.detach().clone()
-    model(faces64, masks=masks)["loss"].backward()
+    _scored(cfg, model, faces64, masks=masks)["loss"].backward()
     assert torch.equal(model.codebook.codes.detach(), codes)  # no EMA step after incubation
     assert model.codebook.codes.grad.abs().sum() > 0 and model.codebook.keys.grad.abs().sum() > 0
 
@@ -178,7 +185,7 @@ def test_tiny_model_overfits_real_faces(faces64):
             model.set_incubation(False)
         for group in opt.param_groups:
             group["lr"] = 2e-3 * min(1.0, (step + 1) / 20)
-        out = model(faces64, masks=masks, generator=gen)
+        out = _scored(cfg, model, faces64, masks=masks, generator=gen)
         opt.zero_grad()
         out["loss"].backward()
         opt.step()
@@ -194,11 +201,11 @@ def test_torch_compile_training_step(faces64):
     masks = _fixed_masks(cfg, 4)
     images = faces64[:4]
     compiled = torch.compile(model, backend="inductor")
-    eager_out = model(images, masks=masks)
+    eager_out = _scored(cfg, model, images, masks=masks)
     eager_out["loss"].backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    out = compiled(images, masks=masks)
+    out = _scored(cfg, compiled, images, masks=masks)
     out["loss"].backward()
     assert torch.allclose(out["loss"], eager_out["loss"], rtol=1e-4, atol=1e-5)
     for name, grad in eager_grads.items():

@@ -1,12 +1,12 @@
-"""PaCo-FR: replace some visible patches with codebook mixtures, encode the visible tokens,
-decode every patch's pixels, and score them with the patch-pixel alignment losses."""
+"""PaCo-FR: replace some visible patches with codebook mixtures, encode the visible tokens, and
+decode every patch's pixels; pacofr.losses scores them."""
 
 import torch
 from torch import Tensor, nn
 
 from ..config import Config
 from ..masking import Masks, structured_masks
-from ..ops import codebook_topk, patch_pixel_loss_normalizers, patch_pixel_loss_terms
+from ..ops import codebook_topk
 from .codebook import BeliefPredictor, PixelCodebook, belief_loss, mix_candidates, nearest_codes
 from .patches import patchify, unpatchify
 from .vit import Decoder, ViTEncoder, visible_index
@@ -35,8 +35,8 @@ class PaCoFR(nn.Module):
         self.incubating = bool(on)
 
     def replace_patches(self, patches: Tensor, masks: Masks, generator=None) -> tuple[Tensor, Tensor, Tensor]:
-        """(patches with the replace set swapped for codebook mixtures, l_belief, l_commit; the
-        rows each loss averages over are in `loss_norms`).
+        """(patches with the replace set swapped for codebook mixtures, the Belief Predictor's
+        cross-entropy per searched patch, the commitment error per replaced one).
 
         During incubation the predictor is trained on every visible patch; after it, on the
         replaced ones only."""
@@ -63,7 +63,7 @@ class PaCoFR(nn.Module):
         l_commit = ((mixed - src.detach().float()) ** 2).mean(-1)[is_replaced]
         full = patches.float().masked_scatter(rows[..., None].expand_as(patches), mixed)
         out = torch.where(masks.replace[..., None], full, patches.float()).to(patches.dtype)
-        return out, _mean(l_belief), _mean(l_commit)
+        return out, l_belief, l_commit
 
     @torch.no_grad()
     def start_step(self, images: list[Tensor], masks: list[Masks], generator=None) -> None:
@@ -84,33 +84,17 @@ class PaCoFR(nn.Module):
         """The EMA step of the micro-batches since `start_step` (every rank calls it)."""
         self.codebook.flush_ema(generator)
 
-    def updated_in_place(self) -> list[tuple[nn.Parameter, Tensor]]:
-        """(parameter, value) for what the last training forward wrote in place, outside the
-        optimizer: the code table during incubation (initialization, EMA steps, restarts). An
-        optimizer that keeps its own copy of the parameters (ZeRO) must take these values over."""
-        written = self.codebook.take_written()
-        return [] if written is None else [(self.codebook.codes, written)]
-
-    def direct_parameters(self) -> list[nn.Parameter]:
-        """Parameters that the forward reads outside their own module's forward: the code
-        tables, which the fused ops take as tensors (ZeRO-3 gathers these with this module's)."""
-        return [self.codebook.codes, self.codebook.keys]
-
     def search_rows(self, masks: Masks) -> Tensor:
         """The patches the Belief Predictor sees: every visible one during incubation, the
         replaced ones after it."""
         return ~masks.mask if self.incubating else masks.replace
 
-    def patch_weights(self, masks: Masks) -> Tensor:
-        lc = self.cfg.loss
-        visible = ~masks.mask & ~masks.replace
-        return masks.mask * lc.weight_masked + masks.replace * lc.weight_replaced + visible * lc.weight_visible
-
     def forward(self, images: Tensor, landmarks: Tensor | None = None, masks: Masks | None = None,
                 generator: torch.Generator | None = None) -> dict:
         """images [B, C, H, W] normalized; landmarks [B, 5|68, 2] in pixels or None; masks from
-        the data pipeline or drawn here. Returns the losses, the masks, `pred` [B, L, p*p*C]
-        and `input`, the image the encoder saw (masked patches still in it, replaced ones swapped)."""
+        the data pipeline or drawn here. Returns the masks, `pred` [B, L, p*p*C],
+        `input`, the image the encoder saw (masked patches still in it, replaced ones swapped), and
+        what pacofr.losses.PaCoFRLoss scores."""
         b, _, h, w = images.shape
         p = self.patch_size
         if masks is None:
@@ -123,32 +107,11 @@ class PaCoFR(nn.Module):
         latent = self.encoder(encoder_input, keep, seqlens)
         pred = self.decoder(latent, keep, seqlens)
 
-        lc = self.cfg.loss
-        weight = self.patch_weights(masks)
-        l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, p, lc.norm_pix, lc.eps, sc_weight=lc.w_sc)
-        terms = {"l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit}
-        loss = sum(w * terms[name] for name, w in self.loss_weights().items())
-        return {
-            "loss": loss, "l_pix": l_pix, "l_sc": l_sc, "l_belief": l_belief, "l_commit": l_commit,
-            "mask": masks.mask, "replace": masks.replace, "pred": pred, "input": encoder_input,
-            "weights": self.loss_weights(),
-        }
+        return {"pred": pred, "input": encoder_input, "masks": masks, "mask": masks.mask, "replace": masks.replace,
+                "belief_ce": l_belief, "commit": l_commit, "incubating": self.incubating}
 
-    def loss_weights(self) -> dict[str, float]:
-        lc = self.cfg.loss
-        return {"l_pix": 1.0, "l_sc": lc.w_sc, "l_belief": lc.w_belief_incubation if self.incubating else lc.w_belief,
-                "l_commit": 0.0 if self.incubating else lc.w_commit}  # (commitment: after incubation)
-
-    def loss_norms(self, masks: Masks) -> dict[str, Tensor]:
-        """What each loss term is averaged over in a batch with these masks (they alone decide
-        it, so it is known before the forward): training sums these over micro-batches and
-        ranks so that every term is a mean over the global batch."""
-        sum_w, sum_pairs = patch_pixel_loss_normalizers(self.patch_weights(masks), self.encoder.grid)
-        rows = self.search_rows(masks)
-        counts = torch.stack([rows.sum(), (rows & masks.replace).sum()]).float()
-        return {"l_pix": sum_w, "l_sc": sum_pairs, "l_belief": counts[0], "l_commit": counts[1]}
-
-
-def _mean(x: Tensor) -> Tensor:
-    """Mean that is 0 (not NaN) over an empty set."""
-    return x.sum() / max(x.numel(), 1)
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay (timm's convention; 1-d parameters are out
+        too): tokens, position tables and the code tables."""
+        names = {f"encoder.{n}" for n in ("cls_token", "pos_embed")} | {f"decoder.{n}" for n in ("mask_token", "pos_embed")}
+        return names | {f"codebook.{n}" for n, _ in self.codebook.named_parameters()}
