@@ -143,6 +143,9 @@ def probe_data(tmp_path_factory):
 
     model = PaCoFR(load_config("tiny"))
     save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, str(d / "encoder.safetensors"))
+    ckpt = d / "run" / "checkpoints" / "ckpt-00000004"  # the whole model's weights, as a checkpoint has them
+    ckpt.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / "model.safetensors"))
     return d, _faces(d / "train", 120, 1), _faces(d / "test", 30, 2)
 
 
@@ -186,6 +189,16 @@ def test_probe_end_to_end(probe_data, tmp_path, capsys):
     assert "NME (inter_ocular, 5 points)" in capsys.readouterr().out
 
 
+def test_probe_of_a_checkpoint_directory(probe_data, tmp_path):
+    """--encoder a checkpoint directory (the whole model's weights): the probe of its encoder,
+    the same result as of the exported encoder file."""
+    d, train, test = probe_data
+    args = ("landmarks", train, train / "lm.json", test, test / "lm.json")
+    got = _probe("eval-alignment", d / "run" / "checkpoints" / "ckpt-00000004", *args, tmp_path / "ckpt.json")
+    assert got == _probe("eval-alignment", d / "encoder.safetensors", *args, tmp_path / "export.json")
+    assert got["nme"] < 0.5 * got["mean_shape_nme"], got
+
+
 def test_probe_with_68_points(probe_data):
     """68 points (iBUG layout: inter-ocular scale from points 36 and 45) through the same probe."""
     from pacofr.eval import load_encoder
@@ -213,13 +226,16 @@ def test_probe_errors_name_the_problem(probe_data, tmp_path, capsys):
         AlignmentImages(str(train), str(other), 64)
     args = ["eval-alignment", "--encoder", str(d / "encoder.safetensors"), "--train", str(train),
             "--train-landmarks", str(train / "lm.json"), "--test", str(test), "--test-landmarks", str(test / "lm.json")]
+    pickled = tmp_path / "encoder.pt"
+    torch.save({}, pickled)
     degenerate = tmp_path / "degenerate.json"  # every test face with both eyes on one spot
     degenerate.write_text(json.dumps({f"f{i:03d}.png": [POINTS[0].tolist()] * 5 for i in range(30)}))
     for change, message in (({"--train": str(tmp_path / "missing")}, "--train '"),
                             ({"--test-landmarks": str(tmp_path / "none.csv")}, "--test-landmarks '"),
                             ({"--test-landmarks": str(degenerate)},
                              f"--test '{test}': no usable face (every file was skipped: {{\"no_landmarks\": 6, \"degenerate_scale\": 30}})"),
-                            ({"--config": "vit_base_patch16_224"}, "does not fit the encoder of this config")):
+                            ({"--config": "vit_base_patch16_224"}, "does not fit the encoder of this config"),
+                            ({"--encoder": str(pickled)}, f"'{pickled}' is not a safetensors file")):
         argv = list(args) + ["--config", "tiny"]
         for key, value in change.items():
             argv[argv.index(key) + 1] = value

@@ -188,7 +188,7 @@ class AlignmentImages(FaceImages):
 def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tensor:
     """[B, 3, S, S] -> [B, grid * grid * width]: the patch tokens (class token dropped),
     average-pooled to grid x grid (adaptive: the patch grid need not divide)."""
-    tokens = encoder(images)[:, 1:].float()
+    tokens = encoder.forward_features(images)[:, 1:].float()
     gh, gw = encoder.grid
     maps = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
     return torch.nn.functional.adaptive_avg_pool2d(maps, grid).flatten(1)

@@ -103,7 +103,7 @@ class AttributeImages(FaceImages):
 def features(encoder, images: torch.Tensor, device) -> torch.Tensor:
     """[B, 3, S, S] -> [B, 2 * width]: the class token and the mean patch token."""
     with autocast(device):
-        tokens = encoder(images.to(device)).float()
+        tokens = encoder.forward_features(images.to(device)).float()
     return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=1)
 
 

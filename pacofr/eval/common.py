@@ -1,14 +1,13 @@
-"""What the probes share: the encoder from a pretraining run, batching of skippable items,
+"""What the probes share: the encoder of a pretraining run, batching of skippable items,
 autocast, and ridge regression from streamed statistics with its penalty chosen on held-out rows."""
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, open_image, read_bytes
 from ..data.transforms import FaceTransform
-from ..model import ViTEncoder
+from ..model import ViTEncoder, load_encoder_weights
 
 
 class FaceImages(Dataset):
@@ -38,18 +37,13 @@ class FaceImages(Dataset):
 
 
 def load_encoder(cfg, path: str, device: torch.device | None = None) -> ViTEncoder:
-    """The encoder of config `cfg` with the weights of an encoder.safetensors (strict), on
-    `device` (default: CUDA when there is one, else the CPU)."""
+    """The encoder of config `cfg` with the weights of `path` (strict): an encoder.safetensors,
+    a checkpoint's model.safetensors, a checkpoint or a run directory (`load_encoder_weights`),
+    on `device` (default: CUDA when there is one, else the CPU)."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m = cfg.model
-    encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
-                         m.encoder.num_heads, m.encoder.mlp_ratio, m.attn_impl)
-    try:
-        encoder.load_state_dict(load_file(path), strict=True)
-    except RuntimeError as e:  # (sizes or names that differ: another config)
-        raise ValueError(f"encoder '{path}' does not fit the encoder of this config (--config): "
-                         + str(e).splitlines()[0]) from e
+    encoder = ViTEncoder.from_config(cfg.model)
+    encoder.load_state_dict(load_encoder_weights(path, encoder), strict=True)
     return encoder.to(device).eval()
 
 

@@ -139,7 +139,7 @@ def _confusion(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> to
 @torch.no_grad()
 def _tokens(encoder, images: torch.Tensor, device) -> torch.Tensor:
     with autocast(device):
-        return encoder(images.to(device))[:, 1:].float()
+        return encoder.forward_features(images.to(device))[:, 1:].float()
 
 
 def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int = 32, workers: int = 2,

@@ -104,7 +104,7 @@ class PaCoFR(nn.Module):
         encoder_input = unpatchify(replaced, p, h, w)
 
         keep, seqlens = visible_index(masks.mask)
-        latent = self.encoder(encoder_input, keep, seqlens)
+        latent = self.encoder.forward_features(encoder_input, keep, seqlens)
         pred = self.decoder(latent, keep, seqlens)
 
         return {"pred": pred, "input": encoder_input, "masks": masks, "mask": masks.mask, "replace": masks.replace,

@@ -1,8 +1,11 @@
 """ViT building blocks with timm's module and parameter names, attention through pacofr.ops.
 
 `ViTEncoder`'s state dict loads with strict=True into timm's VisionTransformer of the same size
-(class token, no classifier head): patch_embed.proj, cls_token, pos_embed, blocks.{i}.norm1 /
-attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.
+(`VisionTransformer(**timm_kwargs(cfg.model))`: class token, no classifier head): patch_embed.proj,
+cls_token, pos_embed, blocks.{i}.norm1 / attn.qkv / attn.proj / norm2 / mlp.fc1 / mlp.fc2, norm.
+It follows timm's conventions too: forward_features (tokens after the final norm), forward_head
+(the pooled class token), forward (the two in turn), no_weight_decay (the names an optimizer
+leaves undecayed).
 """
 
 
@@ -119,7 +122,12 @@ def init_weights(module: nn.Module) -> None:
 
 class ViTEncoder(nn.Module):
     """ViT over a subset of patch tokens: `keep[B, N]` lists each image's visible patches
-    packed to the front, `seqlens[B]` how many of them are real (the rest is padding)."""
+    packed to the front, `seqlens[B]` how many of them are real (the rest is padding).
+    As timm's VisionTransformer with num_classes=0 and global_pool='token', `forward` gives the
+    class token; `forward_features` all tokens."""
+
+    num_classes = 0  # (no classifier head: timm's pooled features are the output)
+    global_pool = "token"
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
@@ -127,7 +135,7 @@ class ViTEncoder(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         self.grid = (img_size // patch_size, img_size // patch_size)
-        self.embed_dim = embed_dim
+        self.embed_dim = self.num_features = embed_dim  # (timm's name for the pooled width)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed sin-cos positions (MAE); a parameter so the name matches timm's.
@@ -137,8 +145,19 @@ class ViTEncoder(nn.Module):
         init_weights(self)
         nn.init.normal_(self.cls_token, std=0.02)
 
-    def forward(self, images: Tensor, keep: Tensor | None = None, seqlens: Tensor | None = None) -> Tensor:
-        """[B, C, H, W] -> [B, 1 + N, D] (class token first); all L patches when keep is None."""
+    @classmethod
+    def from_config(cls, m) -> "ViTEncoder":
+        """The encoder of `m`, a pacofr.config ModelConfig (`cfg.model`)."""
+        e = m.encoder
+        return cls(m.img_size, m.patch_size, m.in_chans, e.embed_dim, e.depth, e.num_heads, e.mlp_ratio, m.attn_impl)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay (timm's convention; 1-d parameters neither)."""
+        return {"pos_embed", "cls_token"}
+
+    def forward_features(self, images: Tensor, keep: Tensor | None = None, seqlens: Tensor | None = None) -> Tensor:
+        """[B, C, H, W] -> [B, 1 + N, D] after the final norm (class token first); all L patches
+        when keep is None."""
         x = self.patch_embed(images) + self.pos_embed[:, 1:]
         if keep is not None:
             x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
@@ -148,6 +167,15 @@ class ViTEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, lengths)
         return self.norm(x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens [B, 1 + N, D] -> the class token [B, D]. There is no classifier, so
+        `pre_logits` gives the same (it is timm's signature)."""
+        return x[:, 0]
+
+    def forward(self, images: Tensor) -> Tensor:
+        """[B, C, H, W] -> [B, D], the pooled (class token) features of all patches."""
+        return self.forward_head(self.forward_features(images))
 
 
 class Decoder(nn.Module):
@@ -167,6 +195,17 @@ class Decoder(nn.Module):
         init_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
+    @classmethod
+    def from_config(cls, m) -> "Decoder":
+        """The decoder of `m`, a pacofr.config ModelConfig (`cfg.model`), after its encoder."""
+        d, grid = m.decoder, (m.img_size // m.patch_size, m.img_size // m.patch_size)
+        return cls(grid, m.encoder.embed_dim, d.embed_dim, d.depth, d.num_heads, d.mlp_ratio,
+                   m.patch_size**2 * m.in_chans, m.attn_impl)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay (timm's convention; 1-d parameters neither)."""
+        return {"pos_embed", "mask_token"}
+
     def forward(self, latent: Tensor, keep: Tensor, seqlens: Tensor) -> Tensor:
         """latent [B, 1 + N, De] from the encoder -> pixels [B, L, patch_dim]."""
         x = self.embed(latent)
@@ -183,6 +222,16 @@ class Decoder(nn.Module):
         return self.pred(self.norm(x))[:, 1:]
 
 
+def timm_kwargs(m) -> dict:
+    """The keyword arguments of timm's VisionTransformer that match `ViTEncoder.from_config(m)`
+    (its state dict loads strict): `VisionTransformer(**timm_kwargs(cfg.model))`, or
+    `timm.create_model('vit_base_patch16_224', pretrained=False, **timm_kwargs(cfg.model))`
+    (the arguments override the named architecture's sizes)."""
+    e = m.encoder
+    return dict(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans, embed_dim=e.embed_dim,
+                depth=e.depth, num_heads=e.num_heads, mlp_ratio=e.mlp_ratio, num_classes=0, global_pool="token")
+
+
 def visible_index(mask: Tensor) -> tuple[Tensor, Tensor]:
     """(keep[B, N], seqlens[B] int32): visible patch indices packed to the front in ascending
     order, N the largest visible count of the batch. int32 is what the attention kernel takes,
@@ -192,4 +241,5 @@ def visible_index(mask: Tensor) -> tuple[Tensor, Tensor]:
     return order[:, : int(seqlens.max()) if seqlens.numel() else 0], seqlens
 
 
-__all__ = ["ViTEncoder", "Decoder", "Block", "Attention", "Mlp", "PatchEmbed", "sincos_pos_embed", "visible_index"]
+__all__ = ["ViTEncoder", "Decoder", "Block", "Attention", "Mlp", "PatchEmbed", "sincos_pos_embed", "timm_kwargs",
+           "visible_index"]
