@@ -1,4 +1,5 @@
-# Each target creates .venv on first use and installs what it needs.
+# Each target creates .venv on first use and installs what it needs: `make demo` the package
+# alone, `make test` (and `make install`) also the test tools, Triton, DALI, DeepSpeed and timm.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,10 +7,15 @@ PIP := $(PY) -m pip --disable-pip-version-check
 
 .PHONY: demo test bench install clean
 
-$(VENV)/.installed: setup.py Makefile
+# The package and what the demo run needs (CPU torch, no DALI, Triton or DeepSpeed).
+$(VENV)/.base: setup.py Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "numpy<2.4" -e ".[test]"
+	$(PIP) install -q "numpy<2.4" -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.base
+	$(PIP) install -q "numpy<2.4" -e ".[test,dali,deepspeed]"
 	# Triton 3.6 (as on the GPU machines) runs the kernels in its interpreter on CPU.
 	$(PIP) install -q "triton==3.6.0"
 	# timm declares torchvision, but PyPI's torchvision wheels are CUDA builds that cannot load
@@ -19,8 +25,8 @@ $(VENV)/.installed: setup.py Makefile
 
 install: $(VENV)/.installed
 
-demo: $(VENV)/.installed
-	$(PY) train.py --config configs/demo.yaml --output runs/demo
+demo: $(VENV)/.base
+	$(PY) train.py --config demo --output runs/demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
@@ -29,4 +35,4 @@ bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks/
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache runs/demo
+	rm -rf $(VENV) *.egg-info .pytest_cache runs/demo build dist

@@ -1,12 +1,32 @@
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The one version source is pacofr/__init__.py, read as text (importing pacofr here would need
+# its dependencies, torch among them, before they are installed).
+VERSION = re.search(r'^__version__ = "([^"]+)"', Path(__file__).with_name("pacofr").joinpath("__init__.py")
+                    .read_text(), re.M).group(1)
 
 setup(
     name="pacofr",
-    version="0.1.0",
+    version=VERSION,
     description="PaCo-FR: patch-pixel aligned end-to-end codebook learning for facial representation pretraining",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    url="https://github.com/pacofr/pacofr",
+    project_urls={
+        "Paper": "https://arxiv.org/abs/2508.09691",
+        "Source": "https://github.com/pacofr/pacofr",
+    },
     python_requires=">=3.10",
-    packages=find_packages(include=["pacofr", "pacofr.*"]) + ["pacofr.kernels"],
-    package_dir={"pacofr.kernels": "kernels"},  # the Triton kernels live at the top level
+    # kernels/ and configs/ live at the top level; installed, they are pacofr.kernels and
+    # pacofr.configs (a source tree gets the same names from pacofr/__init__.py).
+    packages=find_packages(include=["pacofr", "pacofr.*"]) + ["pacofr.kernels", "pacofr.configs"],
+    package_dir={"pacofr.kernels": "kernels", "pacofr.configs": "configs"},
+    package_data={"pacofr.configs": ["*.yaml", "*.json"]},
     # torch is installed first by the Makefile (a CPU build here, a CUDA build on GPU machines);
     # the range only guards against a torch too old for torch.library.custom_op.
     install_requires=[
@@ -15,10 +35,14 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],  # GPU machines ship it with torch; on CPU it runs the interpreter
-        # timm is installed with --no-deps by the Makefile: see the comment there.
-        "deepspeed": ["deepspeed"],  # ZeRO (train.deepspeed)
+        "deepspeed": ["deepspeed>=0.19.8,<0.20"],  # ZeRO (train.deepspeed); the range that is tested
         "dali": ["nvidia-dali-cuda130"],  # data.decoder='dali' (the build for CUDA 13; others exist)
-        "test": ["pytest", "pytest-benchmark", "huggingface_hub", "deepspeed", "nvidia-dali-cuda130"],
+        # Loading an exported encoder into timm. On CPU-only machines the Makefile installs timm
+        # with --no-deps instead: see the comment there.
+        "timm": ["timm>=1.0"],
+        # What the default test run needs; `make test` adds dali and deepspeed so their tests run
+        # too (they skip, saying why, without them). setuptools: tests/test_packaging.py builds a wheel.
+        "test": ["pytest", "pytest-benchmark", "setuptools>=77"],
     },
     entry_points={"console_scripts": ["pacofr = pacofr.cli:main"]},
 )

@@ -1,5 +1,6 @@
-"""`pacofr train ...` (also `python train.py ...`, `torchrun ... train.py`, `deepspeed train.py`),
-`pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a pretrained encoder, pacofr/eval)."""
+"""`pacofr train ...` (also `python -m pacofr`, `python train.py ...`, `torchrun ... train.py`,
+`deepspeed train.py`), `pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a
+pretrained encoder, pacofr/eval)."""
 
 import argparse
 import json
@@ -9,21 +10,23 @@ import sys
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="pretrain PaCo-FR")
-    p.add_argument("--config", default="vit_base_patch16_224", help="a preset name or a YAML file")
+    p.add_argument("--config", default="vit_base_patch16_224",
+                   help="a preset (vit_base_patch16_224, tiny, demo) or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--output", default="runs/pacofr", help="run directory")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output) or a checkpoint directory")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON",
-                   help="DeepSpeed ZeRO (stage 1, 2 or 3) with this config; the same as --set train.deepspeed=JSON")
+                   help="DeepSpeed ZeRO with this config, a file or a preset (zero1, zero2, zero3); "
+                        "the same as --set train.deepspeed=JSON")
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's usual switch
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int):
     p = sub.add_parser(name, help=help)
-    p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: preset or YAML")
+    p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: a preset or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--encoder", required=True, help="encoder.safetensors of a pretraining run")
     for split, what in (("train", "to fit the probe on"), ("test", "to score it on")):
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed={args.deepspeed_config}")
     elif args.deepspeed:
-        parser.error("--deepspeed needs --deepspeed_config JSON (e.g. configs/zero2.json)")
+        parser.error("--deepspeed needs --deepspeed_config JSON (a file, or a preset: zero1, zero2, zero3)")
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.seed is not None:

@@ -1,11 +1,17 @@
 """Typed configuration: dataclasses, presets, YAML files and dotted overrides.
 
     cfg = load_config("tiny", ["model.codebook.num_codes=128", "masking.region_prob=1.0"])
-    cfg = load_config("configs/vit_base_patch16_224.yaml")
+    cfg = load_config("demo")                       # a config shipped in configs/, by name
+    cfg = load_config("my_run.yaml", ["train.deepspeed=zero2"])
 
 A YAML file may start from a preset (`preset: tiny`) and sets only what it changes. Every key is
 checked: an unknown or mistyped key fails naming it (with the closest known key), a value of
 the wrong type fails naming key and type.
+
+Names are found from any working directory: a config is a preset (PRESETS), a YAML file, or the
+name of one shipped in the package (`pacofr.configs`, the repository's configs/); likewise
+`train.deepspeed` is a DeepSpeed JSON file or the name of a shipped one (zero1, zero2, zero3),
+which is resolved here to its path, so the engine always reads a file.
 """
 
 import dataclasses
@@ -13,6 +19,8 @@ import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import configs as _shipped_configs
 
 
 class ConfigError(ValueError):
@@ -119,7 +127,7 @@ class TrainConfig:
     keep_last: int = 3
     log_every: int = 10
     image_every: int = 500
-    deepspeed: str = ""  # a DeepSpeed JSON config: ZeRO stage 1, 2 or 3 (pacofr/engine/zero.py); "" = DDP
+    deepspeed: str = ""  # DeepSpeed JSON file or preset (zero1|zero2|zero3): ZeRO (engine/zero.py); "" = DDP
 
 
 @dataclass
@@ -200,13 +208,42 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def _shipped(suffix: str) -> dict[str, Path]:
+    """The package's config files with this suffix, by name (the stem; the file name works too)."""
+    files = sorted(Path(_shipped_configs.__file__).parent.glob(f"*{suffix}"))
+    return {**{p.name: p for p in files}, **{p.stem: p for p in files}}
+
+
+def config_names() -> list[str]:
+    """What `load_config` (and `--config`) accept by name, from any directory."""
+    return sorted(set(PRESETS) | {Path(name).stem for name in _shipped(".yaml")})
+
+
+def deepspeed_presets() -> list[str]:
+    """The shipped DeepSpeed configs that `train.deepspeed` (and `--deepspeed_config`) accept by name."""
+    return sorted({Path(name).stem for name in _shipped(".json")})
+
+
+def resolve_deepspeed(value: str) -> str:
+    """`train.deepspeed` as a file path: a file as given, a shipped config's name as its path."""
+    if not value or Path(value).is_file():
+        return value
+    shipped = _shipped(".json")
+    if value not in shipped:
+        raise ConfigError(f"train.deepspeed '{value}' is neither a file nor a preset "
+                          f"({', '.join(deepspeed_presets())})")
+    return str(shipped[value])
+
+
 def load_config(source: str | Path | None = "vit_base_patch16_224", overrides: list[str] = ()) -> Config:
-    """A preset name or YAML path, then dotted overrides, validated."""
+    """A preset name, YAML path or shipped config's name, then dotted overrides, validated."""
     updates: dict = {}
     if source is not None and str(source) not in PRESETS:
         path = Path(source)
         if not path.is_file():
-            raise ConfigError(f"config '{source}' is neither a preset ({', '.join(PRESETS)}) nor a file")
+            path = _shipped(".yaml").get(str(source))
+        if path is None:
+            raise ConfigError(f"config '{source}' is neither a preset ({', '.join(config_names())}) nor a file")
         updates = _yaml().safe_load(path.read_text()) or {}
         if not isinstance(updates, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
@@ -217,6 +254,7 @@ def load_config(source: str | Path | None = "vit_base_patch16_224", overrides: l
     _merge(cfg, updates)
     for text in overrides:
         _merge(cfg, parse_override(text))
+    cfg.train.deepspeed = resolve_deepspeed(cfg.train.deepspeed)
     validate(cfg)
     return cfg
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pacofr.config import ConfigError, load_config, to_dict
+from pacofr.config import ConfigError, config_names, deepspeed_presets, load_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -80,3 +80,31 @@ def test_unknown_key_in_file_is_named(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="neither a preset"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_are_found_by_name():
+    assert config_names() == ["demo", "tiny", "vit_base_patch16_224"]
+    demo = to_dict(load_config(CONFIGS / "demo.yaml"))
+    assert to_dict(load_config("demo")) == to_dict(load_config("demo.yaml")) == demo
+    assert demo["train"]["epochs"] == 50 and demo["model"]["img_size"] == 64  # demo.yaml's own, on tiny
+    with pytest.raises(ConfigError) as err:
+        load_config("demoo")
+    assert str(err.value) == "config 'demoo' is neither a preset (demo, tiny, vit_base_patch16_224) nor a file"
+
+
+def test_deepspeed_presets_resolve_to_the_shipped_json_and_files_win(tmp_path):
+    assert deepspeed_presets() == ["zero1", "zero2", "zero3"]
+    for stage in (1, 2, 3):
+        path = Path(load_config("tiny", [f"train.deepspeed=zero{stage}"]).train.deepspeed)
+        assert path.is_absolute() and path.read_bytes() == (CONFIGS / f"zero{stage}.json").read_bytes()
+    assert load_config("tiny", ["train.deepspeed=zero2.json"]).train.deepspeed == str(CONFIGS / "zero2.json")
+    own = tmp_path / "zero2"  # a file of that name is the user's, not the preset
+    own.write_text("{}")
+    assert load_config("tiny", [f"train.deepspeed={own}"]).train.deepspeed == str(own)
+    assert load_config("tiny").train.deepspeed == ""
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\ntrain:\n  deepspeed: zero3\n")
+    assert load_config(path).train.deepspeed == str(CONFIGS / "zero3.json")
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", ["train.deepspeed=zero4"])
+    assert str(err.value) == "train.deepspeed 'zero4' is neither a file nor a preset (zero1, zero2, zero3)"
