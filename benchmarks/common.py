@@ -1,19 +1,12 @@
+"""Helpers shared by the benchmark cases, the suites and the scripts: the device, forcing a
+backend, naming a launch configuration, gradients without accumulation."""
+
 import os
 from contextlib import contextmanager
 
-import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def skip_unless_gpu(impl: str, big: bool) -> None:
-    """Triton timings only mean something on a GPU (the interpreter runs on CPU), and the
-    paper-scale shapes take minutes and gigabytes on CPU."""
-    if DEVICE == "cpu" and impl.startswith("triton"):
-        pytest.skip("Triton kernels are timed on a CUDA GPU only (the CPU interpreter's times mean nothing)")
-    if DEVICE == "cpu" and big:
-        pytest.skip("paper-scale shape: GPU only")
 
 
 @contextmanager
@@ -58,11 +51,3 @@ def grads_of(out: torch.Tensor, inputs) -> tuple:
     if key not in _ONES:
         _ONES[key] = torch.ones_like(out)
     return torch.autograd.grad(out, inputs, _ONES[key])
-
-
-def rotated(tensors, copies: int = 2) -> list:
-    """`copies` sets of the same values at different addresses (the first is `tensors`), so
-    consecutive timed calls do not find their inputs in L2."""
-    def clone(t):
-        return t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
-    return [tuple(tensors)] + [tuple(clone(t) for t in tensors) for _ in range(copies - 1)]

@@ -34,7 +34,6 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import config_name  # noqa: E402
 
 # Opt-in shared memory per block and registers per SM (CUDA occupancy tables).

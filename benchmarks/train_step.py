@@ -32,9 +32,8 @@ if not torch.cuda.is_available():  # the kernels run in the interpreter; set bef
 
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import forced_backend  # noqa: E402
-from gpu_report import ceilings, timer  # noqa: E402
+from timing import ceilings  # noqa: E402
 
 from pacofr.config import load_config  # noqa: E402
 from pacofr.masking import structured_masks  # noqa: E402
@@ -132,7 +131,7 @@ def main(argv=None) -> int:
 
     missing = [op for op in FUSED_OPS if "triton" not in backends(op)]
     impls = ["reference"] + (["triton"] if not missing else [])
-    ceiling = ceilings(device, timer(device), quick=device.type != "cuda")["matmul_tflops"]
+    ceiling = ceilings(quick=device.type != "cuda")["matmul_tflops"]
     flops = count_flops(cfg, state, images, masks, device, args.incubation)
     print(f"device: {card}; {args.config}, B={args.batch}, {'incubation' if args.incubation else 'main phase'}; "
           f"{flops / 1e9:.1f} GFLOP per step (reference ops, counted); matmul ceiling {ceiling:.1f} TFLOP/s")

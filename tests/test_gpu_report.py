@@ -1,23 +1,32 @@
-"""benchmarks/gpu_report.py's verdicts on the design targets and its pick of the fastest launch
-configuration, from a recorded H100 run (benchmarks/results/) and from rows at the thresholds."""
+"""benchmarks/gpu_report.py without a GPU: its verdicts on the performance targets and its pick
+of the fastest launch configuration (from a recorded H100 run in benchmarks/results/ and from
+rows at the thresholds), its rows from the shared cases (benchmarks/cases.py) with a stand-in
+timer, its strict JSON, and benchmarks/gpu_session.sh's deadline with a stand-in python."""
 
-import importlib.util
+import importlib
 import json
+import math
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RUNS = sorted((BENCH / "results").glob("gpu_report_*_run*.json"))
 
 
 @pytest.fixture(scope="module")
 def report():
-    """benchmarks/gpu_report.py loaded from its path (it puts benchmarks/ on sys.path itself,
-    for its sibling modules)."""
-    spec = importlib.util.spec_from_file_location("gpu_report", BENCH / "gpu_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/gpu_report.py as `python benchmarks/gpu_report.py` finds its sibling modules:
+    with benchmarks/ first on the path."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCH))
+        yield importlib.import_module("gpu_report")
 
 
 def _by_target(verdicts):
@@ -46,6 +55,15 @@ def test_verdicts_of_a_recorded_run(report):
     attn = fastest[("masked_attention fwd+bwd", "bfloat16")]
     assert attn["fastest"] == "64x64 w4 s2" and attn["ms"] == pytest.approx(1.469, abs=1e-3)
     assert attn["vs_default"] is None  # that run had no "triton kernel" row
+
+
+def test_targets_name_the_recorded_rows(report):
+    """Each target's op and shape, now taken from the cases, are those of the recorded runs'
+    rows (run 1 has all three ops), so old and new files are judged alike."""
+    recorded = {(r["op"], r["shape"]) for path in RUNS for r in json.loads(path.read_text())["rows"]}
+    assert len(RUNS) >= 2
+    for what, op, shape, *_ in report.TARGETS:
+        assert (op, shape) in recorded, what
 
 
 def _row(op, shape, impl, ms, dtype="bfloat16", **extra):
@@ -79,26 +97,137 @@ def test_verdicts_at_the_thresholds(report, ours, holds):
     assert fastest["fastest"] == "128x64 w8 s3"
 
 
-def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
-    """benchmarks/gpu_session.sh with a stand-in python that takes 1 s a call and a 30 s
-    session: each step's limit is cut to the time left, and once too little is left the rest
-    are skipped, so the whole fits its call."""
-    import os
-    import re
-    import subprocess
+def _stand_in_timer(times):
+    """A timer that runs nothing and answers each implementation's time, in turn."""
+    answers = iter(times)
+    return lambda fn: next(answers)
 
+
+def test_rows_from_the_cases(report):
+    """The codebook case at its CPU shape with a stand-in timer: one row per implementation,
+    in the recorded runs' layout, with TFLOP/s of the N x K products, % of the ceiling and the
+    time over the triton row's; a raising implementation becomes a row with its error."""
+    cases = sys.modules["cases"]
+    case = cases.CODEBOOK
+    shape = case.cpu_shapes[0]
+    n, kc, d = shape[:3]
+    ceil = {"matmul_tflops": 100.0, "copy_gbps": 1000.0}
+    rows = report.case_rows(case, shape, torch.float32, ceil, timer=_stand_in_timer([2.0, 8.0, 50.0, 1.0]))
+    assert [r["impl"] for r in rows] == list(case.impls)
+    recorded = json.loads(RUNS[0].read_text())["rows"]
+    layout = [list(r) for r in recorded if r["op"] == "codebook_topk fwd (ip)"][0]
+    assert all(list(r) == layout for r in rows)
+    triton, mm_topk = rows[0], rows[1]
+    assert triton["op"] == "codebook_topk fwd (ip)" and triton["shape"] == "N=1024 K=1024 D=64 k=4"
+    assert triton["dtype"] == "float32" and triton["ms"] == 2.0
+    assert triton["tflops"] == pytest.approx(2 * n * kc * d / 2.0 / 1e9)
+    assert triton["pct_matmul_ceiling"] == pytest.approx(triton["tflops"])  # a 100 TFLOP/s ceiling
+    assert mm_topk["triton_speedup"] == pytest.approx(4.0) and triton["triton_speedup"] == 1.0
+    assert math.isnan(triton["peak_extra_mb"])  # not measured without CUDA
+
+    def timer(fn):
+        raise RuntimeError("out of resources")
+
+    rows = report.case_rows(case, shape, torch.float32, ceil, timer=timer)
+    assert all(r["error"] == "RuntimeError: out of resources" and "ms" not in r for r in rows)
+
+
+def test_loss_rows_count_bytes(report):
+    """The loss case's rows give GB/s of the minimal bytes and % of the copy ceiling, TFLOP/s
+    as NaN, in the recorded runs' layout, forward then forward+backward."""
+    cases = sys.modules["cases"]
+    case = cases.LOSS
+    shape = case.cpu_shapes[0]
+    ceil = {"matmul_tflops": 100.0, "copy_gbps": 1000.0}
+    rows = report.case_rows(case, shape, torch.float32, ceil, timer=lambda fn: 0.5)
+    assert [r["op"] for r in rows] == ["patch_pixel_loss fwd"] * 4 + ["patch_pixel_loss fwd+bwd"] * 4
+    b, size, p = shape
+    pred_bytes, image_bytes = b * (size // p) ** 2 * p * p * 3 * 4, b * 3 * size * size * 4
+    assert rows[0]["gbps"] == pytest.approx((pred_bytes + image_bytes) / 0.5 / 1e6)
+    assert rows[4]["gbps"] == pytest.approx((2 * pred_bytes + image_bytes) / 0.5 / 1e6)
+    assert rows[4]["pct_copy_ceiling"] == pytest.approx(rows[4]["gbps"] / 10)
+    layout = [list(r) for r in json.loads(RUNS[0].read_text())["rows"] if r["op"] == "patch_pixel_loss fwd+bwd"][0]
+    assert all(list(r) == layout and math.isnan(r["tflops"]) for r in rows)
+
+
+def test_the_json_is_strict_and_renamed_into_place(report, tmp_path):
+    """NaN and inf become null (strict JSON, readable by any parser), the document has the
+    documented layout, and the file is replaced whole: no temporary file is left."""
+    path = tmp_path / "gpu_report_card_op.json"
+    path.write_text("previous")
+    rows = [_row("patch_pixel_loss fwd+bwd", "B=256 224px p=16", "triton", 1.0, peak_extra_mb=float("nan"),
+                 pct_copy_ceiling=80.0)]
+    doc = report.document("card", {"matmul_tflops": float("inf"), "copy_gbps": 1.0}, rows, [], [], False, 3.0)
+    report.write_json(path, doc)
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    back = json.loads(path.read_text(), parse_constant=refuse)
+    assert list(back) == ["device", "ceilings", "rows", "targets", "fastest_configs", "skipped", "failed", "complete",
+                          "seconds"]
+    assert back["complete"] is False and back["ceilings"]["matmul_tflops"] is None
+    assert back["rows"][0]["peak_extra_mb"] is None and back["rows"][0]["ms"] == 1.0
+    (copy,) = [t for t in back["targets"] if t["target"] == "patch_pixel_loss: % of copy bandwidth"]
+    assert copy["value"] == 80.0 and copy["holds"] is True
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_the_report_needs_cuda(report, monkeypatch, capsys, tmp_path):
+    """Without CUDA the report says so in one line and exits 2, writing nothing."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert report.main(["--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "CUDA" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
+    """benchmarks/gpu_session.sh with a stand-in python that takes 2 s a call and a 32 s
+    session (the first step starts after two calls, 4 s): each step's limit is cut to the
+    time left, and once too little is left the rest are skipped, so the whole fits its call;
+    the op tests come last (tests/ops where it exists, else the kernel test files)."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "python").write_text("#!/bin/sh\nsleep 1\n")
+    (fake / "python").write_text("#!/bin/sh\nsleep 2\n")
     (fake / "python").chmod(0o755)
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SESSION_SECONDS="30")
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SESSION_SECONDS="32")
     run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(tmp_path / "out")], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
-    assert len(lines) == 3 + 1 + 4 and lines[0].startswith("report masked_attention: exit 0")
+    test_steps = ["tests_ops"] if (ROOT / "tests" / "ops").is_dir() else [
+        "test_loss", "test_ops_loss", "test_attention", "test_codebook"]
+    steps = [f"report {op}" for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
+    assert [line.split(":")[0] for line in lines] == steps + ["train_step"] + test_steps, lines
+    assert lines[0].startswith("report masked_attention: exit 0")
     limits = [int(m.group(1)) for m in map(re.compile(r".*\(limit (\d+) s\)").match, lines) if m]
-    assert limits and all(limit <= 25 for limit in limits) and limits == sorted(limits, reverse=True), lines
+    assert limits and all(limit <= 32 - 4 - 5 for limit in limits) and limits == sorted(limits, reverse=True), lines
     skipped = [" skipped, " in line for line in lines]
     assert skipped[-1] and skipped == sorted(skipped), lines  # (from the first skip on, all)
     assert {"gpu.txt", "summary.txt", "report.txt"} <= {p.name for p in (tmp_path / "out").iterdir()}
+
+
+def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
+    """With time to spare (a stand-in python that returns at once): the report once per op,
+    attention first, each writing to OUT_DIR, then the training step, then the op tests on
+    the GPU: `pytest -q tests/ops` where tests/ops exists, else the kernel test files."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "python").chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SESSION_SECONDS="300")
+    run = subprocess.run(["bash", str(BENCH / "gpu_session.sh"), str(out)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    ran = [line for line in (out / "report.txt").read_text().splitlines() if line.startswith("== ")]
+    assert ran == [f"== report {op}: python benchmarks/gpu_report.py --ops {op} --out {out}"
+                   for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
+    tests = [line.split(": ", 1)[1] for line in (out / "tests.txt").read_text().splitlines() if line.startswith("== ")]
+    if (ROOT / "tests" / "ops").is_dir():
+        assert tests == ["python -m pytest -q tests/ops"]
+    else:
+        assert len(tests) == 4 and all(t.startswith("python -m pytest -q -x tests/test_") for t in tests), tests
+    summary = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
+    assert summary.index("train_step") == 3 and len(summary) == 4 + len(tests)
