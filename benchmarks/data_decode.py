@@ -41,7 +41,7 @@ def _rate(batches, warmup: int, sync) -> float:
         if i == warmup:
             sync()
             start, seen = time.perf_counter(), 0
-        seen += batch["images"].shape[0]
+        seen += batch.images.shape[0]
     sync()
     return seen / (time.perf_counter() - start)
 

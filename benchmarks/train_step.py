@@ -37,6 +37,7 @@ from timing import ceilings  # noqa: E402
 
 from pacofr.config import load_config  # noqa: E402
 from pacofr.masking import structured_masks  # noqa: E402
+from pacofr.losses import PaCoFRLoss  # noqa: E402
 from pacofr.model import PaCoFR  # noqa: E402
 from pacofr.ops import backends  # noqa: E402
 
@@ -57,11 +58,12 @@ def make_step(cfg, state, images, masks, incubation):
 
     def step():
         with amp:
-            out = model(images, masks=masks, generator=torch.Generator(device=images.device).manual_seed(0))
-        out["loss"].backward()
+            loss = PaCoFRLoss(cfg)(model(images, masks=masks, generator=torch.Generator(device=images.device).manual_seed(0)),
+                                   images)["loss"]
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return out["loss"].detach()
+        return loss.detach()
     return step
 
 
@@ -103,8 +105,9 @@ def count_flops(cfg, state, images, masks, device, incubation) -> int:
     counter = FlopCounterMode(display=False)
     with forced_backend("reference"), counter:
         with amp:
-            out = model(images, masks=masks, generator=torch.Generator(device=device).manual_seed(0))
-        out["loss"].backward()
+            loss = PaCoFRLoss(cfg)(model(images, masks=masks, generator=torch.Generator(device=device).manual_seed(0)),
+                                   images)["loss"]
+        loss.backward()
     return counter.get_total_flops()
 
 

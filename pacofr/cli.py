@@ -28,7 +28,7 @@ def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, ba
     p = sub.add_parser(name, help=help)
     p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: a preset or a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--encoder", required=True, help="encoder.safetensors of a pretraining run")
+    p.add_argument("--encoder", required=True, help="pacofr weights: an encoder.safetensors, a checkpoint (ckpt-*/ or its model.safetensors) or a run folder")
     for split, what in (("train", "to fit the probe on"), ("test", "to score it on")):
         p.add_argument(f"--{split}", required=True, help=f"image folder or .txt list {what}")
         p.add_argument(f"--{split}-{targets}", required=True, help=f"{targets_help} of --{split}")

@@ -1,4 +1,4 @@
-"""Structured facial-region masking (DESIGN.md 1.1).
+"""Structured facial-region masking (docs/design.md 1.1).
 
 Per image: facial regions from 5 landmarks (or the canonical template), optionally 1..n whole
 regions masked, then the mask grown to its target count with rectangular blocks, then a

@@ -1,4 +1,4 @@
-"""The pixel-space codebook, the Belief Predictor, and top-k candidate mixing (DESIGN.md 1.2).
+"""The pixel-space codebook, the Belief Predictor, and top-k candidate mixing (docs/design.md 1.2).
 
 Codes are patches in normalized pixel space (p*p*C values, same layout as `patchify`), so a
 mixture of codes can be pasted into the image as is. Each code also has a key in the belief

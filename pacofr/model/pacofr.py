@@ -19,10 +19,8 @@ class PaCoFR(nn.Module):
         m = cfg.model
         self.patch_size = m.patch_size
         patch_dim = m.patch_size**2 * m.in_chans
-        self.encoder = ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.encoder.embed_dim, m.encoder.depth,
-                                  m.encoder.num_heads, m.encoder.mlp_ratio, m.attn_impl)
-        self.decoder = Decoder(self.encoder.grid, m.encoder.embed_dim, m.decoder.embed_dim, m.decoder.depth,
-                               m.decoder.num_heads, m.decoder.mlp_ratio, patch_dim, m.attn_impl)
+        self.encoder = ViTEncoder.from_config(m)
+        self.decoder = Decoder.from_config(m)
         cb = m.codebook
         self.codebook = PixelCodebook(cb.num_codes, patch_dim, cb.belief_dim, cb.ema_decay, cb.dead_code_threshold)
         self.belief = BeliefPredictor(patch_dim, cb.belief_hidden, cb.belief_dim)
@@ -113,5 +111,5 @@ class PaCoFR(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (timm's convention; 1-d parameters are out
         too): tokens, position tables and the code tables."""
-        names = {f"encoder.{n}" for n in ("cls_token", "pos_embed")} | {f"decoder.{n}" for n in ("mask_token", "pos_embed")}
-        return names | {f"codebook.{n}" for n, _ in self.codebook.named_parameters()}
+        return {f"{part}.{n}" for part in ("encoder", "decoder") for n in getattr(self, part).no_weight_decay()} | {
+            f"codebook.{n}" for n, _ in self.codebook.named_parameters()}
