@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .config import MaskingConfig
+from .data.landmarks import five_points
 
 # Canonical 5 points of an aligned face crop, as fractions of width and height: left eye,
 # right eye, nose tip, left and right mouth corners (the usual 112 x 112 alignment template).
@@ -35,18 +36,6 @@ class Masks:
     def select(self, rows: Tensor) -> "Masks":
         """The masks of the samples at `rows` (indices into the batch)."""
         return Masks(self.mask[rows], self.replace[rows], self.regions[rows])
-
-
-def five_points(landmarks: Tensor) -> Tensor:
-    """[B, 5, 2] or 68-point [B, 68, 2] (iBUG order) -> [B, 5, 2]."""
-    if landmarks.shape[1] == 5:
-        return landmarks
-    if landmarks.shape[1] == 68:
-        lm = landmarks
-        return torch.stack(
-            [lm[:, 36:42].mean(1), lm[:, 42:48].mean(1), lm[:, 30], lm[:, 48], lm[:, 54]], dim=1
-        )
-    raise ValueError(f"landmarks must be [B, 5, 2] or [B, 68, 2], got {tuple(landmarks.shape)}")
 
 
 def resolve_landmarks(landmarks: Tensor | None, batch: int, height: int, width: int, device) -> Tensor:

@@ -16,9 +16,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pacofr.config import ConfigError, load_config
-from pacofr.data import build_dataset, collate, collate_encoded, denormalize
+from pacofr.data import MaskingCollate, build_dataset, collate, collate_encoded, denormalize
 from pacofr.data.transforms import FLIP_PERM
-from pacofr.data import MaskingCollate
+from pacofr.masking import sample_masks
 from pacofr.engine.pretrain import pretrain
 from test_data import POINTS, S, cfg, encode, face_rgb, messy, shards  # noqa: F401 (fixtures)
 from test_train import _cfg, _losses
@@ -118,7 +118,7 @@ def test_dali_fallback_counts_and_drops_as_pil(broken_inside):
     enc = build_dataset(c.data, 64, seed=3)
     a, b = [pil[i] for i in range(5)], [enc[i] for i in range(5)]
     assert collate(a).issues == {"truncated": 2, "gray_converted": 1}
-    batch = MaskingCollate(c)(b)
+    batch = MaskingCollate(c, sample_masks)(b)
     masks = batch.masks
     decoder = _decoder_size(64, 5)
     with pytest.warns(RuntimeWarning, match="Failed to decode sample #1"):

@@ -19,7 +19,7 @@ from pacofr.data import (ASTRONAUT_FACE_BOX, IMAGENET_MEAN, IMAGENET_STD, REASON
                          denormalize, embedded_faces)
 from pacofr.data.items import Sample, make_item
 from pacofr.data.transforms import FLIP_PERM, FaceTransform
-from pacofr.masking import five_points
+from pacofr.data.landmarks import five_points
 
 S = 64
 

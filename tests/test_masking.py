@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pacofr.config import MaskingConfig
-from pacofr.masking import BACKGROUND, TEMPLATE_5, five_points, patch_regions, resolve_landmarks, structured_masks
+from pacofr.data.landmarks import five_points
+from pacofr.masking import BACKGROUND, TEMPLATE_5, patch_regions, resolve_landmarks, structured_masks
 
 SHAPES = [((224, 224), 16), ((64, 64), 8), ((96, 64), 8)]
 

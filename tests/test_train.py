@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -509,4 +510,19 @@ def test_param_groups_follow_no_weight_decay():
             assert (id(p) in ids[0]) == (p.ndim > 1 and name not in skip), name
             assert (id(p) in ids[1]) != (id(p) in ids[0]), name
     assert [g["weight_decay"] for g in groups] == [0.05, 0.0, 0.0]
-    assert named["encoder.blocks.0.attn.qkv.weight"] in groups[0]["params"]
+    assert id(named["encoder.blocks.0.attn.qkv.weight"]) in ids[0]
+
+
+def test_deepspeed_versions_outside_the_tested_range_are_refused(monkeypatch):
+    from pacofr.config import ConfigError
+    from pacofr.engine import deepspeed_compat as compat
+
+    monkeypatch.delenv(compat.UNTESTED_OK, raising=False)
+    for version in ("0.19.8", "0.19.10", "0.19.9+cpu"):
+        compat.check_version(version)
+    for version in ("0.19.7", "0.20.0", "1.0.0", "0.18.2"):
+        with pytest.raises(ConfigError, match=rf"DeepSpeed {re.escape(version)} is outside the tested range"):
+            compat.check_version(version)
+    monkeypatch.setenv(compat.UNTESTED_OK, "1")
+    compat.check_version("0.20.0")
+    assert f'"{compat.REQUIREMENT}"' in (ROOT / "setup.py").read_text()  # the extra pins the same range

@@ -4,7 +4,7 @@ CSV: `relative/path.jpg,x1,y1,...,x5,y5` (10 numbers) or 136 numbers for 68 poin
 line whose numbers do not parse is a header and is skipped. JSON:
 `{"relative/path.jpg": [[x, y], ...]}` (5 or 68 points; a flat list of 10/136 numbers or
 `{"landmarks": [...]}` is accepted too). Paths are relative to the source folder (or to the
-folder of the file list). 68 points (iBUG order) become 5 with `pacofr.masking.five_points`.
+folder of the file list). 68 points (iBUG order) become 5 with `five_points`.
 
 An entry that cannot be used (wrong count, a value that is not a number, null) is kept as
 all-NaN: the sample then reports "landmarks_invalid", exactly like NaN, infinite or
@@ -18,10 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ..masking import five_points
+from torch import Tensor
 
 NAN5 = np.full((5, 2), np.nan, dtype=np.float32)
+
+
+def five_points(landmarks: Tensor) -> Tensor:
+    """[B, 5, 2] or 68-point [B, 68, 2] (iBUG order) -> [B, 5, 2]."""
+    if landmarks.shape[1] == 5:
+        return landmarks
+    if landmarks.shape[1] == 68:
+        lm = landmarks
+        return torch.stack(
+            [lm[:, 36:42].mean(1), lm[:, 42:48].mean(1), lm[:, 30], lm[:, 48], lm[:, 54]], dim=1
+        )
+    raise ValueError(f"landmarks must be [B, 5, 2] or [B, 68, 2], got {tuple(landmarks.shape)}")
 
 
 def norm_key(path: str) -> str:

@@ -1,8 +1,8 @@
 """Batching for training: this rank's batch indices (`Batches`), the collate that draws each
 sample's masks (`MaskingCollate`), and the DataLoader over one epoch (`micro_batches`).
 
-This module sits above pacofr.masking (the masks are drawn in the DataLoader workers): no
-other module of pacofr.data imports it, the package only re-exports it."""
+The masks are drawn in the DataLoader workers, by the masking function the caller gives
+(pacofr.masking.sample_masks): data flows into masking, so pacofr.data does not import it."""
 
 import zlib
 
@@ -10,7 +10,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import Config
-from ..masking import sample_masks
 from .batch import Batch, collate, collate_encoded
 
 
@@ -45,10 +44,11 @@ class MaskingCollate:
     """Collates the samples, counts bad ones, and draws each sample's masks from a seed made of
     the run seed, the epoch and the sample's pixels: the same masks whatever the rank,
     worker or batch position of the sample. Encoded samples (data.decoder='dali', decoded
-    later by DaliDecoder) bring their seed, a function of the sample's identity and epoch."""
+    later by DaliDecoder) bring their seed, a function of the sample's identity and epoch.
+    `sample_masks(seeds, size, patch_size, masking_cfg, landmarks)` draws them."""
 
-    def __init__(self, cfg: Config):
-        self.cfg, self.epoch = cfg, 0
+    def __init__(self, cfg: Config, sample_masks):
+        self.cfg, self.sample_masks, self.epoch = cfg, sample_masks, 0
 
     def __call__(self, samples: list) -> Batch:
         if self.cfg.data.decoder == "dali":
@@ -59,7 +59,7 @@ class MaskingCollate:
             seeds = [zlib.crc32(img[:, ::7, ::7].contiguous().numpy().tobytes(), self.cfg.train.seed * 1000 + self.epoch)
                      for img in batch.images]
         m = self.cfg.model
-        batch.masks = sample_masks(seeds, (m.img_size, m.img_size), m.patch_size, self.cfg.masking, batch.landmarks)
+        batch.masks = self.sample_masks(seeds, (m.img_size, m.img_size), m.patch_size, self.cfg.masking, batch.landmarks)
         return batch
 
 

@@ -13,6 +13,7 @@ from torch.utils.data import IterableDataset
 from ..config import Config, ConfigError, to_dict
 from ..data import Batches, MaskingCollate, build_dataset, sample_seed
 from ..losses import TERMS, PaCoFRLoss
+from ..masking import sample_masks
 from ..model import PaCoFR
 from . import checkpoint, distributed, strategies, zero
 from .monitor import Monitor
@@ -157,7 +158,7 @@ def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
 
         decoder = DaliDecoder(cfg.model.img_size, per_rank, cfg.data.dali_device, cfg.data.dali_threads,
                               d.device.index if d.device.type == "cuda" else None)
-    return Loader(cfg, dataset, batches, MaskingCollate(cfg), per_rank, decoder)
+    return Loader(cfg, dataset, batches, MaskingCollate(cfg, sample_masks), per_rank, decoder)
 
 
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None) -> dict:
