@@ -15,6 +15,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--output", default="runs/pacofr", help="run directory")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output) or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="clear a run that --output holds (without it, such a "
+                                                             "folder is refused unless --resume continues it)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--deepspeed_config", "--deepspeed-config", metavar="JSON",
@@ -155,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     overrides = list(args.set)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed={args.deepspeed_config}")
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.seed={args.seed}")
     try:
         cfg = load_config(args.config, overrides)
-        pretrain(cfg, args.output, args.resume)
+        pretrain(cfg, args.output, args.resume, overwrite=args.overwrite)
     except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
         print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2

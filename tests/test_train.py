@@ -31,9 +31,9 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _train(*args, **kw):
+def _train(*args, timeout=600, **kw):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *BASE, *args], capture_output=True, text=True,
-                          env=_env(), timeout=600, **kw)
+                          env=_env(), timeout=timeout, **kw)
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -526,3 +526,59 @@ def test_deepspeed_versions_outside_the_tested_range_are_refused(monkeypatch):
     monkeypatch.setenv(compat.UNTESTED_OK, "1")
     compat.check_version("0.20.0")
     assert f'"{compat.REQUIREMENT}"' in (ROOT / "setup.py").read_text()  # the extra pins the same range
+
+
+def test_a_folder_holding_a_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    first = _train("--output", str(out), "--max-steps", "2", "--set", "train.ckpt_every=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    # outside a terminal: a banner and plain log lines, no progress bar redraws
+    assert "pacofr pretraining: cpu x 1 rank(s), SingleProcess" in first.stdout and "fused ops: codebook_topk" in first.stdout
+    assert [line.split()[1] for line in first.stdout.splitlines() if line.startswith("step ")] == ["1/2", "2/2"]
+    assert "\r" not in first.stderr and "it/s" not in first.stderr
+    before = {p.name: p.read_bytes() for p in [out / "metrics.csv", out / "encoder.safetensors"]}
+    again = _train("--output", str(out), "--max-steps", "1")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr
+    assert f"--output {out} holds a run (checkpoints up to ckpt-00000002)" in again.stderr
+    assert "--resume auto" in again.stderr and "--overwrite" in again.stderr
+    assert {p.name: p.read_bytes() for p in [out / "metrics.csv", out / "encoder.safetensors"]} == before  # untouched
+    resumed = _train("--output", str(out), "--max-steps", "3", "--resume", "auto")
+    assert resumed.returncode == 0 and f"resuming {out / 'checkpoints' / 'ckpt-00000002'} at step 2" in resumed.stdout
+    assert [s for s, _ in _losses(out)] == [1, 2, 3]
+    cleared = _train("--output", str(out), "--max-steps", "1", "--overwrite")
+    assert cleared.returncode == 0, cleared.stderr[-2000:]
+    assert [s for s, _ in _losses(out)] == [1]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000001"]
+    fresh = _train("--output", str(tmp_path / "new"), "--max-steps", "1", "--resume", "auto")
+    assert fresh.returncode == 0 and "no checkpoint in" in fresh.stdout and "starting fresh" in fresh.stdout
+    (tmp_path / "a_file").write_text("x")
+    onto_file = _train("--output", str(tmp_path / "a_file"), "--max-steps", "1")
+    assert onto_file.returncode == 2 and "is a file, not a folder" in onto_file.stderr
+    assert onto_file.stderr.count("\n") == 1 and (tmp_path / "a_file").read_text() == "x"
+
+
+@pytest.mark.parametrize("kind", ["short", "empty", "zero-bytes"])
+def test_a_stream_with_less_than_one_batch_fails_at_once(tmp_path, kind):
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    shard = tmp_path / "train-0.tar"
+    if kind == "zero-bytes":
+        shard.write_bytes(b"")
+    else:
+        with wds.TarWriter(str(shard)) as w:
+            for k in range(16 if kind == "short" else 0):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((64, 64, 3), k * 9, dtype=np.uint8)).save(buf, "JPEG")
+                w.write({"__key__": f"s{k}", "jpg": buf.getvalue()})
+    start = time.time()
+    run = _train("--output", str(tmp_path / "run"), "--set", f"data.source={shard}", "--set", "train.batch_size=32",
+                 "--max-steps", "4", timeout=120)
+    assert run.returncode == 2 and time.time() - start < 120, run.stderr[-2000:]
+    assert run.stderr.count("\n") == 1, run.stderr[-2000:]  # one line, no progress bar outside a terminal
+    last = run.stderr.strip()
+    assert str(shard) in last and "an epoch gave no batch" in last, run.stderr[-2000:]
+    assert f"holds {16 if kind == 'short' else 0} usable samples" in last
+    assert ("1 skipped (unreadable=1)" in last) == (kind == "zero-bytes"), last

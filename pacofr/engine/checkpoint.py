@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..config import ConfigError
+
 PREFIX = "ckpt-"
 
 
@@ -52,6 +54,30 @@ def all_checkpoints(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+# What a run writes into its folder: a folder holding any of these holds a run.
+RUN_FILES = ("checkpoints", "metrics.csv", "config.yaml", "summary.yaml", "encoder.safetensors", "tensorboard",
+             "images")
+
+
+def claim_output(output: Path, resume: str | None, overwrite: bool, main: bool) -> None:
+    """A run folder that holds a run is used only to resume it, or cleared of the run's files
+    (`overwrite`, by the main rank): a new run would mix its metrics and checkpoints with the
+    old run's, and rotation or a later resume would pick the old ones."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder: give a folder for the run")
+    held = [name for name in RUN_FILES if (output / name).exists()]
+    if not held or resume:
+        return
+    if not overwrite:
+        newest = all_checkpoints(output / "checkpoints")
+        what = f"checkpoints up to {newest[-1].name}" if newest else ", ".join(held)
+        raise ConfigError(f"--output {output} holds a run ({what}): continue it with --resume auto, give a new "
+                          f"--output, or clear it with --overwrite")
+    for name in held if main else []:
+        target = output / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
 
 
 def resolve(resume: str | None, output: Path) -> Path | None:

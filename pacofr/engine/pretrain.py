@@ -2,6 +2,7 @@
 trainer's loop with the pretraining task plugged in (incubation, code table steps, image grids),
 then the encoder written and the summary."""
 
+import logging
 import math
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .trainer import Loader, NonFiniteLossError, Trainer
 
 __all__ = ["pretrain", "PretrainTask", "NonFiniteLossError"]
 
+log = logging.getLogger("pacofr.train")
 CODES_GROUP = 2  # the code table's param group: no gradient during incubation, its AdamW restarts after
 CODEBOOK_STREAM = 0xC0DE  # keys the code table's random stream (see PretrainTask.start_step)
 
@@ -161,11 +163,13 @@ def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
     return Loader(cfg, dataset, batches, MaskingCollate(cfg, sample_masks), per_rank, decoder)
 
 
-def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None) -> dict:
+def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None, overwrite: bool = False) -> dict:
     """Runs pretraining; returns the summary it also prints and writes to summary.yaml.
-    `dataset` replaces the one `cfg.data` describes (for tests and custom pipelines)."""
+    `dataset` replaces the one `cfg.data` describes (for tests and custom pipelines). A folder
+    holding a run is refused unless `resume` continues it or `overwrite` clears it."""
     d = distributed.init()
     t, output = cfg.train, Path(output)
+    checkpoint.claim_output(output, resume, overwrite, d.main)
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.model.img_size, seed=t.seed, rank=d.rank, world_size=d.world)
     loader = _loader(cfg, dataset, d)
@@ -184,6 +188,9 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
+    if d.main and resume:
+        print(f"resuming {found} at step {state['step']}" if found is not None else
+              f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh", flush=True)
     if d.main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -193,12 +200,26 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     strategy = strategies.make(model, optimizer, t.clip_grad, d.world, ds_config, d.device, task.direct_parameters())
     if found is not None:  # a state as one process keeps it: any rank count, with ZeRO or without
         strategy.load_optimizer_state(saved["optimizer"], found)
+    if d.main:
+        _banner(cfg, model, loader, strategy, d, state, found, total_steps)
     trainer = Trainer(cfg, task, strategy, loader, scheduler, state, total_steps, d, monitor,
                       output / "checkpoints", found)
     trainer.fit()
     summary = _finish(trainer, model, output)
     strategy.shutdown()
     return summary
+
+
+def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict, found, total_steps: int) -> None:
+    """What the run is about to do, in the log: a batch job's log says it without a terminal."""
+    from .. import ops
+
+    samples = f"{len(loader.dataset)} samples" if loader.batches is not None else "a stream"
+    log.info("pacofr pretraining: %s x %d rank(s), %s, %.1fM parameters, %s from %s; steps %d to %d%s",
+             d.device, d.world, type(strategy).__name__, sum(p.numel() for p in model.parameters()) / 1e6, samples,
+             cfg.data.source, state["step"], total_steps, f", resumed from {found}" if found is not None else "")
+    log.info("fused ops: %s", "; ".join(ops.explain(op, d.device) for op in
+                                        ("codebook_topk", "masked_attention", "patch_pixel_loss")))
 
 
 def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:

@@ -9,7 +9,9 @@ share of the step's normalizer over all micro-batches and ranks (`Task.normalize
 before any forward), times the world size, since data parallelism averages gradients.
 """
 
+import logging
 import math
+import sys
 import time
 from collections import Counter
 from contextlib import nullcontext
@@ -20,8 +22,12 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
+from ..config import ConfigError
 from ..data import REASONS, micro_batches
 from . import checkpoint, distributed
+
+
+log = logging.getLogger("pacofr.train")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -56,6 +62,24 @@ class Loader:
         return micro_batches(self.cfg, self.dataset, self.batches, self.collate, self.per_rank, epoch_step, device,
                              self.decoder)
 
+    def no_batch(self) -> ConfigError:
+        """The error for an epoch that gave no step: a stream with fewer samples (per loader
+        worker: each batches its own share) than one micro-batch."""
+        workers = max(1, self.cfg.data.num_workers)
+        # this rank's share, read once more: few, or they would have made a batch
+        usable, issues = 0, Counter()
+        for sample in self.dataset:
+            if getattr(sample, "image", 0) is None:  # (a skipped sample counts its reason alone)
+                issues.update(sample.issues)
+            else:
+                usable += 1
+        skipped = sum(issues.values())
+        found = f"{skipped} skipped ({', '.join(f'{k}={v}' for k, v in sorted(issues.items()))})" if skipped else ""
+        return ConfigError(f"{self.cfg.data.source}: an epoch gave no batch: this rank's share of the stream holds "
+                           f"{usable} usable samples{', ' + found if found else ''}, and none of its {workers} loader worker(s) got the {self.per_rank} "
+                           f"a micro-batch needs (train.batch_size / ranks / train.accum_steps): add data or "
+                           f"lower train.batch_size or data.num_workers")
+
 
 class Trainer:
     def __init__(self, cfg, task: Task, strategy, loader: Loader, scheduler, state: dict, total_steps: int,
@@ -69,7 +93,9 @@ class Trainer:
     def fit(self) -> None:
         s, t = self.state, self.cfg.train
         nonfinite_run = 0
-        progress = tqdm(total=self.total_steps, initial=s["step"], disable=not self.d.main, dynamic_ncols=True)
+        # a progress bar on a terminal; in a batch job's log, plain lines every train.log_every steps
+        bar = self.d.main and sys.stderr.isatty()
+        progress = tqdm(total=self.total_steps, initial=s["step"], disable=not bar, dynamic_ncols=True)
         tick, seen = time.time(), 0
         while s["step"] < self.total_steps:
             epoch = s["epoch"]
@@ -78,6 +104,8 @@ class Trainer:
             while s["step"] < self.total_steps:
                 group = [b for _, b in zip(range(t.accum_steps), batches)]
                 if self._epoch_ended(group):
+                    if s["epoch_step"] == 0:  # (else a stream shorter than a batch would loop for ever)
+                        raise self.loader.no_batch()
                     s["epoch"], s["epoch_step"] = epoch + 1, 0
                     break
                 metrics = self.train_step(group, s["step"])
@@ -100,6 +128,9 @@ class Trainer:
                            **metrics}
                     self.monitor.log(row)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{rate:.1f}")
+                    if not bar:
+                        log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f img/s", s["step"], self.total_steps, epoch,
+                                 metrics["loss"], row["lr"], rate)
                 self.task.after_step(s["step"], group, self.strategy, self.monitor)
                 # no checkpoint right after a skipped step: the last one stays the last good one
                 if (s["step"] % t.ckpt_every == 0 or s["step"] == self.total_steps) and nonfinite_run == 0:
