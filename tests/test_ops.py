@@ -1187,7 +1187,7 @@ def test_second_order_gradients_are_refused(op):
     else:
         x = torch.randn(2, 12, 192, requires_grad=True)
         out = lambda: patch_pixel_loss(x, torch.randn(2, 3, 24, 32), torch.rand(2, 12), 8, boundary_weight=0.5)  # noqa: E731
-    with pytest.raises(RuntimeError, match=op.removesuffix("_qkv") + ": gradients of gradients"):
+    with pytest.raises(RuntimeError, match=op + ": gradients of gradients"):
         torch.autograd.grad(out(), x, create_graph=True)
     grad, = torch.autograd.grad(out(), x)
     assert grad.abs().sum() > 0

@@ -1,8 +1,10 @@
 """The fused ops of pacofr, the one door to the kernels.
 
-Each op is a `torch.library.custom_op` (so it works under `torch.compile`; eager calls take a
-plain autograd.Function with the same forward and backward) with a torch reference in
-`reference.py`; `dispatch` picks the backend per call.
+One module per op (`codebook_topk.py`, `masked_attention.py`, `patch_pixel_loss.py`): its
+backends, registered with `dispatch`, and the op defined by `autograd.define_op` (a
+`torch.library.custom_op` under torch.compile, a plain autograd.Function otherwise). Beside
+them: `reference.py` (the torch references, the ground truth), `checks.py` (input checks and
+autocast), `dispatch.py` (which backend runs a call; `explain()` says why).
 """
 
 from .codebook_topk import codebook_topk

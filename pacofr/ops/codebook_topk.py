@@ -4,8 +4,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import (Backend, as_int, autocast_inputs, check_inputs, choose, register, register_triton,
-                       with_eager_path)
+from .autograd import define_op
+from .checks import as_int, autocast_inputs, check_inputs
+from .dispatch import Backend, choose, register, register_triton
 
 MAX_K = 32
 METRICS = ("l2", "ip")
@@ -13,45 +14,34 @@ METRICS = ("l2", "ip")
 register("codebook_topk", Backend("reference", reference.codebook_topk, reference.codebook_topk_backward))
 
 
-def _triton_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> str | None:
+def _triton_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> list[str]:
+    reasons = []
     if torch.float64 in (x.dtype, codebook.dtype):
-        return "float64 runs on the reference"
+        reasons.append("float64 runs on the reference")
     if max(x.numel(), codebook.numel(), x.shape[0] * k) >= 2**31:
-        return "an input or output of 2^31 elements or more (the kernel's offsets are int32)"
-    return None
+        reasons.append("an input or output of 2^31 elements or more (the kernel's offsets are int32)")
+    return reasons
 
 
 register_triton("codebook_topk", _triton_supports)
 
 
-def _run(x: Tensor, codebook: Tensor, k: int, metric: str):
+def _forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=k, metric=metric)
     return backend.forward(x, codebook, k, metric)
 
 
-def _run_backward(grad_scores, x, codebook, idx, metric):
-    backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=idx.shape[1], metric=metric)
-    return backend.backward(grad_scores, x, codebook, idx, metric)
-
-
-@torch.library.custom_op("pacofr::codebook_topk", mutates_args=())
-def _forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
-    return _run(x, codebook, k, metric)
-
-
-@_forward.register_fake
-def _(x, codebook, k, metric):
+def _forward_fake(x, codebook, k, metric):
     n = x.shape[0]
     return x.new_empty(n, k, dtype=reference.accumulation_dtype(x, codebook)), x.new_empty(n, k, dtype=torch.int64)
 
 
-@torch.library.custom_op("pacofr::codebook_topk_backward", mutates_args=())
-def _backward_op(grad_scores: Tensor, x: Tensor, codebook: Tensor, idx: Tensor, metric: str) -> tuple[Tensor, Tensor]:
-    return _run_backward(grad_scores, x, codebook, idx, metric)
+def _backward(grad_scores: Tensor, x: Tensor, codebook: Tensor, idx: Tensor, metric: str) -> tuple[Tensor, Tensor]:
+    backend = choose("codebook_topk", x.device, x=x, codebook=codebook, k=idx.shape[1], metric=metric)
+    return backend.backward(grad_scores, x, codebook, idx, metric)
 
 
-@_backward_op.register_fake
-def _(grad_scores, x, codebook, idx, metric):
+def _backward_fake(grad_scores, x, codebook, idx, metric):
     return torch.empty_like(x), torch.empty_like(codebook)
 
 
@@ -62,16 +52,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _backward_with(run_backward):
-    def backward(ctx, grad_scores, _grad_idx):
-        x, codebook, idx = ctx.saved_tensors
-        grad_x, grad_codebook = run_backward(grad_scores.contiguous(), x, codebook, idx, ctx.metric)
-        return grad_x, grad_codebook, None, None
-    return backward
+def _gradients(ctx, backward, grad_scores, _grad_idx):
+    x, codebook, idx = ctx.saved_tensors
+    grad_x, grad_codebook = backward(grad_scores.contiguous(), x, codebook, idx, ctx.metric)
+    return grad_x, grad_codebook, None, None
 
 
-_forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
-_op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
+_op = define_op("codebook_topk", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _gradients)
 
 
 def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str = "l2") -> tuple[Tensor, Tensor]:

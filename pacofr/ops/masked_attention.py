@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, autocast_inputs, check_inputs, choose, register, register_triton, with_eager_path
+from .autograd import define_op
+from .checks import autocast_inputs, check_inputs
+from .dispatch import Backend, choose, register, register_triton
 
 
 def _reference_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=None):
@@ -21,12 +23,13 @@ def _reference_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, g
 register("masked_attention", Backend("reference", reference.masked_attention, _reference_backward))
 
 
-def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> str | None:
+def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> list[str]:
+    reasons = []
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return f"{q.dtype} runs on the reference"
+        reasons.append(f"{q.dtype} runs on the reference")
     if q.shape[-1] > 128 or q.shape[-1] % 8:
-        return f"head dim {q.shape[-1]}: the kernel takes multiples of 8 up to 128"
-    return None
+        reasons.append(f"head dim {q.shape[-1]}: the kernel takes multiples of 8 up to 128")
+    return reasons
 
 
 register_triton("masked_attention", _triton_supports)
@@ -40,13 +43,20 @@ def _output_strides(q: Tensor) -> tuple[int, ...]:
     return (h * n * d, n * d, d, 1) if q.is_contiguous() else (n * h * d, d, h * d, 1)
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float):
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
     backend = choose("masked_attention", q.device, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
     out, lse = backend.forward(q, k, v, seqlens, key_mask, scale)
     strides = _output_strides(q)
     if out.stride() != strides:
         out = torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
     return out, lse
+
+
+def _forward_fake(q, k, v, seqlens, key_mask, scale):
+    lse = q.new_empty(q.shape[:3], dtype=reference.accumulation_dtype(q, k, v))
+    return q.new_empty_strided(q.shape, _output_strides(q)), lse
 
 
 def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=None):
@@ -56,50 +66,32 @@ def _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, grads=N
     return result if grads is not None else tuple(g.contiguous() for g in result)
 
 
-@torch.library.custom_op("pacofr::masked_attention", mutates_args=())
-def _forward(
-    q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float
-) -> tuple[Tensor, Tensor]:
-    return _run(q, k, v, seqlens, key_mask, scale)
-
-
-@_forward.register_fake
-def _(q, k, v, seqlens, key_mask, scale):
-    lse = q.new_empty(q.shape[:3], dtype=reference.accumulation_dtype(q, k, v))
-    return q.new_empty_strided(q.shape, _output_strides(q)), lse
-
-
-@torch.library.custom_op("pacofr::masked_attention_backward", mutates_args=())
-def _backward_op(
+def _backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
     seqlens: Tensor | None, key_mask: Tensor | None, scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale)
 
 
-@_backward_op.register_fake
-def _(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
+def _backward_fake(grad_out, q, k, v, out, lse, seqlens, key_mask, scale):
     return tuple(q.new_empty(q.shape) for _ in range(3))  # contiguous
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seqlens, key_mask, scale = inputs
+    *tensors, scale = inputs  # q, k, v, seqlens, key_mask (qkv, seqlens, key_mask for the qkv op)
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seqlens, key_mask)
+    ctx.save_for_backward(*tensors, out, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
 
 
-def _backward_with(run_backward):
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, out, lse, seqlens, key_mask = ctx.saved_tensors
-        dq, dk, dv = run_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, ctx.scale)
-        return dq, dk, dv, None, None, None
-    return backward
+def _gradients(ctx, backward, grad_out, _grad_lse):
+    q, k, v, seqlens, key_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, seqlens, key_mask, ctx.scale)
+    return dq, dk, dv, None, None, None
 
 
-_forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
-_op = with_eager_path(_forward, _run, _setup_context, _backward_with(_run_backward))
+_op = define_op("masked_attention", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _gradients)
 
 
 def _split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,59 +99,37 @@ def _split(qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _run_qkv(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float):
-    out, lse = _run(*_split(qkv), seqlens, key_mask, scale)
-    return out.transpose(1, 2).contiguous(), lse  # [B, N, H, d]: the layout _run gives strided q
+def _qkv_forward(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    out, lse = _forward(*_split(qkv), seqlens, key_mask, scale)
+    return out.transpose(1, 2).contiguous(), lse  # [B, N, H, d]: the layout _forward gives strided q
 
 
-def _run_qkv_backward(grad_out, qkv, out, lse, seqlens, key_mask, scale):
+def _qkv_forward_fake(qkv, seqlens, key_mask, scale):
+    b, n, _, h, d = qkv.shape
+    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, h, n, dtype=reference.accumulation_dtype(qkv))
+
+
+def _qkv_backward(
+    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, seqlens: Tensor | None, key_mask: Tensor | None,
+    scale: float,
+) -> Tensor:
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # contiguous, as the fake impl says
     _run_backward(grad_out.transpose(1, 2), *_split(qkv), out.transpose(1, 2), lse, seqlens, key_mask, scale,
                   grads=_split(dqkv))
     return dqkv
 
 
-@torch.library.custom_op("pacofr::masked_attention_qkv", mutates_args=())
-def _qkv_forward(qkv: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
-    return _run_qkv(qkv, seqlens, key_mask, scale)
-
-
-@_qkv_forward.register_fake
-def _(qkv, seqlens, key_mask, scale):
-    b, n, _, h, d = qkv.shape
-    return qkv.new_empty(b, n, h, d), qkv.new_empty(b, h, n, dtype=reference.accumulation_dtype(qkv))
-
-
-@torch.library.custom_op("pacofr::masked_attention_qkv_backward", mutates_args=())
-def _qkv_backward_op(
-    grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, seqlens: Tensor | None, key_mask: Tensor | None,
-    scale: float,
-) -> Tensor:
-    return _run_qkv_backward(grad_out, qkv, out, lse, seqlens, key_mask, scale)
-
-
-@_qkv_backward_op.register_fake
-def _(grad_out, qkv, out, lse, seqlens, key_mask, scale):
+def _qkv_backward_fake(grad_out, qkv, out, lse, seqlens, key_mask, scale):
     return qkv.new_empty(qkv.shape)
 
 
-def _qkv_setup_context(ctx, inputs, output):
-    qkv, seqlens, key_mask, scale = inputs
-    out, lse = output
-    ctx.save_for_backward(qkv, out, lse, seqlens, key_mask)
-    ctx.scale = scale
-    ctx.mark_non_differentiable(lse)
+def _qkv_gradients(ctx, backward, grad_out, _grad_lse):
+    qkv, seqlens, key_mask, out, lse = ctx.saved_tensors
+    return backward(grad_out, qkv, out, lse, seqlens, key_mask, ctx.scale), None, None, None
 
 
-def _qkv_backward_with(run_backward):
-    def backward(ctx, grad_out, _grad_lse):
-        qkv, out, lse, seqlens, key_mask = ctx.saved_tensors
-        return run_backward(grad_out, qkv, out, lse, seqlens, key_mask, ctx.scale), None, None, None
-    return backward
-
-
-_qkv_forward.register_autograd(_qkv_backward_with(_qkv_backward_op), setup_context=_qkv_setup_context)
-_qkv_op = with_eager_path(_qkv_forward, _run_qkv, _qkv_setup_context, _qkv_backward_with(_run_qkv_backward))
+_qkv_op = define_op("masked_attention_qkv", _qkv_forward, _qkv_forward_fake, _qkv_backward, _qkv_backward_fake,
+                    _setup_context, _qkv_gradients)
 
 
 def _checked_masks(op: str, b: int, n: int, device: torch.device, seqlens: Tensor | None, key_mask: Tensor | None):

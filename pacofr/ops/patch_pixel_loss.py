@@ -4,7 +4,9 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .dispatch import Backend, as_int, check_inputs, choose, first_order, register, register_triton
+from .autograd import define_op, first_order
+from .checks import as_int, check_inputs
+from .dispatch import Backend, choose, register, register_triton
 
 
 def _reference_forward(pred, images, weight, patch_size, norm_pix, eps):
@@ -24,54 +26,42 @@ def _reference_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, p
 register("patch_pixel_loss", Backend("reference", _reference_forward, _reference_backward))
 
 
-def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> str | None:
-    if torch.float64 in (pred.dtype, images.dtype):
-        return "float64 runs on the reference"
-    return None
+def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> list[str]:
+    return ["float64 runs on the reference"] if torch.float64 in (pred.dtype, images.dtype) else []
 
 
-register_triton("patch_pixel_loss", _triton_supports)
+# forward_with_grad and rescale: the one-pass forward that also writes the gradient, and its
+# backward (see PatchPixelLoss)
+register_triton("patch_pixel_loss", _triton_supports, extra=("forward_with_grad", "rescale"))
 
 
 def _backend(pred: Tensor, images: Tensor, patch_size: int) -> Backend:
     return choose("patch_pixel_loss", pred.device, pred=pred, images=images, patch_size=patch_size)
 
 
-def _run(pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float):
-    return _backend(pred, images, patch_size).forward(pred, images, weight, patch_size, norm_pix, eps)
-
-
-def _run_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
-    return _backend(pred, images, patch_size).backward(grad_pix, grad_sc, pred, images, weight, stats, norms,
-                                                       patch_size, norm_pix, eps)
-
-
-@torch.library.custom_op("pacofr::patch_pixel_loss", mutates_args=())
 def _forward(
     pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(l_pix, l_sc, stats, norms); the last two are what the backward takes."""
-    return _run(pred, images, weight, patch_size, norm_pix, eps)
+    return _backend(pred, images, patch_size).forward(pred, images, weight, patch_size, norm_pix, eps)
 
 
-@_forward.register_fake
-def _(pred, images, weight, patch_size, norm_pix, eps):
+def _forward_fake(pred, images, weight, patch_size, norm_pix, eps):
     dtype = torch.float64 if torch.float64 in (pred.dtype, images.dtype) else torch.float32
     loss = pred.new_empty((), dtype=dtype)
     return loss, loss.clone(), pred.new_empty((2, pred.shape[0] * pred.shape[1]), dtype=torch.float32), \
         pred.new_empty((2,), dtype=dtype)
 
 
-@torch.library.custom_op("pacofr::patch_pixel_loss_backward", mutates_args=())
-def _backward_op(
+def _backward(
     grad_pix: Tensor, grad_sc: Tensor, pred: Tensor, images: Tensor, weight: Tensor, stats: Tensor, norms: Tensor,
     patch_size: int, norm_pix: bool, eps: float,
 ) -> Tensor:
-    return _run_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps)
+    return _backend(pred, images, patch_size).backward(grad_pix, grad_sc, pred, images, weight, stats, norms,
+                                                       patch_size, norm_pix, eps)
 
 
-@_backward_op.register_fake
-def _(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
+def _backward_fake(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
     return torch.empty_like(pred)
 
 
@@ -82,33 +72,26 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (patch_size, norm_pix, eps)
 
 
-def _backward_with(run_backward):
-    def backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
-        grad_pred = run_backward(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
-        return grad_pred, None, None, None, None, None
-    return backward
-
-
-_forward.register_autograd(_backward_with(_backward_op), setup_context=_setup_context)
+def _gradients(ctx, backward, grad_pix, grad_sc, _grad_stats, _grad_norms):
+    return backward(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args), None, None, None, None, None
 
 
 class PatchPixelLoss(torch.autograd.Function):
     """The op outside torch.compile. Given the weight the caller will give l_sc against l_pix
-    (`sc_weight`), the Triton forward also writes the gradient of l_pix + sc_weight * l_sc in
-    its one pass over the data, and the backward adapts it on the device (nothing to do for
-    upstream gradients (1, sc_weight), an in-place rescale near that ratio, a fresh gradient
-    far below it; see kernels/patch_pixel_loss.py). A second backward through a retained
-    graph recomputes it."""
+    (`sc_weight`), a backend with `forward_with_grad` (Triton) also writes the gradient of
+    l_pix + sc_weight * l_sc in its one pass over the data, and its `rescale` adapts it in the
+    backward, on the device (nothing to do for upstream gradients (1, sc_weight), an in-place
+    rescale near that ratio, a fresh gradient far below it; see kernels/patch_pixel_loss.py).
+    A second backward through a retained graph recomputes it."""
 
     @staticmethod
     def forward(ctx, pred, images, weight, patch_size, norm_pix, eps, sc_weight):
         backend = _backend(pred, images, patch_size)
         ctx.grad = None
-        if sc_weight is not None and backend.name == "triton":
-            from ..kernels.patch_pixel_loss import patch_pixel_loss_forward_with_grad
-
-            *output, ctx.grad = patch_pixel_loss_forward_with_grad(pred, images, weight, patch_size, norm_pix, eps,
+        if sc_weight is not None and "forward_with_grad" in backend.extra:
+            *output, ctx.grad = backend.extra["forward_with_grad"](pred, images, weight, patch_size, norm_pix, eps,
                                                                    sc_weight)
+            ctx.rescale = backend.extra["rescale"]
         else:
             output = backend.forward(pred, images, weight, patch_size, norm_pix, eps)
         _setup_context(ctx, (pred, images, weight, patch_size, norm_pix, eps), output)
@@ -119,23 +102,22 @@ class PatchPixelLoss(torch.autograd.Function):
     @first_order("patch_pixel_loss")
     def backward(ctx, grad_pix, grad_sc, _grad_stats, _grad_norms):
         if ctx.grad is None:
-            grad_pred = _run_backward(grad_pix, grad_sc, *ctx.saved_tensors, *ctx.args)
-        else:
-            from ..kernels.patch_pixel_loss import patch_pixel_loss_rescale
-
-            pred, images, weight, stats, norms = ctx.saved_tensors
-            grad_pred = patch_pixel_loss_rescale(grad_pix, grad_sc, ctx.grad, ctx.sc_weight, pred, images, weight,
-                                                 stats, norms, ctx.args[0])
-            ctx.grad = None  # rescaled in place: a later backward recomputes
+            return *_gradients(ctx, _backward, grad_pix, grad_sc, None, None), None
+        pred, images, weight, stats, norms = ctx.saved_tensors
+        grad_pred = ctx.rescale(grad_pix, grad_sc, ctx.grad, ctx.sc_weight, pred, images, weight, stats, norms,
+                                ctx.args[0])
+        ctx.grad = None  # rescaled in place: a later backward recomputes
         return grad_pred, None, None, None, None, None, None
 
 
-def _op(pred, images, weight, patch_size, norm_pix, eps, sc_weight):
-    if torch.compiler.is_compiling():
-        return _forward(pred, images, weight, patch_size, norm_pix, eps)
+def _eager(pred, images, weight, patch_size, norm_pix, eps, sc_weight=None):
     if not (torch.is_grad_enabled() and pred.requires_grad):
         sc_weight = None  # no gradient to compute ahead
     return PatchPixelLoss.apply(pred, images, weight, patch_size, norm_pix, eps, sc_weight)
+
+
+_op = define_op("patch_pixel_loss", _forward, _forward_fake, _backward, _backward_fake, _setup_context, _gradients,
+                eager=_eager)
 
 
 def patch_pixel_loss_terms(
@@ -171,7 +153,7 @@ def patch_pixel_loss_terms(
         raise ValueError(f"patch_pixel_loss: weight must be [B, L]=({b}, {num_patches}), got {tuple(weight.shape)}")
     weight = weight.to(pred.device, torch.float32 if weight.dtype != torch.float64 else weight.dtype)
     l_pix, l_sc, _, _ = _op(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p,
-                            bool(norm_pix), float(eps), None if sc_weight is None else float(sc_weight))
+                            bool(norm_pix), float(eps), sc_weight=None if sc_weight is None else float(sc_weight))
     return l_pix, l_sc
 
 
