@@ -304,12 +304,12 @@ def _sq_norms(t: torch.Tensor) -> torch.Tensor:
 def _default_config(d: int, topk: int, dtype: torch.dtype) -> dict:
     """BLOCK_M, BLOCK_N, BLOCK_D, num_warps (and num_stages where not Triton's default). The
     interpreter pays per block operation, not per element: it gets large blocks. On a GPU the
-    sizes keep the kernels free of register spills on sm_80 and sm_90 except a 16-byte one at
-    D = 3 on sm_80 (benchmarks/compile_report.py reports them): fp32 (IEEE, no tensor cores)
-    takes thin D slices in two stages, and a long best-k list (k > 16) 32 x 64 tiles (ip
-    spilled with 128 codes). On an H100, 4 warps on 64 x 128 tiles timed fastest of the SWEEP
-    at the paper shape (3.0 ms against 4.3 ms with 8 warps, benchmarks/results/); elsewhere 8
-    warps (4 reach 255 registers on sm_80)."""
+    sizes keep the kernels' loops free of register spills on sm_80 and sm_90
+    (benchmarks/compile_report.py reports them): fp32 (IEEE products, no tensor cores) takes
+    thin D slices in two stages, and a long best-k list (k > 16) 32 x 64 tiles (ip spills with
+    128 codes). 16-bit inputs take 64 x 128 tiles, with 4 warps on sm_90 (picked from the H100
+    sweeps, benchmarks/results/measurements.md) and 8 elsewhere (with 4 a thread takes all
+    the registers it can have on sm_80)."""
     width = max(16, triton.next_power_of_2(d))
     if _interpreting():
         return dict(BLOCK_M=64, BLOCK_N=256, BLOCK_D=min(128, width), num_warps=4)
@@ -321,21 +321,21 @@ def _default_config(d: int, topk: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_D=min(64, width), num_warps=4 if _hopper() else 8)
 
 
-# Alternative launch configurations for the low-precision paper-scale search, timed by
-# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). FLAT runs
-# the code tiles and D slices as one loop (see _topk_fwd_kernel).
-SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8), dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
-         dict(BLOCK_M=64, BLOCK_N=256, num_warps=8), dict(BLOCK_M=64, BLOCK_N=128, num_warps=8),
+# Alternative launch configurations for the low-precision paper-scale search, not yet decided
+# by a GPU run (docs/kernels.md says which measurement decides each): gpu_report.py times them
+# beside the default, compile_report.py compiles them all.
+SWEEP = [dict(BLOCK_M=128, BLOCK_N=128, num_warps=8),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=4),
+         # code tiles and D slices as one loop (see _topk_fwd_kernel)
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, FLAT=True),
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, FLAT=True),
-         # register caps that fit more blocks per SM without spilling on sm_90 (72 KB of shared
-         # memory each): 3 instead of 2 with 4 warps, 2 instead of 1 with 8
+         # register caps meant to fit one more block per SM on sm_90 without spilling: 3 instead
+         # of 2 with 4 warps, 2 instead of 1 with 8
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, maxnreg=168),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, maxnreg=128),
          dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, maxnreg=128),
-         # packed keys (see _merge_tile_packed): 40% fewer instructions per insertion; 168
-         # registers without a cap, so three blocks per SM
+         # packed keys (see _merge_tile_packed): fewer operations per insertion, and fewer
+         # registers than the float selection
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, PACKED=True),
          dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, FLAT=True, PACKED=True),
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, PACKED=True)]

@@ -349,14 +349,13 @@ def _attn_bwd_fused_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, DK, DV, DQ_ACC, SEQ, 
 def _config(d: int, dtype: torch.dtype) -> dict:
     """Tile sizes and dot precision, one set for the forward and both backward kernels. On a
     GPU, fp16/bf16 tiles are free of register spills on sm_90 (benchmarks/compile_report.py
-    reports them). At d=64 on an H100, 64 x 64 tiles with 4 warps were among the fastest of
-    the SWEEP (B=256, N=197, two runs in benchmarks/results/: fwd 0.20-0.25 ms, fwd+bwd
-    1.25-1.47 ms; 128-row tiles 10% slower forward, 10-20% fwd+bwd). fp32 keeps IEEE
-    products, which run on CUDA cores and need small tiles (above d = 64 the dk/dv kernel still
-    spills, also inside its loop: fp32 is the exact path, not the fast one).
+    reports them); 64 x 64 tiles with 4 warps at d <= 64 were picked from the H100 sweeps
+    (benchmarks/results/measurements.md). fp32 keeps IEEE products, which run on CUDA cores
+    and need small tiles (above d = 64 the dk/dv kernel still spills, also inside its loop:
+    fp32 is the exact path, not the fast one).
     PEEL_TAIL: the forward and dq kernels run the key tiles wholly inside the length without
-    the mask and the tail tile with it (25-40% fewer instructions per tile at d = 64, bf16);
-    not for fp32, where the second loop costs registers (and spills from d = 80)."""
+    the mask and the tail tile with it (fewer instructions per tile); not for fp32, where the
+    second loop costs registers (and spills from d = 80)."""
     block_d = max(16, triton.next_power_of_2(d))
     if _interpreting():  # per block-op cost: few, large blocks
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=True, PRECISION="ieee", PEEL_TAIL=True)
@@ -364,26 +363,24 @@ def _config(d: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=32 if block_d <= 64 else 16, BLOCK_D=block_d, UPCAST=False, PRECISION="ieee",
                     num_warps=8)
     # On sm_90, from d = 64, the forward is held to 128 registers: reading strided q, k, v
-    # lets ptxas take 135-142, which would cost a block per SM (3 instead of 4 at d = 64, 1
-    # instead of 2 with 8 warps). No spill at d = 64; from d = 80, 24 bytes stored before the
-    # key loop and loaded after it. At d = 32 it needs 95; on sm_80 the cap would spill.
+    # lets ptxas take a few more, which would cost a block per SM. From d = 80 the cap keeps a
+    # few values in local memory across the key loop (none inside it); below d = 64 it is not
+    # needed, and on sm_80 it would spill.
     return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, UPCAST=False, PRECISION="tf32",
                 num_warps=4 if block_d <= 64 else 8, FWD_MAXNREG=128 if block_d >= 64 and _hopper() else None,
                 PEEL_TAIL=True)
 
 
-# Alternative launch configurations for bf16/fp16 at head dims up to 64, timed by
-# benchmarks/gpu_report.py beside the default (compile_report.py compiles them all). Tile sizes
-# apply to the forward and the backward kernels alike; FUSED_BWD and ATOMIC_DQ pick the fused
-# and the atomic backward.
-SWEEP = [dict(BLOCK_M=128, BLOCK_N=64, num_warps=4), dict(BLOCK_M=128, BLOCK_N=32, num_warps=4),
-         dict(BLOCK_M=64, BLOCK_N=128, num_warps=8), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8),
-         dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-         # FlashAttention-2's tile for d = 64: a quarter of the programs, 7.4 instead of 9.6
-         # forward loop instructions per score (compile_report, sm_90), one block per SM
+# Alternative launch configurations for bf16/fp16 at head dims up to 64, not yet decided by a
+# GPU run (docs/kernels.md says which measurement decides each): gpu_report.py times them
+# beside the default, compile_report.py compiles them all. Tile sizes apply to the forward and
+# the backward kernels alike; FUSED_BWD and ATOMIC_DQ pick the fused and the atomic backward.
+SWEEP = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+         # FlashAttention-2's tile for d = 64: a quarter of the programs and fewer forward loop
+         # instructions per score, one block per SM
          dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-         # the default tiles with the dk/dv kernel held to 168 registers (0 spills on sm_90):
-         # 3 blocks per SM instead of 2
+         # the default tiles with the dk/dv kernel held to 168 registers (on sm_90 a few bytes
+         # spill, outside its loop): 3 blocks per SM instead of 2
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, DKDV_MAXNREG=168),
          # the fused backward's tiles that do not spill on sm_90 (it holds dq's share as well)
          dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, FUSED_BWD=True),

@@ -332,8 +332,9 @@ def _grad_kernel(PRED, IMG, WGT, STATS, NORMS, G_PIX, G_SC, GRAD, sc_weight, NP,
 
 # Elements of the padded [patches, C, p, p] tile per program and warps, for the forward and
 # the gradient kernels, and the forward's PRELOAD (see _loss_kernel). The defaults keep them
-# free of register spills on sm_80 and sm_90 (benchmarks/compile_report.py); gpu_report.py
-# times the SWEEP on a GPU.
+# free of register spills on sm_80 and sm_90 (benchmarks/compile_report.py). No GPU run has
+# timed this schedule yet: the SWEEP's alternatives are all undecided (docs/kernels.md);
+# gpu_report.py times them beside the default.
 DEFAULT_CONFIG = dict(BLOCK=2048, num_warps=4, PRELOAD=False)
 SWEEP = [dict(BLOCK=1024, num_warps=2), dict(BLOCK=1024, num_warps=4), dict(BLOCK=2048, num_warps=8),
          dict(BLOCK=4096, num_warps=8), dict(BLOCK=1024, num_warps=4, PRELOAD=True),
