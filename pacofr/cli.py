@@ -1,6 +1,7 @@
 """`pacofr train ...` (also `python -m pacofr`, `python train.py ...`, `torchrun ... train.py`,
 `deepspeed train.py`), `pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a
-pretrained encoder, pacofr/eval)."""
+pretrained encoder, pacofr/eval), `pacofr export ...` (a checkpoint's encoder with its config,
+pacofr/export.py), `pacofr data prepare ...` (images to WebDataset shards, pacofr/data/prepare.py)."""
 
 import argparse
 import json
@@ -28,7 +29,8 @@ def _train_parser(sub) -> None:
 
 def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int):
     p = sub.add_parser(name, help=help)
-    p.add_argument("--config", default="vit_base_patch16_224", help="the encoder's config: a preset or a YAML file")
+    p.add_argument("--config", default=None, help="the encoder's config: a preset or a YAML file (default: the one "
+                                                   "the encoder file or its run folder holds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--encoder", required=True, help="pacofr weights: an encoder.safetensors, a checkpoint (ckpt-*/ or its model.safetensors) or a run folder")
     for split, what in (("train", "to fit the probe on"), ("test", "to score it on")):
@@ -47,10 +49,11 @@ def _eval_parser(sub) -> None:
     p.add_argument("--grid", type=int, default=7, help="patch tokens are pooled to grid x grid")
 
 
-def _eval_alignment(args, cfg) -> None:
+def _eval_alignment(args) -> None:
     from .eval.alignment import AlignmentImages, evaluate
     from .eval.common import load_encoder
 
+    cfg = _encoder_config(args)
     size = cfg.model.img_size
     train = AlignmentImages(args.train, args.train_landmarks, size, args.norm, "--train")
     test = AlignmentImages(args.test, args.test_landmarks, size, args.norm, "--test")
@@ -70,10 +73,11 @@ def _parsing_parser(sub) -> None:
     p.add_argument("--classes", type=int, required=True, help="number of classes, background (0) included")
 
 
-def _eval_parsing(args, cfg) -> None:
+def _eval_parsing(args) -> None:
     from .eval.common import load_encoder
     from .eval.parsing import ParsingImages, evaluate
 
+    cfg = _encoder_config(args)
     size = cfg.model.img_size
     train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train")
     test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test")
@@ -93,10 +97,11 @@ def _attributes_parser(sub) -> None:
                   "CSV of attributes (header: path,name,...)", 64)
 
 
-def _eval_attributes(args, cfg) -> None:
+def _eval_attributes(args) -> None:
     from .eval.attributes import AttributeImages, evaluate
     from .eval.common import load_encoder
 
+    cfg = _encoder_config(args)
     size = cfg.model.img_size
     train = AttributeImages(args.train, args.train_labels, size, "--train")
     test = AttributeImages(args.test, args.test_labels, size, "--test")
@@ -106,6 +111,56 @@ def _eval_attributes(args, cfg) -> None:
           f"train {result['train_images']} / test {result['test_images']} images")
     print("  " + "  ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
     _report(args, result)
+
+
+def _encoder_config(args):
+    """--config and --set, or the config the --encoder weights carry (checked against each other)."""
+    from .model import weights_config
+
+    return weights_config(args.encoder, args.config, args.set)
+
+
+def _export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's encoder, its config in the metadata")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_OR_CKPT",
+                   help="a run folder (its newest checkpoint) or a checkpoint folder (ckpt-*/)")
+    p.add_argument("--out", required=True, help="the encoder file to write (.safetensors)")
+    p.add_argument("--config", default=None, help="the run's config, for a checkpoint outside its run folder "
+                                                   "(default: the run's config.yaml)")
+
+
+def _export(args) -> None:
+    from .export import export
+
+    done = export(args.checkpoint, args.out, args.config)
+    m = done["model"]
+    step = "" if done["step"] is None else f" (step {done['step']})"
+    print(f"wrote {done['out']}: the encoder of {done['checkpoint']}{step}, {done['tensors']} tensors, "
+          f"{m.img_size} px, patch {m.patch_size}, width {m.encoder.embed_dim}, depth {m.encoder.depth}, "
+          f"{m.encoder.num_heads} heads")
+
+
+def _data_parser(sub) -> None:
+    from .config import DataConfig
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="images (a folder, a .txt list, an insightface RecordIO pair) to "
+                                        "WebDataset shards, checked and repaired as the loader does")
+    p.add_argument("src", metavar="SRC", help="an image folder, a .txt list of paths, a .rec file (its .idx "
+                                              "beside it) or a folder holding train.rec and train.idx")
+    p.add_argument("out", metavar="OUT", help="a new or empty folder for the shards and the report")
+    p.add_argument("--shard-size", type=int, default=10000, help="samples per shard")
+    p.add_argument("--landmarks", default=None, help="CSV or JSON landmarks of SRC's images (as data.landmarks)")
+    p.add_argument("--min-size", type=int, default=DataConfig.min_size,
+                   help="smaller images are skipped (as data.min_size)")
+    p.add_argument("--workers", type=int, default=0, help="processes that check the images (0: this one)")
+
+
+def _data(args) -> None:
+    from .data.prepare import prepare, summary_lines
+
+    report = prepare(args.src, args.out, args.shard_size, args.landmarks, args.min_size, args.workers)
+    print("\n".join(summary_lines(report)))
 
 
 def _report(args, result: dict) -> None:
@@ -142,16 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _parsing_parser(sub)
     _attributes_parser(sub)
+    _export_parser(sub)
+    _data_parser(sub)
     args = parser.parse_args(argv)
 
     from .config import ConfigError, load_config
     from .engine import NonFiniteLossError, pretrain
 
-    if args.command.startswith("eval-"):
+    if args.command != "train":
         run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing,
-               "eval-attributes": _eval_attributes}[args.command]
+               "eval-attributes": _eval_attributes, "export": _export, "data": _data}[args.command]
         try:
-            run(args, load_config(args.config, args.set))
+            run(args)
         except (ConfigError, FileNotFoundError, ValueError) as err:
             print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
             return 2

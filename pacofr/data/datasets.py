@@ -42,16 +42,22 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
         return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded)
 
     paths, keys = image_files(source)
-    landmarks = None
-    if cfg.landmarks:
-        landmarks = load_landmarks_file(cfg.landmarks)
-        if not landmarks:
-            raise ValueError(f"data.landmarks '{cfg.landmarks}' holds no entries")
-        if not any(k in landmarks for k in keys):
-            raise ValueError(f"data.landmarks '{cfg.landmarks}': none of its paths (e.g. '{next(iter(landmarks))}') "
-                             f"names a file of data.source '{source}' (e.g. '{keys[0]}'); "
-                             "paths must be relative to the source folder or list")
+    landmarks = source_landmarks(cfg.landmarks, keys, source) if cfg.landmarks else None
     return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded)
 
 
-__all__ = ["build_dataset", "image_files"]
+def source_landmarks(path: str, keys: list[str], source: str, what: str = "data.landmarks",
+                     source_what: str = "data.source") -> dict:
+    """The landmarks file `path` for the images `keys` of `source`: refused, naming it, when it
+    holds no entries or names none of them (paths relative to another folder, most likely)."""
+    landmarks = load_landmarks_file(path, what=what)
+    if not landmarks:
+        raise ValueError(f"{what} '{path}' holds no entries")
+    if not any(k in landmarks for k in keys):
+        raise ValueError(f"{what} '{path}': none of its paths (e.g. '{next(iter(landmarks))}') "
+                         f"names a file of {source_what} '{source}' (e.g. '{keys[0]}'); "
+                         "paths must be relative to the source folder or list")
+    return landmarks
+
+
+__all__ = ["build_dataset", "image_files", "source_landmarks"]

@@ -91,6 +91,14 @@ DALI_MODES = ("RGB", "L")
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
 
 
+def dali_reads_as_is(im: Image.Image, raw: bytes) -> bool:
+    """The encoded file `raw` (opened as `im`, not decoded yet) decodes in DALI as in PIL, without
+    a repair but gray to RGB: a JPEG or PNG in RGB or L, without a transparency key, ending with
+    its end marker (one cut short might pass nvJPEG unnoticed)."""
+    return (im.format in DALI_FORMATS and im.mode in DALI_MODES and "transparency" not in im.info
+            and raw.rstrip(b"\0").endswith(_END_MARKERS[im.format]))
+
+
 def png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, "PNG", compress_level=1)  # (fast; DALI decodes it anywhere)
@@ -110,8 +118,7 @@ def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: F
     width, height = im.size
     points, issues = _given_points(points, width, height)
     repair = None
-    if (im.format not in DALI_FORMATS or im.mode not in DALI_MODES or "transparency" in im.info
-            or not raw.rstrip(b"\0").endswith(_END_MARKERS[im.format])):  # (cut short: nvJPEG might not tell)
+    if not dali_reads_as_is(im, raw):
         rgb, repair = decode_rgb(im)
         if rgb is None:
             return skipped(repair)
@@ -124,4 +131,5 @@ def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: F
                          sample_seed(seed, MASK_KEY), _reasons(repair, issues))
 
 
-__all__ = ["Sample", "EncodedSample", "skipped", "landmarks_missing", "make_item", "make_encoded_item", "png_bytes"]
+__all__ = ["Sample", "EncodedSample", "skipped", "landmarks_missing", "make_item", "make_encoded_item", "png_bytes",
+           "dali_reads_as_is"]

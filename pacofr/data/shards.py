@@ -54,11 +54,14 @@ def _shard_points(raw_json) -> np.ndarray | None:
 
 
 def expand_shards(source: str) -> list[str] | None:
-    """'a-{000..003}.tar' / 'a.tar' / 'dir/*.tar' -> paths, or None when not shards."""
+    """'a-{000..003}.tar' / 'a.tar' / 'dir/*.tar' / a folder holding .tar files (as `pacofr data
+    prepare` writes them; its images, if any, are not read) -> paths, or None when not shards."""
     import glob
 
     from braceexpand import braceexpand
 
+    if os.path.isdir(source):
+        return sorted(glob.glob(os.path.join(glob.escape(source), "*.tar"))) or None
     paths = list(braceexpand(source))
     if not all(p.lower().endswith(".tar") for p in paths):
         return None

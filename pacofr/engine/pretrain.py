@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import save_file
 from torch.utils.data import IterableDataset
 
 from ..config import Config, ConfigError, to_dict
 from ..data import Batches, MaskingCollate, build_dataset, sample_seed
 from ..losses import TERMS, PaCoFRLoss
 from ..masking import sample_masks
-from ..model import PaCoFR
+from ..model import PaCoFR, save_encoder
 from . import checkpoint, distributed, strategies, zero
 from .monitor import Monitor
 from .trainer import Loader, NonFiniteLossError, Trainer
@@ -223,15 +222,15 @@ def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict
 
 
 def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
-    """Writes the encoder (timm-loadable) and the summary; prints it."""
+    """Writes the encoder (timm-loadable, its config in the metadata) and the summary; prints it."""
     s, d = trainer.state, trainer.d
     summary = {"steps": s["step"], "epochs_started": s["epoch"] + 1, "skipped_steps": s["skipped_steps"],
                "skipped_or_repaired_samples": dict(sorted(s["issues"].items())),
                "output": str(output), "last_checkpoint": str(trainer.last_ckpt)}
     with trainer.strategy.gathered():
         if d.main:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
-                      str(output / "encoder.safetensors"))
+            save_encoder(model.encoder.state_dict(), output / "encoder.safetensors", trainer.cfg.model,
+                         output.resolve(), s["step"])
     if not d.main:
         return summary
     summary.update(encoder=str(output / "encoder.safetensors"), metrics=str(output / "metrics.csv"),

@@ -1,0 +1,145 @@
+"""MXNet RecordIO files as insightface packs its face datasets (`train.rec` + `train.idx`),
+read without MXNet.
+
+Framing (dmlc-core's recordio): each record is a uint32 magic 0xced7230a, a uint32 `lrecord`
+(upper 3 bits: continuation flag, lower 29: the length), the payload, zero padding to 4 bytes;
+all little-endian. A payload holding the magic at a 4-byte aligned offset is cut there into
+parts (flag 1 first, 2 middle, 3 last; 0 a record in one part) with the magic itself left out:
+reading puts it back between the parts. The `.idx` file has a text line `index<TAB>offset` per
+record.
+
+Payload (mxnet.recordio.pack): struct 'IfQQ' (flag, label, id, id2), then, when flag > 0, the
+label as `flag` float32 values (the header's label field is then unused), then the encoded
+image. insightface's record 0 is a header, not an image: flag > 0 and label (a, b), the image
+records being 1 .. a-1 and the identity records a .. b-1 (each labelled with its range of image
+records). Without it (record 0 of flag 0) every record is an image.
+"""
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = 0xCED7230A
+_MAGIC_BYTES = struct.pack("<I", MAGIC)
+_HEAD = struct.Struct("<II")  # magic, lrecord
+_IR = struct.Struct("<IfQQ")  # flag, label, id, id2 (the layout of native 'IfQQ' on little-endian machines)
+_LENGTH_BITS = 29
+
+
+class RecordIOError(ValueError):
+    """A record that cannot be read (its message names the record and its offset)."""
+
+
+@dataclass
+class IRHeader:
+    """flag: the number of float labels (0: one, in `label`); label: a float or a tuple of floats."""
+
+    flag: int
+    label: float | tuple[float, ...]
+    id: int
+    id2: int
+
+
+def read_index(path: str | Path) -> dict[int, int]:
+    """The .idx file -> {record index: byte offset}, in file order. A line that is not
+    `index<TAB>offset` raises, naming the file and the line."""
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            try:
+                index, offset = (int(v) for v in parts)
+            except ValueError:
+                raise RecordIOError(f"'{path}' line {n}: {line.strip()[:40]!r} is not 'index<TAB>offset'") from None
+            out[index] = offset
+    return out
+
+
+def _read_part(f, where: str) -> tuple[int, bytes]:
+    """(continuation flag, payload) of the part at f's position."""
+    head = f.read(_HEAD.size)
+    if len(head) < _HEAD.size:
+        raise RecordIOError(f"{where}: the file ends inside a record header")
+    magic, lrecord = _HEAD.unpack(head)
+    if magic != MAGIC:
+        raise RecordIOError(f"{where}: no RecordIO magic (found 0x{magic:08x})")
+    length = lrecord & ((1 << _LENGTH_BITS) - 1)
+    data = f.read((length + 3) & ~3)
+    if len(data) < length:
+        raise RecordIOError(f"{where}: the file ends inside a record ({length} bytes announced, {len(data)} there)")
+    return lrecord >> _LENGTH_BITS, data[:length]
+
+
+def read_record(f, offset: int, where: str = "record") -> bytes:
+    """The payload of the record at `offset` of the open binary file `f`, its parts joined."""
+    f.seek(offset)
+    flag, data = _read_part(f, f"{where} at offset {offset}")
+    if flag not in (0, 1):
+        raise RecordIOError(f"{where} at offset {offset}: a continuation part (flag {flag}), not a record's start")
+    parts = [data]
+    while flag in (1, 2):
+        flag, data = _read_part(f, f"{where} at offset {offset} (part {len(parts) + 1})")
+        if flag not in (2, 3):
+            raise RecordIOError(f"{where} at offset {offset}: part {len(parts) + 1} has flag {flag}, not 2 or 3")
+        parts.append(data)
+    return _MAGIC_BYTES.join(parts)
+
+
+def unpack(payload: bytes) -> tuple[IRHeader, bytes]:
+    """An insightface payload -> (its header, the encoded image)."""
+    if len(payload) < _IR.size:
+        raise RecordIOError(f"a payload of {len(payload)} bytes, shorter than its {_IR.size}-byte header")
+    flag, label, id_, id2 = _IR.unpack_from(payload)
+    rest = payload[_IR.size:]
+    if flag > 0:
+        if len(rest) < 4 * flag:
+            raise RecordIOError(f"the header announces {flag} float labels, the payload holds {len(rest) // 4}")
+        label = struct.unpack_from(f"<{flag}f", rest)
+        rest = rest[4 * flag:]
+    return IRHeader(flag, label, id_, id2), rest
+
+
+class InsightFaceRecords:
+    """An insightface RecordIO pair: `images` (the image records' indices, in order), `read`
+    (a record's header and image). Use as a context manager, or call close()."""
+
+    def __init__(self, rec: str | Path, idx: str | Path):
+        self.rec, self.idx = Path(rec), Path(idx)
+        self.offsets = read_index(self.idx)
+        if not self.offsets:
+            raise RecordIOError(f"'{self.idx}' lists no records")
+        self.file = open(self.rec, "rb")
+        self.identity_records = range(0)
+        self.images = list(self.offsets)
+        try:
+            header, _ = self.read(min(self.offsets))  # (unreadable: the pair cannot be interpreted)
+        except RecordIOError:
+            self.close()
+            raise
+        if min(self.offsets) == 0 and header.flag > 0 and isinstance(header.label, tuple) and len(header.label) >= 2:
+            a, b = int(header.label[0]), int(header.label[1])
+            self.images, self.identity_records = list(range(1, a)), range(a, b)
+
+    def read(self, index: int) -> tuple[IRHeader, bytes]:
+        """(header, encoded image) of record `index`; raises RecordIOError naming it."""
+        where = f"'{self.rec}' record {index}"
+        if index not in self.offsets:
+            raise RecordIOError(f"{where}: not in '{self.idx}'")
+        try:
+            return unpack(read_record(self.file, self.offsets[index], where))
+        except RecordIOError as e:
+            raise RecordIOError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+__all__ = ["MAGIC", "RecordIOError", "IRHeader", "read_index", "read_record", "unpack", "InsightFaceRecords"]
