@@ -39,7 +39,8 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
         if len(shards) < world_size:
             raise ValueError(f"data.source '{source}' has {len(shards)} shard(s) for world_size={world_size}: "
                              "every rank needs at least one shard")
-        return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded)
+        return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded,
+                            cfg.max_pixels)
 
     paths, keys = image_files(source)
     landmarks = None
@@ -51,7 +52,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
             raise ValueError(f"data.landmarks '{cfg.landmarks}': none of its paths (e.g. '{next(iter(landmarks))}') "
                              f"names a file of data.source '{source}' (e.g. '{keys[0]}'); "
                              "paths must be relative to the source folder or list")
-    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded)
+    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded, cfg.max_pixels)
 
 
 __all__ = ["build_dataset", "image_files"]
