@@ -7,6 +7,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 
 def _train_parser(sub) -> None:
@@ -38,7 +39,12 @@ def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, ba
         p.add_argument(f"--{split}-{targets}", required=True, help=f"{targets_help} of --{split}")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--output", default=None, help="also write the result to this JSON file")
+    p.add_argument("--max-pixels", type=int, default=None, help="pixel budget of an image, from its header "
+                   "(default: the config's data.max_pixels): larger JPEGs are decoded at reduced scale, others skipped")
+    p.add_argument("--min-test", type=int, default=None, help="a score over fewer usable test images is refused "
+                   "(default 20)")
+    p.add_argument("--output", default=None, help="also write the result to this JSON file, and the files "
+                   "skipped to FILE.skipped.csv beside it")
     return p
 
 
@@ -54,11 +60,11 @@ def _eval_alignment(args) -> None:
     from .eval.common import load_encoder
 
     cfg = _encoder_config(args)
-    size = cfg.model.img_size
-    train = AlignmentImages(args.train, args.train_landmarks, size, args.norm, "--train")
-    test = AlignmentImages(args.test, args.test_landmarks, size, args.norm, "--test")
+    size, budget = cfg.model.img_size, _budget(args, cfg)
+    train = AlignmentImages(args.train, args.train_landmarks, size, args.norm, "--train", budget)
+    test = AlignmentImages(args.test, args.test_landmarks, size, args.norm, "--test", budget)
     result = evaluate(load_encoder(cfg, args.encoder), train, test, args.norm, args.grid,
-                      args.batch_size, args.workers)
+                      args.batch_size, args.workers, min_test=_min_test(args))
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
           f"train {result['train_faces']} / test {result['test_faces']} faces")
@@ -78,10 +84,11 @@ def _eval_parsing(args) -> None:
     from .eval.parsing import ParsingImages, evaluate
 
     cfg = _encoder_config(args)
-    size = cfg.model.img_size
-    train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train")
-    test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test")
-    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers)
+    size, budget = cfg.model.img_size, _budget(args, cfg)
+    train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train", budget)
+    test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test", budget)
+    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers,
+                      min_test=_min_test(args))
     pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
     present = sum(v is not None for v in result["f1"][1:])
     print(f"mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
@@ -102,10 +109,11 @@ def _eval_attributes(args) -> None:
     from .eval.common import load_encoder
 
     cfg = _encoder_config(args)
-    size = cfg.model.img_size
-    train = AttributeImages(args.train, args.train_labels, size, "--train")
-    test = AttributeImages(args.test, args.test_labels, size, "--test")
-    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers)
+    size, budget = cfg.model.img_size, _budget(args, cfg)
+    train = AttributeImages(args.train, args.train_labels, size, "--train", budget)
+    test = AttributeImages(args.test, args.test_labels, size, "--test", budget)
+    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers,
+                      min_test=_min_test(args))
     print(f"mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
           f"majority: {result['majority_mean_accuracy']:.2f}%   "
           f"train {result['train_images']} / test {result['test_images']} images")
@@ -154,22 +162,52 @@ def _data_parser(sub) -> None:
     p.add_argument("--min-size", type=int, default=DataConfig.min_size,
                    help="smaller images are skipped (as data.min_size)")
     p.add_argument("--workers", type=int, default=0, help="processes that check the images (0: this one)")
+    p.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels,
+                   help="larger images are skipped, never decoded (as data.max_pixels)")
 
 
 def _data(args) -> None:
     from .data.prepare import prepare, summary_lines
 
-    report = prepare(args.src, args.out, args.shard_size, args.landmarks, args.min_size, args.workers)
+    report = prepare(args.src, args.out, args.shard_size, args.landmarks, args.min_size, args.workers,
+                     args.max_pixels)
     print("\n".join(summary_lines(report)))
 
 
+def _budget(args, cfg) -> int:
+    """--max-pixels, or the config's data.max_pixels; below 1 is refused."""
+    if args.max_pixels is None:
+        return cfg.data.max_pixels
+    if args.max_pixels < 1:
+        raise ValueError(f"--max-pixels must be >= 1, got {args.max_pixels}")
+    return args.max_pixels
+
+
+def _min_test(args) -> int:
+    from .eval.common import MIN_TEST
+
+    return MIN_TEST if args.min_test is None else args.min_test
+
+
+def skipped_csv(output: str) -> Path:
+    """Where the probe's skipped files go: beside --output, FILE.skipped.csv (FILE without .json)."""
+    out = Path(output)
+    return out.with_name((out.stem if out.suffix.lower() == ".json" else out.name) + ".skipped.csv")
+
+
 def _report(args, result: dict) -> None:
+    files = result.pop("skipped_files", [])
+    listed = f" (listed in {skipped_csv(args.output)})" if args.output else " (--output lists them)"
     for split in ("train", "test"):
         if result[f"skipped_{split}"]:
-            print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))
+            print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items())
+                  + listed)
     if args.output:  # (strict JSON: a score that is not finite, from a failed prediction, is null)
+        from .data.skips import write_csv
+
         with open(args.output, "w") as f:
             json.dump(finite_floats(result), f, indent=2, allow_nan=False)
+        write_csv(skipped_csv(args.output), files, ("path", "reason", "split"))
 
 
 def finite_floats(value):

@@ -96,6 +96,7 @@ class DataConfig:
     source: str = "faces"  # "faces" (embedded), an image folder, a file list (.txt), or .tar shards
     landmarks: str = ""  # optional CSV or JSON file: relative path -> 5 (or 68) points
     min_size: int = 32  # smaller images are skipped (and counted)
+    max_pixels: int = 40_000_000  # pixel budget, from the header: larger JPEGs are drafted, others skipped
     scale_min: float = 0.85  # random resized crop: area fraction in [scale_min, 1]
     ratio_max: float = 1.1  # and aspect ratio in [1 / ratio_max, ratio_max]
     hflip: float = 0.5
@@ -275,7 +276,7 @@ _RANGES = [
                                         "w_belief_incubation", "w_belief", "w_commit")],
     ("data.min_size", 1, None), ("data.scale_min", (0,), 1), ("data.ratio_max", 1, None), ("data.hflip", 0, 1),
     ("data.color_jitter", 0, (1,)), ("data.num_workers", 0, None), ("data.shuffle_buffer", 0, None),
-    ("data.dali_threads", 1, None),
+    ("data.dali_threads", 1, None), ("data.max_pixels", 1, None),
     *[(f"train.{k}", 1, None) for k in ("batch_size", "accum_steps", "epochs", "max_nonfinite", "ckpt_every",
                                          "log_every")],
     *[(f"train.{k}", 0, None) for k in ("max_steps", "incubation_epochs", "warmup_epochs", "min_lr", "weight_decay",

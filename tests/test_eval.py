@@ -111,7 +111,8 @@ def _faces(folder, n, seed):
     """n faces with the 5 dots moved per face (a shift of the whole face and of each point),
     their 5 points in lm.json and 68 in lm68.csv; also a non-square face, a broken file, one
     without landmarks, one with a NaN landmark, one with both eyes on one spot (no
-    inter-ocular scale) and one with a landmark outside the image (kept: a target)."""
+    inter-ocular scale), one with a landmark outside the image (skipped) and one with a
+    landmark inside the image but outside the centre crop (kept: a target)."""
     folder.mkdir()
     rng = np.random.default_rng(seed)
     table = {}
@@ -128,6 +129,8 @@ def _faces(folder, n, seed):
     table["nan.png"] = [[float("nan"), 1.0]] + POINTS[1:].tolist()
     table["one_eye.png"] = [POINTS[0].tolist()] * 2 + POINTS[2:].tolist()
     table["outside.png"] = POINTS.tolist()[:4] + [[50.0, 120.0]]
+    _dots_face(POINTS + [20, 0], (136, 96)).save(folder / "offcrop.png")  # the crop spans x 20-116
+    table["offcrop.png"] = (POINTS + [20, 0]).tolist()[:4] + [[8.0, 60.0]]
     (folder / "lm.json").write_text(json.dumps(table).replace("NaN", "null"))
     rows = [f"{k}," + ",".join(f"{v:.5f}" for v in (MIX68 @ np.array(p, dtype=np.float64)).ravel())
             for k, p in table.items() if k != "nan.png"]
@@ -158,7 +161,8 @@ def test_alignment_images_follow_the_crop_and_skip(probe_data):
     assert items["unlabelled.png"] == (None, "no_landmarks")
     assert items["nan.png"] == (None, "landmarks_invalid")  # (null in JSON)
     assert items["one_eye.png"] == (None, "degenerate_scale")
-    assert items["outside.png"][1] is None and items["outside.png"][0][1][4, 1] > 64
+    assert items["outside.png"] == (None, "landmarks_outside")
+    assert items["offcrop.png"][1] is None and items["offcrop.png"][0][1][4, 0] < 0
     assert AlignmentImages(str(train), str(train / "lm.json"), 64, "diag")[ds.paths.index(
         str(train / "one_eye.png"))][1] is None  # a box diagonal it has
     (image, lm), reason = items["wide.png"]
@@ -182,7 +186,7 @@ def test_probe_end_to_end(probe_data, tmp_path, capsys):
                     test / "lm.json", tmp_path / "probe.json")
     assert result["train_faces"] == 122 and result["test_faces"] == 32
     assert result["skipped_train"] == result["skipped_test"] == {
-        "no_landmarks": 1, "landmarks_invalid": 1, "degenerate_scale": 1, "not_an_image": 1}
+        "no_landmarks": 1, "landmarks_invalid": 1, "landmarks_outside": 1, "degenerate_scale": 1, "not_an_image": 1}
     assert result["test_faces_with_points_outside_the_crop"] == 1
     assert result["nme"] < 0.5 * result["mean_shape_nme"], result
     assert result["features"] == 7 * 7 * 96 and result["points"] == 5 and result["failed_predictions"] == 0
@@ -209,7 +213,7 @@ def test_probe_with_68_points(probe_data):
     sets = [AlignmentImages(str(f), str(f / "lm68.csv"), 64) for f in (train, test)]
     assert sets[0].num_points == 68
     result = evaluate(load_encoder(cfg, str(d / "encoder.safetensors"), torch.device("cpu")), *sets, workers=0)
-    assert result["points"] == 68 and result["train_faces"] == 122
+    assert result["points"] == 68 and result["train_faces"] == 123  # (outside.png's 68 mixed points are inside)
     assert result["skipped_train"] == {"no_landmarks": 2, "degenerate_scale": 1, "not_an_image": 1}
     assert result["nme"] < 0.5 * result["mean_shape_nme"], result
 
@@ -233,7 +237,7 @@ def test_probe_errors_name_the_problem(probe_data, tmp_path, capsys):
     for change, message in (({"--train": str(tmp_path / "missing")}, "--train '"),
                             ({"--test-landmarks": str(tmp_path / "none.csv")}, "--test-landmarks '"),
                             ({"--test-landmarks": str(degenerate)},
-                             f"--test '{test}': no usable face (every file was skipped: {{\"no_landmarks\": 6, \"degenerate_scale\": 30}})"),
+                             f"--test '{test}': no usable face (every file was skipped: {{\"no_landmarks\": 7, \"degenerate_scale\": 30}})"),
                             ({"--config": "vit_base_patch16_224"}, "does not fit the encoder of this config"),
                             ({"--encoder": str(pickled)}, f"'{pickled}' is not a safetensors file")):
         argv = list(args) + ["--config", "tiny"]

@@ -114,7 +114,7 @@ def test_probes_need_no_config(run, tmp_path, capsys):
     stored config needs --config."""
     out = tmp_path / "e.safetensors"
     assert _export(capsys, "--checkpoint", run, "--out", out)[0] == 0
-    train, test = _attribute_faces(tmp_path / "train", 24, 1), _attribute_faces(tmp_path / "test", 12, 2)
+    train, test = _attribute_faces(tmp_path / "train", 24, 1), _attribute_faces(tmp_path / "test", 20, 2)
 
     def probe(*extra, encoder=out):
         result = tmp_path / "result.json"
@@ -124,7 +124,7 @@ def test_probes_need_no_config(run, tmp_path, capsys):
         return rc, (json.loads(result.read_text()) if rc == 0 else None), capsys.readouterr().err
 
     rc, without, _ = probe()
-    assert rc == 0 and without["train_images"] == 24 and without["test_images"] == 12
+    assert rc == 0 and without["train_images"] == 24 and without["test_images"] == 20
     assert probe("--config", "tiny")[:2] == (0, without)
     assert probe(encoder=run)[:2] == (0, without)  # the run folder: its encoder.safetensors
     rc, _, err = probe("--config", "vit_base_patch16_224")

@@ -315,3 +315,22 @@ def test_workers_take_the_jobs_in_order_a_chunk_at_a_time():
     with _Mapper(2) as map_:
         map_.chunk = 3
         assert list(map_(abs, range(-10, 0))) == list(range(10, 0, -1))
+
+
+def test_an_image_over_the_pixel_budget_is_skipped_undecoded(tmp_path):
+    """--max-pixels: an image larger than the budget is left out as too_large (its header read,
+    its pixels never decoded), the others kept."""
+    import csv as csv_module
+
+    from PIL import Image
+
+    from pacofr.data.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(src / "small.png")
+    Image.new("RGB", (200, 100), (10, 20, 30)).save(src / "large.jpg")
+    report = prepare(src, tmp_path / "out", max_pixels=64 * 64)
+    assert (report["samples"], report["skipped"], report["skips"]) == (1, 1, {"too_large": 1})
+    rows = {r["source"].rsplit("/", 1)[-1]: r for r in csv_module.DictReader(open(tmp_path / "out" / "prepare.csv"))}
+    assert rows["large.jpg"]["reasons"] == "too_large" and rows["small.png"]["status"] == "kept"

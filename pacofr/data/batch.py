@@ -1,6 +1,7 @@
 """A collated batch, and the two collates: decoded samples (`collate`) and encoded ones for
 DaliDecoder (`collate_encoded`). Both drop skipped samples and count every reason, so the
-reasons reach the main process through DataLoader workers."""
+reasons reach the main process through DataLoader workers, and list each skipped sample by
+name (`skipped`: (name, reason) pairs, for the run's skipped.csv)."""
 
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -18,13 +19,15 @@ if TYPE_CHECKING:  # (set by the masking collate, one layer up)
 class Batch:
     """images [B, 3, S, S] (None while `encoded` waits for DaliDecoder; [0, 3, 0, 0] when
     every sample was skipped), landmarks [B, 5, 2] (NaN = unknown), issues {reason: count},
-    masks (set by MaskingCollate), encoded (the rows DaliDecoder has yet to decode)."""
+    masks (set by MaskingCollate), encoded (the rows DaliDecoder has yet to decode), skipped
+    ((name, skip reason) of each sample left out)."""
 
     images: torch.Tensor | None
     landmarks: torch.Tensor | None = None
     issues: Counter = field(default_factory=Counter)
     masks: "Masks | None" = None
     encoded: list[EncodedSample] | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
     def pin_memory(self) -> "Batch":
         """(DataLoader's pin_memory calls this.) The images and landmarks in pinned memory."""
@@ -40,16 +43,18 @@ def collate(samples: list[Sample]) -> Batch:
     """Samples -> Batch. Skipped samples are dropped; every reason (skipped and repaired) is
     counted. When every sample was skipped, B = 0 and, the size being unknown, images is
     [0, 3, 0, 0]."""
-    issues = Counter()
-    kept = []
+    issues, kept, skipped = Counter(), [], []
     for s in samples:
         _check(s)
         issues.update(s.issues)
         if s.image is not None:
             kept.append(s)
+        else:
+            skipped.extend((s.name, r) for r in s.issues)
     if kept:
-        return Batch(torch.stack([s.image for s in kept]), torch.stack([s.landmarks for s in kept]), issues)
-    return Batch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 5, 2), issues)
+        return Batch(torch.stack([s.image for s in kept]), torch.stack([s.landmarks for s in kept]), issues,
+                     skipped=skipped)
+    return Batch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 5, 2), issues, skipped=skipped)
 
 
 def collate_encoded(samples: list[EncodedSample | Sample]) -> Batch:
@@ -57,8 +62,7 @@ def collate_encoded(samples: list[EncodedSample | Sample]) -> Batch:
     the skipped samples dropped and counted as in `collate`. The repairs and landmark issues
     of the kept rows stay in their samples until DaliDecoder has decoded them (a row it cannot
     decode is counted by its skip reason alone, as make_item does)."""
-    issues = Counter()
-    kept = []
+    issues, kept, skipped = Counter(), [], []
     for s in samples:
         _check(s)
         if isinstance(s, EncodedSample):
@@ -68,8 +72,9 @@ def collate_encoded(samples: list[EncodedSample | Sample]) -> Batch:
                             "dataset decodes its images itself: use data.decoder='pil'")
         else:
             issues.update(s.issues)
+            skipped.extend((s.name, r) for r in s.issues)
     landmarks = torch.stack([s.landmarks for s in kept]) if kept else torch.zeros(0, 5, 2)
-    return Batch(None, landmarks, issues, encoded=kept)
+    return Batch(None, landmarks, issues, encoded=kept, skipped=skipped)
 
 
 __all__ = ["Batch", "collate", "collate_encoded"]

@@ -106,20 +106,21 @@ class DaliDecoder:
             return pixels
         return torch.from_numpy(np.array(out))
 
-    def _run_on_host(self, encoded: list[np.ndarray], params: list[dict]) -> tuple[torch.Tensor, list[int], dict]:
-        """PIL decodes the batch: (pixels of the decodable rows, their indices, skip reasons)."""
+    def _run_on_host(self, encoded: list[np.ndarray], params: list[dict]) -> tuple[torch.Tensor, list[int], list]:
+        """PIL decodes the batch: (pixels of the decodable rows, their indices, (index, skip
+        reason) of the others). The rows are within the pixel budget (make_encoded_item)."""
         transform = FaceTransform(self.size)
-        pixels, kept, issues = [], [], {}
+        pixels, kept, failed = [], [], []
         for i, (raw, p) in enumerate(zip(encoded, params)):
             im, reason = open_image(raw.tobytes(), 0)
             rgb, repair = (None, reason) if im is None else decode_rgb(im)
             if rgb is None:
-                issues[repair] = issues.get(repair, 0) + 1
+                failed.append((i, repair))
                 continue
             pixels.append(torch.from_numpy(transform.pixels(rgb, p)))
             kept.append(i)
         stacked = torch.stack(pixels) if pixels else torch.zeros(0, self.size, self.size, 3, dtype=torch.uint8)
-        return stacked, kept, issues
+        return stacked, kept, failed
 
     def __call__(self, batch: Batch) -> Batch:
         rows, batch.encoded = batch.encoded, None
@@ -137,8 +138,9 @@ class DaliDecoder:
             why = found.group(0) if found else str(e).strip().splitlines()[-1][:200]
             warnings.warn(f"DALI could not decode a batch ({why}); decoding it with PIL", RuntimeWarning, stacklevel=2)
             self.pipe = self._build()
-            pixels, kept, issues = self._run_on_host(encoded, params)
-            batch.issues.update(issues)
+            pixels, kept, failed = self._run_on_host(encoded, params)
+            batch.issues.update(reason for _, reason in failed)
+            batch.skipped.extend((rows[i].name, reason) for i, reason in failed)
             if len(kept) < len(rows):
                 at = torch.tensor(kept, dtype=torch.long)
                 rows = [rows[i] for i in kept]

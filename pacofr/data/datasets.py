@@ -39,11 +39,12 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
         if len(shards) < world_size:
             raise ValueError(f"data.source '{source}' has {len(shards)} shard(s) for world_size={world_size}: "
                              "every rank needs at least one shard")
-        return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded)
+        return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded,
+                            cfg.max_pixels)
 
     paths, keys = image_files(source)
     landmarks = source_landmarks(cfg.landmarks, keys, source) if cfg.landmarks else None
-    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded)
+    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded, cfg.max_pixels)
 
 
 def source_landmarks(path: str, keys: list[str], source: str, what: str = "data.landmarks",

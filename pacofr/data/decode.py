@@ -8,8 +8,12 @@ repair is reported). The reasons are fixed strings, counted by `collate` (batch.
               truncated     identified, but the pixel data fails to decode fully (truncated
                             or corrupt); PIL raises because LOAD_TRUNCATED_IMAGES stays False
               too_small     either side < min_size (checked on the original size)
+              too_large     more pixels than the budget (data.max_pixels), read from the header
+                            before any decoding, and not a JPEG that decodes at 1/2, 1/4 or 1/8
+                            scale within it (`draft`); also what PIL itself refuses as a
+                            decompression bomb (over 2 x Image.MAX_IMAGE_PIXELS, whatever the budget)
               unreadable    any other OSError (missing file, broken link, permissions, a
-                            decoder that is not available, a decompression bomb, a broken tar)
+                            decoder that is not available, a broken tar)
     repaired: gray_converted  1, L, I, I;16*, F, and P whose palette is gray -> RGB. 16-bit
                               data is scaled by 1/257, 32-bit integers likewise when they exceed
                               255, floats by 255 when they lie in [0, 1].
@@ -27,11 +31,12 @@ One sample may carry several repairs: its `issues` lists them all (items.py).
 import io
 import os
 import stat
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_small", "unreadable")
+SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_small", "too_large", "unreadable")
 REPAIR_REASONS = ("gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid", "landmarks_missing")
 REASONS = SKIP_REASONS + REPAIR_REASONS
 
@@ -53,16 +58,21 @@ def read_bytes(path) -> tuple[bytes | None, str | None]:
 
 def open_image(raw: bytes, min_size: int) -> tuple[Image.Image | None, str | None]:
     """Identify the image and check its size; pixel data is not decoded yet (so a JPEG can
-    still be drafted). Returns (image, None) or (None, reason)."""
+    still be drafted, and the pixel budget checked: `draft`). Returns (image, None) or (None,
+    reason)."""
     if raw is None:
         return None, "unreadable"
     if len(raw) == 0:
         return None, "empty"
     try:
-        im = Image.open(io.BytesIO(raw))
+        with warnings.catch_warnings():  # (PIL's bomb warning: the caller's budget decides, and counts)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(raw))
     except UnidentifiedImageError:
         return None, "not_an_image"
-    except (OSError, Image.DecompressionBombError, MemoryError):
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except (OSError, MemoryError):
         return None, "unreadable"
     except Exception:  # a plugin choking on a malformed header
         return None, "not_an_image"
@@ -72,17 +82,29 @@ def open_image(raw: bytes, min_size: int) -> tuple[Image.Image | None, str | Non
     return im, None
 
 
-def draft(im: Image.Image, size: tuple[int, int]) -> float:
-    """Ask a JPEG to decode at 1/2, 1/4 or 1/8 scale while staying >= size; returns the scale
-    (original pixels per decoded pixel, 1.0 when nothing changed)."""
-    w0 = im.size[0]
-    try:
-        res = im.draft(im.mode, size)
-    except Exception:
-        return 1.0
-    if not res:
-        return 1.0
-    return w0 / res[1][2]
+def draft(im: Image.Image, size: tuple[int, int] | None, max_pixels: int) -> tuple[float | None, str | None]:
+    """Before decoding: ask a JPEG to decode at 1/2, 1/4 or 1/8 scale while staying >= `size`
+    (None: the full size) and, for one over the pixel budget, at the smallest of those scales
+    that fits it. Returns (scale: original pixels per decoded pixel, 1.0 when nothing changed,
+    None) or, for an image that would still decode to more than `max_pixels`, (None,
+    "too_large"): it must not be decoded."""
+    w0, h0 = im.size
+    want = size or (w0, h0)
+    if w0 * h0 > max_pixels:  # the least reduction that fits (a request of W // k keeps scale >= k)
+        k = next((k for k in (2, 4, 8) if -(-w0 // k) * -(-h0 // k) <= max_pixels), None)
+        if k is None:
+            return None, "too_large"
+        want = (min(want[0], w0 // k), min(want[1], h0 // k))
+    scale = 1.0
+    if want != (w0, h0):
+        try:
+            res = im.draft(im.mode, want)
+        except Exception:
+            res = None
+        if res:
+            scale = w0 / res[1][2]
+    w, h = im.size  # (the decode size, after a draft)
+    return (scale, None) if w * h <= max_pixels else (None, "too_large")
 
 
 def load(im: Image.Image) -> str | None:
@@ -91,7 +113,9 @@ def load(im: Image.Image) -> str | None:
         im.load()
     except OSError as e:
         return "unreadable" if "not available" in str(e) else "truncated"
-    except (Image.DecompressionBombError, MemoryError):
+    except Image.DecompressionBombError:
+        return "too_large"
+    except MemoryError:
         return "unreadable"
     except Exception:  # SyntaxError, ValueError, EOFError, struct.error, zlib.error ...
         return "truncated"
@@ -133,7 +157,9 @@ def to_rgb(im: Image.Image) -> tuple[Image.Image | None, str | None]:
             gray = bool(len(pal)) and bool((pal == pal[:, :1]).all())
             return im.convert("RGB"), ("gray_converted" if gray else None)
         return im.convert("RGB"), None
-    except (Image.DecompressionBombError, MemoryError):
+    except Image.DecompressionBombError:
+        return None, "too_large"
+    except MemoryError:
         return None, "unreadable"
     except OSError as e:
         return None, "unreadable" if "not available" in str(e) else "truncated"

@@ -2,7 +2,11 @@
 (`EncodedSample`, data.decoder='dali'), built from an image's bytes and its given landmarks.
 
 A skipped sample is a `Sample` without an image, its `issues` naming the skip reason; a kept
-one lists its repairs (decode.py names every reason)."""
+one lists its repairs (decode.py names every reason). Its `name` (the file, or a shard sample's
+`shard.tar/key`) is set by the dataset, so the files skipped can be listed (batch.py).
+
+No image is decoded to more than `max_pixels` (data.max_pixels): the budget is checked on the
+header, and a larger JPEG is decoded at reduced scale within it, or the sample is skipped."""
 
 import io
 from dataclasses import dataclass, replace
@@ -11,11 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import DataConfig
 from .decode import decode_rgb, draft, open_image
 from .landmarks import NAN5, check_landmarks
 from .transforms import FaceTransform, sample_seed
 
 MASK_KEY = 0x6D61736B  # derives a sample's mask seed from its augmentation seed
+MAX_PIXELS = DataConfig.max_pixels
 
 
 @dataclass
@@ -27,6 +33,7 @@ class Sample:
     image: torch.Tensor | None
     landmarks: torch.Tensor | None
     issues: tuple[str, ...] = ()
+    name: str = ""
 
 
 @dataclass
@@ -41,6 +48,7 @@ class EncodedSample:
     landmarks: torch.Tensor
     mask_seed: int
     issues: tuple[str, ...] = ()
+    name: str = ""
 
 
 def skipped(reason: str) -> Sample:
@@ -68,7 +76,7 @@ def _reasons(repair: str | None, issues: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
-              seed: int) -> Sample:
+              seed: int, max_pixels: int = MAX_PIXELS) -> Sample:
     """Encoded image (+ given landmarks in original pixels, or None) -> Sample."""
     im, reason = open_image(raw, min_size)
     if im is None:
@@ -76,7 +84,9 @@ def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTrans
     width, height = im.size
     points, issues = _given_points(points, width, height)
     params = transform.params(width, height, seed)
-    scale = draft(im, transform.draft_size(params, width, height))
+    scale, reason = draft(im, transform.draft_size(params, width, height), max_pixels)
+    if scale is None:
+        return skipped(reason)
     rgb, repair = decode_rgb(im)
     if rgb is None:
         return skipped(repair)
@@ -106,30 +116,36 @@ def png_bytes(im: Image.Image) -> bytes:
 
 
 def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
-                      seed: int) -> EncodedSample | Sample:
+                      seed: int, max_pixels: int = MAX_PIXELS) -> EncodedSample | Sample:
     """Like make_item, but leaves the pixels encoded for DaliDecoder: an EncodedSample, or a
-    skipped Sample. A JPEG or PNG in a mode DALI reads as PIL does, and ending with its end
-    marker, is passed on as read (only its header is parsed here); anything else is decoded
-    here, skipped or repaired as make_item does. A file broken inside is caught by the
-    decoder (DaliDecoder falls back to PIL)."""
+    skipped Sample. A JPEG or PNG within the pixel budget, in a mode DALI reads as PIL does,
+    and ending with its end marker, is passed on as read (only its header is parsed here);
+    anything else is decoded here (a JPEG over the budget drafted, as make_item does, and
+    its crop box scaled to the decoded pixels), skipped or repaired as make_item does. A file
+    broken inside is caught by the decoder (DaliDecoder falls back to PIL)."""
     im, reason = open_image(raw, min_size)
     if im is None:
         return skipped(reason)
     width, height = im.size
     points, issues = _given_points(points, width, height)
-    repair = None
-    if not dali_reads_as_is(im, raw):
+    params = transform.params(width, height, seed)
+    landmarks = transform.landmarks(torch.from_numpy(np.array(points, dtype=np.float32)), params)
+    repair, over = None, width * height > max_pixels  # (DALI cannot draft: the budget is kept here)
+    if over or not dali_reads_as_is(im, raw):
+        scale, reason = draft(im, transform.draft_size(params, width, height) if over else None, max_pixels)
+        if scale is None:
+            return skipped(reason)
         rgb, repair = decode_rgb(im)
         if rgb is None:
             return skipped(repair)
         raw = png_bytes(rgb)
+        if scale != 1.0:
+            params = dict(params, box=tuple(v / scale for v in params["box"]))
     elif im.mode == "L":
         repair = "gray_converted"  # DALI decodes it to RGB, as to_rgb does
-    params = transform.params(width, height, seed)
-    return EncodedSample(np.frombuffer(raw, dtype=np.uint8), params,
-                         transform.landmarks(torch.from_numpy(np.array(points, dtype=np.float32)), params),
-                         sample_seed(seed, MASK_KEY), _reasons(repair, issues))
+    return EncodedSample(np.frombuffer(raw, dtype=np.uint8), params, landmarks, sample_seed(seed, MASK_KEY),
+                         _reasons(repair, issues))
 
 
 __all__ = ["Sample", "EncodedSample", "skipped", "landmarks_missing", "make_item", "make_encoded_item", "png_bytes",
-           "dali_reads_as_is"]
+           "dali_reads_as_is", "MAX_PIXELS"]

@@ -40,7 +40,7 @@ import numpy as np
 from ..config import ConfigError
 from .datasets import source_landmarks
 from .decode import decode_rgb, open_image, read_bytes
-from .items import dali_reads_as_is, png_bytes
+from .items import MAX_PIXELS, dali_reads_as_is, png_bytes
 from .landmarks import check_landmarks
 from .recordio import InsightFaceRecords, RecordIOError
 from .sources import image_files
@@ -76,11 +76,15 @@ class Checked:
     as_read: bool = False
 
 
-def check(raw: bytes | None, points: np.ndarray | None, min_size: int) -> Checked:
-    """Checks one image as the loader does (decode.py) and gives the bytes to store."""
+def check(raw: bytes | None, points: np.ndarray | None, min_size: int, max_pixels: int = MAX_PIXELS) -> Checked:
+    """Checks one image as the loader does (decode.py) and gives the bytes to store. An image
+    over the pixel budget is skipped (`too_large`), never decoded: the loader would decode a
+    JPEG at reduced scale, but the shards keep each image at the scale of its landmarks."""
     im, reason = open_image(raw, min_size)
     if im is None:
         return Checked(skip=reason)
+    if im.size[0] * im.size[1] > max_pixels:
+        return Checked(skip="too_large")
     as_read, fmt, (width, height) = dali_reads_as_is(im, raw), im.format, im.size
     rgb, repair = decode_rgb(im)
     if rgb is None:
@@ -93,9 +97,9 @@ def check(raw: bytes | None, points: np.ndarray | None, min_size: int) -> Checke
     return Checked(data=png_bytes(rgb), ext="png", reasons=reasons)
 
 
-def _check_job(job: tuple[Entry, np.ndarray | None, int]) -> tuple[Entry, Checked]:
-    entry, points, min_size = job
-    checked = Checked(skip=entry.reason) if entry.reason else check(entry.raw, points, min_size)
+def _check_job(job: tuple[Entry, np.ndarray | None, int, int]) -> tuple[Entry, Checked]:
+    entry, points, min_size, max_pixels = job
+    checked = Checked(skip=entry.reason) if entry.reason else check(entry.raw, points, min_size, max_pixels)
     entry.raw = None  # (not sent back from a worker)
     return entry, checked
 
@@ -216,9 +220,9 @@ def _claim(out: str | Path) -> Path:
     return out
 
 
-def _check_options(shard_size: int, min_size: int, workers: int) -> None:
+def _check_options(shard_size: int, min_size: int, workers: int, max_pixels: int) -> None:
     for option, value, lowest in (("--shard-size", shard_size, 1), ("--min-size", min_size, 1),
-                                  ("--workers", workers, 0)):
+                                  ("--workers", workers, 0), ("--max-pixels", max_pixels, 1)):
         if value < lowest:
             raise ConfigError(f"{option} must be at least {lowest}, got {value}")
 
@@ -270,13 +274,14 @@ def _store(entry: Entry, checked: Checked, table: dict | None, writer: ShardWrit
     return [entry.name, status, ";".join(reasons), "as read" if checked.as_read else "png", shard, key, entry.detail]
 
 
-def _write_all(source, table: dict | None, out: Path, shard_size: int, min_size: int, workers: int):
+def _write_all(source, table: dict | None, out: Path, shard_size: int, min_size: int, workers: int,
+               max_pixels: int):
     """Checks and writes every entry of `source`, a row for each in OUT/prepare.csv (written
     under a temporary name, renamed when complete); returns (counts, shard names)."""
     from tqdm import tqdm
 
     counts, tmp = Counter(), out / f".{FILES}.tmp"
-    jobs = ((e, None if table is None else table.get(e.key), min_size) for e in source.entries())
+    jobs = ((e, None if table is None else table.get(e.key), min_size, max_pixels) for e in source.entries())
     try:
         with open(tmp, "w", newline="") as f, ShardWriter(out, shard_size) as writer, _Mapper(workers) as map_:
             rows = csv.writer(f)
@@ -297,15 +302,15 @@ def _pattern(out: Path, shards: list[str]) -> str:
 
 
 def prepare(src: str | Path, out: str | Path, shard_size: int = 10000, landmarks: str | None = None,
-            min_size: int = 32, workers: int = 0) -> dict:
+            min_size: int = 32, workers: int = 0, max_pixels: int = MAX_PIXELS) -> dict:
     """Writes SRC's usable images to shards in OUT and the report; returns the report (as in
     prepare.json). No usable image at all raises (after the report is written)."""
-    _check_options(shard_size, min_size, workers)
+    _check_options(shard_size, min_size, workers, max_pixels)
     source = open_source(src)
     try:
         table = source_landmarks(landmarks, source.keys, str(src), "--landmarks", "SRC") if landmarks else None
         out = _claim(out)
-        counts, shards = _write_all(source, table, out, shard_size, min_size, workers)
+        counts, shards = _write_all(source, table, out, shard_size, min_size, workers, max_pixels)
     finally:
         source.close()
     report = {

@@ -11,7 +11,7 @@ import random
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .items import EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, skipped
+from .items import MAX_PIXELS, EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, skipped
 from .landmarks import NAN5, parse_points
 from .sources import IMAGE_EXTENSIONS
 from .transforms import FaceTransform, sample_seed
@@ -82,13 +82,15 @@ class ShardDataset(IterableDataset):
     its first member named .jpg/.jpeg/.png/.bmp/.webp; its landmarks come from .json. A tar
     that breaks off (or cannot be opened, or lacks its end-of-archive marker) yields one sample
     skipped as "unreadable" after the samples read before the break. `encoded`: samples for
-    DaliDecoder."""
+    DaliDecoder. A sample is named `shard.tar/key` (the break: the shard's path)."""
 
     def __init__(self, shards: list[str], transform: FaceTransform, min_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, encoded: bool = False):
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, encoded: bool = False,
+                 max_pixels: int = MAX_PIXELS):
         self.shards = list(shards)
         self.make_item = make_encoded_item if encoded else make_item
         self.transform, self.min_size, self.seed = transform, int(min_size), int(seed)
+        self.max_pixels = int(max_pixels)
         self.rank, self.world_size, self.shuffle_buffer = int(rank), int(world_size), int(shuffle_buffer)
         self.epoch = 0
 
@@ -133,6 +135,11 @@ class ShardDataset(IterableDataset):
                 yield s, -1, None
 
     def _item(self, shard: int, pos: int, sample: dict | None) -> Sample | EncodedSample:
+        item = self._read(shard, pos, sample)
+        item.name = self.shards[shard] + ("" if sample is None else f"/{sample.get('__key__', pos)}")
+        return item
+
+    def _read(self, shard: int, pos: int, sample: dict | None) -> Sample | EncodedSample:
         if sample is None:
             return skipped("unreadable")
         raw = None
@@ -144,7 +151,7 @@ class ShardDataset(IterableDataset):
             return skipped("not_an_image")
         seed = sample_seed(self.seed, self.epoch, shard, pos)
         points = _shard_points(sample.get("json"))
-        item = self.make_item(raw, points, self.transform, self.min_size, seed)
+        item = self.make_item(raw, points, self.transform, self.min_size, seed, self.max_pixels)
         return landmarks_missing(item) if points is None else item
 
     def __iter__(self):

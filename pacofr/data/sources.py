@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .decode import read_bytes
-from .items import EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, png_bytes
+from .items import MAX_PIXELS, EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, png_bytes
 from .landmarks import NAN5, norm_key
 from .transforms import FaceTransform, sample_seed
 
@@ -77,12 +77,15 @@ class FacesDataset(_MapDataset):
 
 class ImageFilesDataset(_MapDataset):
     """An image folder or a file list. `keys` are the paths relative to the folder (or as the
-    list writes them), the names a landmarks file uses. `encoded`: samples for DaliDecoder."""
+    list writes them), the names a landmarks file uses. `encoded`: samples for DaliDecoder.
+    Each sample is named by its path."""
 
     def __init__(self, paths: list[str], keys: list[str], transform: FaceTransform, min_size: int,
-                 seed: int = 0, landmarks: dict[str, np.ndarray] | None = None, encoded: bool = False):
+                 seed: int = 0, landmarks: dict[str, np.ndarray] | None = None, encoded: bool = False,
+                 max_pixels: int = MAX_PIXELS):
         super().__init__(transform, seed, encoded)
-        self.paths, self.keys, self.min_size = list(paths), list(keys), int(min_size)
+        self.paths, self.keys = list(paths), list(keys)
+        self.min_size, self.max_pixels = int(min_size), int(max_pixels)
         self.points = np.full((len(keys), 5, 2), np.nan, dtype=np.float32)
         self.has_points = np.zeros(len(keys), dtype=bool)
         self.expects_points = landmarks is not None  # (a landmarks file: an image it lacks is counted)
@@ -97,7 +100,8 @@ class ImageFilesDataset(_MapDataset):
     def __getitem__(self, index: int) -> Sample | EncodedSample:
         raw, _ = read_bytes(self.paths[index])
         points = self.points[index] if self.has_points[index] else None
-        sample = self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index))
+        sample = self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index), self.max_pixels)
+        sample.name = self.paths[index]
         return landmarks_missing(sample) if points is None and self.expects_points else sample
 
 
@@ -113,8 +117,13 @@ def _scan_folder(root: str) -> tuple[list[str], list[str]]:
     return [p for _, p in found], [k for k, _ in found]
 
 
+def source_root(source: str) -> str:
+    """The folder that the keys of an image folder or a .txt list are relative to."""
+    return source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
+
+
 def _read_list(list_path: str) -> tuple[list[str], list[str]]:
-    base = os.path.dirname(os.path.abspath(list_path))
+    base = source_root(list_path)
     paths, keys = [], []
     with open(list_path) as f:
         for line in f:
@@ -149,4 +158,4 @@ def image_files(source: str, what: str = "data.source") -> tuple[list[str], list
 
 
 __all__ = ["IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "embedded_faces", "FacesDataset", "ImageFilesDataset",
-           "image_files"]
+           "image_files", "source_root"]

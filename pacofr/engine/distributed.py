@@ -42,6 +42,15 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] in a single process."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()

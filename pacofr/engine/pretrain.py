@@ -4,6 +4,7 @@ then the encoder written and the summary."""
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import IterableDataset
 
 from ..config import Config, ConfigError, to_dict
 from ..data import Batches, MaskingCollate, build_dataset, sample_seed
+from ..data.skips import SkipLog
 from ..losses import TERMS, PaCoFRLoss
 from ..masking import sample_masks
 from ..model import PaCoFR, save_encoder
@@ -24,6 +26,7 @@ __all__ = ["pretrain", "PretrainTask", "NonFiniteLossError"]
 log = logging.getLogger("pacofr.train")
 CODES_GROUP = 2  # the code table's param group: no gradient during incubation, its AdamW restarts after
 CODEBOOK_STREAM = 0xC0DE  # keys the code table's random stream (see PretrainTask.start_step)
+SKIPPED = "skipped.csv"  # the files skipped (path, reason), beside summary.yaml
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -139,6 +142,32 @@ def _schedule(cfg: Config, batches: Batches | None) -> tuple[int, int, int]:
     return schedule_steps, total_steps, round(t.warmup_epochs * steps_per_epoch)
 
 
+@dataclass
+class _LoggedLoader(Loader):
+    """The loader, its batches logged as they reach the loop (`log`: the files skipped, for
+    skipped.csv) and checked: a run that has used no sample by the time it would write a
+    checkpoint (or the end of an epoch read from its start) stops, rather than save an
+    untrained model. `state` (the run's) and `total_steps` are set once known."""
+    log: SkipLog | None = None
+    state: dict | None = None
+    total_steps: int = 0
+
+    def epoch(self, epoch: int, epoch_step: int, device: torch.device):
+        return self._checked(super().epoch(epoch, epoch_step, device), epoch_step == 0)
+
+    def _checked(self, batches, whole: bool):
+        t, n = self.cfg.train, 0
+        for n, batch in enumerate(batches, 1):
+            self.log.record(batch)
+            step = self.state["step"] + 1  # (the step this micro-batch belongs to, once taken)
+            saves = n % t.accum_steps == 0 and (step % t.ckpt_every == 0 or step >= self.total_steps)
+            if saves and not self.log.usable:
+                raise self.log.nothing_usable(self.cfg.data.source)
+            yield batch
+        if whole and n and not self.log.usable:
+            raise self.log.nothing_usable(self.cfg.data.source)
+
+
 def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
     t = cfg.train
     if t.batch_size % (d.world * t.accum_steps):
@@ -159,7 +188,7 @@ def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
 
         decoder = DaliDecoder(cfg.model.img_size, per_rank, cfg.data.dali_device, cfg.data.dali_threads,
                               d.device.index if d.device.type == "cuda" else None)
-    return Loader(cfg, dataset, batches, MaskingCollate(cfg, sample_masks), per_rank, decoder)
+    return _LoggedLoader(cfg, dataset, batches, MaskingCollate(cfg, sample_masks), per_rank, decoder)
 
 
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None, overwrite: bool = False) -> dict:
@@ -187,6 +216,8 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
+    loader.log = SkipLog(output / SKIPPED if d.main else None, keep=found is not None)
+    loader.state, loader.total_steps = state, total_steps
     if d.main and resume:
         print(f"resuming {found} at step {state['step']}" if found is not None else
               f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh", flush=True)
@@ -222,8 +253,10 @@ def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict
 
 
 def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
-    """Writes the encoder (timm-loadable, its config in the metadata) and the summary; prints it."""
-    s, d = trainer.state, trainer.d
+    """Writes the encoder (timm-loadable, its config in the metadata), the files skipped by every
+    rank and the summary; prints it."""
+    s, d, log = trainer.state, trainer.d, trainer.loader.log
+    log.write(set().union(*distributed.gather_objects(log.rows)))
     summary = {"steps": s["step"], "epochs_started": s["epoch"] + 1, "skipped_steps": s["skipped_steps"],
                "skipped_or_repaired_samples": dict(sorted(s["issues"].items())),
                "output": str(output), "last_checkpoint": str(trainer.last_ckpt)}
@@ -234,11 +267,13 @@ def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
     if not d.main:
         return summary
     summary.update(encoder=str(output / "encoder.safetensors"), metrics=str(output / "metrics.csv"),
-                   images=str(output / "images"), tensorboard=str(output / "tensorboard"))
+                   images=str(output / "images"), tensorboard=str(output / "tensorboard"),
+                   skipped_files=str(output / SKIPPED))
     (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     trainer.monitor.close()
     print("\npretraining finished")
-    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "encoder", "metrics", "images", "tensorboard"):
+    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "encoder", "metrics", "images", "tensorboard",
+                "skipped_files"):
         print(f"  {key:<16} {summary[key]}")
     counts = summary["skipped_or_repaired_samples"]
     print("  samples skipped or repaired: " + (", ".join(f"{k}={v}" for k, v in counts.items()) if counts else "none"))

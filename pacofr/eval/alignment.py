@@ -28,8 +28,10 @@ The ridge is solved in its dual form from the Gram matrix of the train features 
 float64 a block at a time): memory is a few N^2 float64 matrices for N train faces beside the
 N x grid^2 x width float32 features, time 2 N^2 F float64 operations on the CPU.
 
-Faces are skipped (and counted) when unreadable, without landmarks, with a landmark that is not
-finite, or with a zero NME scale; points outside the image or the crop are kept as targets.
+Faces are skipped (and counted) when unreadable or over the pixel budget, without landmarks,
+with a landmark that is not finite ("landmarks_invalid") or outside the image
+("landmarks_outside"), or with a zero NME scale; points inside the image but outside the centre
+crop are kept as targets. Landmark rows naming no image of the folder are counted ("no_image").
 """
 
 import json
@@ -38,9 +40,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.landmarks import load_landmarks_file
+from ..data.items import MAX_PIXELS
+from ..data.landmarks import check_landmarks, load_landmarks_file
 from ..model import ViTEncoder
-from .common import LAMBDAS, FaceImages, autocast, batches
+from .common import LAMBDAS, MIN_TEST, FaceImages, Skipped, autocast, batches, check_test_size, skipped_files
 
 EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
 
@@ -150,12 +153,14 @@ def scores(pred: torch.Tensor, target: torch.Tensor, norm: str) -> dict:
 # -- data and features -------------------------------------------------------------------------------
 class AlignmentImages(FaceImages):
     """(image [3, S, S] normalized, landmarks [K, 2] in output pixels) or None for a face that
-    is skipped, with its reason: unreadable, not an image, no landmarks or some not finite
-    ("landmarks_invalid"), or a zero NME scale under `norm` ("degenerate_scale"). Points may
-    lie outside the image or the crop: they are regression targets as any other."""
+    is skipped, with its reason: unreadable, not an image, no landmarks, some not finite
+    ("landmarks_invalid") or outside the image ("landmarks_outside"), or a zero NME scale under
+    `norm` ("degenerate_scale"). Points may lie outside the centre crop: they are regression
+    targets as any other."""
 
-    def __init__(self, source: str, landmarks: str, img_size: int, norm: str = "inter_ocular", what: str = "--train"):
-        super().__init__(source, img_size, what)
+    def __init__(self, source: str, landmarks: str, img_size: int, norm: str = "inter_ocular", what: str = "--train",
+                 max_pixels: int = MAX_PIXELS):
+        super().__init__(source, img_size, what, max_pixels)
         keys = self.keys
         table = load_landmarks_file(landmarks, keep_all=True, what=f"{what}-landmarks")
         counts = {len(v) for v in table.values() if v is not None}
@@ -166,6 +171,7 @@ class AlignmentImages(FaceImages):
                              "needs the same layout")
         self.num_points = counts.pop()
         self.points = [table.get(k) for k in keys]
+        self.label_orphans(table)
         if all(p is None for p in self.points):
             raise ValueError(f"{what}-landmarks '{landmarks}': none of its paths names a file of '{source}' "
                              f"(e.g. '{keys[0]}'); paths are relative to the folder or list")
@@ -181,7 +187,9 @@ class AlignmentImages(FaceImages):
         if not float(face_scale(torch.from_numpy(points)[None].double(), self.norm)) > 0:
             return None, "degenerate_scale"
         read, reason = self.crop(index, torch.from_numpy(points.astype(np.float32)))
-        return (None, reason) if read is None else (read[:2], None)
+        if read is None:
+            return None, reason
+        return (read[:2], None) if check_landmarks(points, *read[3]) else (None, "landmarks_outside")
 
 
 @torch.no_grad()
@@ -195,22 +203,26 @@ def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tens
 
 
 def extract(encoder, dataset: AlignmentImages, grid: int, batch_size: int, workers: int, device):
-    """-> (features [N, F] float32 on CPU, landmarks [N, K, 2], {skip reason: count}). No usable
-    face raises, naming the dataset (`dataset.what` and its source)."""
-    feats, points, skipped = [], [], {}
+    """-> (features [N, F] float32 on CPU, landmarks [N, K, 2], Skipped). No usable face raises,
+    naming the dataset (`dataset.what` and its source), and so do features that are not finite."""
+    feats, points, skipped = [], [], Skipped(dataset)
     for images, lm in batches(dataset, batch_size, workers, skipped):
         with autocast(device):
             feats.append(features(encoder, images.to(device), grid).float().cpu())
         points.append(lm)
     if not feats:
         raise ValueError(f"{dataset.what} '{dataset.source}': no usable face (every file was skipped: "
-                         + json.dumps(skipped) + ")")
-    return torch.cat(feats), torch.cat(points), skipped
+                         + json.dumps(skipped.counts) + ")")
+    x = torch.cat(feats)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"the encoder gave non-finite features for {dataset.what} '{dataset.source}'")
+    return x, torch.cat(points), skipped
 
 
 def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages, norm: str = "inter_ocular",
-             grid: int = 7, batch_size: int = 64, workers: int = 2, seed: int = 0) -> dict:
-    """Fits the probe on `train`, scores it and the mean shape on `test` (NME in %)."""
+             grid: int = 7, batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+    """Fits the probe on `train`, scores it and the mean shape on `test` (NME in %); fewer
+    than `min_test` usable test faces are refused."""
     if train.num_points != test.num_points:
         raise ValueError(f"train faces have {train.num_points} points, test faces {test.num_points}")
     if train.norm != norm or test.norm != norm:
@@ -221,6 +233,7 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     grid = min(grid, *encoder.grid)
     x_train, y_train, skipped_train = extract(encoder, train, grid, batch_size, workers, device)
     x_test, y_test, skipped_test = extract(encoder, test, grid, batch_size, workers, device)
+    check_test_size(len(y_test), min_test, test)
     model, search = fit_ridge(x_train, y_train, norm, seed=seed)
     pred = model.predict(x_test).view_as(y_test).float()
     size = test.transform.size
@@ -231,7 +244,8 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
         "norm": norm, "points": train.num_points, "train_faces": len(y_train), "test_faces": len(y_test),
         "test_faces_with_points_outside_the_crop": int(outside.sum()), "features": x_train.shape[1], "grid": grid,
         "penalty": search["penalty"], "val_nme": [100 * v for v in search["val_nme"]],
-        "skipped_train": skipped_train, "skipped_test": skipped_test,
+        "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
+        "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
     }
 
 

@@ -14,6 +14,7 @@ attribute when its score is above 0.5 (the test file's columns may come in anoth
 Reported on the test set: each attribute's accuracy and
 their mean (CelebA's usual figure), and the majority class of each attribute in the train set
 as the floor (a tie counts as 0). A linear probe compares encoders; it is not a fine-tuned attribute classifier.
+Rows naming no image of the folder are counted ("no_image").
 """
 
 import csv
@@ -21,8 +22,10 @@ import csv
 import numpy as np
 import torch
 
+from ..data.items import MAX_PIXELS
 from ..data.landmarks import norm_key
-from .common import FaceImages, Stats, autocast, batches, fit_on_held_out, held_out
+from .common import (MIN_TEST, FaceImages, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out,
+                     held_out, skipped_files)
 
 
 def load_attribute_file(path: str, what: str) -> tuple[list[str], dict[str, np.ndarray | None]]:
@@ -72,13 +75,14 @@ class AttributeImages(FaceImages):
     """(image [3, S, S] normalized, targets [A] in {0, 1}) or None with the skip reason: no
     labels row, an unusable row ("labels_invalid"), an unreadable image."""
 
-    def __init__(self, source: str, labels: str, img_size: int, what: str = "--train"):
-        super().__init__(source, img_size, what)
+    def __init__(self, source: str, labels: str, img_size: int, what: str = "--train", max_pixels: int = MAX_PIXELS):
+        super().__init__(source, img_size, what, max_pixels)
         self.names, table = load_attribute_file(labels, f"{what}-labels")
         if not any(k in table for k in self.keys):
             raise ValueError(f"{what}-labels '{labels}': none of its paths names a file of '{source}' "
                              f"(e.g. '{self.keys[0]}'); paths are relative to the folder or list")
         self.targets = [table.get(k, "missing") for k in self.keys]
+        self.label_orphans(table)
 
     def __getitem__(self, index: int):
         targets = self.targets[index]
@@ -108,22 +112,23 @@ def features(encoder, images: torch.Tensor, device) -> torch.Tensor:
 
 
 def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size: int = 64, workers: int = 2,
-             holdout: float = 0.1, seed: int = 0) -> dict:
-    """Fits the probe on `train` (one pass), scores it and the majority classes on `test`."""
+             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+    """Fits the probe on `train` (one pass), scores it and the majority classes on `test`;
+    fewer than `min_test` usable test images are refused."""
     test.reorder(train.names)
     a, device = len(train.names), next(encoder.parameters()).device
     width = 2 * encoder.embed_dim
     usable = [i for i, t in enumerate(train.targets) if isinstance(t, np.ndarray)]
     held, rest = held_out(usable, len(train), holdout, seed)
     fit, val = Stats(width, a, device), Stats(width, a, device)
-    positives, skipped_train, skipped_test = torch.zeros(a, dtype=torch.float64), {}, {}
+    positives, skipped_train, skipped_test = torch.zeros(a, dtype=torch.float64), Skipped(train), Skipped(test)
     for part, stats in ((held, val), (rest, fit)):
         for images, targets in batches(train, batch_size, workers, skipped_train, part):
             stats.add(features(encoder, images, device), targets.to(device))
             positives += targets.double().sum(0)
     if not fit.n or not val.n:
         raise ValueError(f"the probe needs usable train images in both its fit and held-out parts "
-                         f"(skipped: {skipped_train})")
+                         f"(skipped: {skipped_train.counts})")
     (w, b), search = fit_on_held_out(fit, val)
     majority = positives / (fit.n + val.n) > 0.5  # each attribute's more frequent value in train
 
@@ -135,12 +140,14 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
         floor += (majority == truth).double().sum(0)
         n_test += images.shape[0]
     if not n_test:
-        raise ValueError(f"no usable test image (skipped: {skipped_test})")
+        raise ValueError(f"no usable test image (skipped: {skipped_test.counts})")
+    check_test_size(n_test, min_test, test)
     accuracy, prior = 100 * correct / n_test, 100 * floor / n_test
     return {"mean_accuracy": float(accuracy.mean()), "majority_mean_accuracy": float(prior.mean()),
             "accuracy": dict(zip(train.names, accuracy.tolist())), "majority": dict(zip(train.names, prior.tolist())),
             "attributes": a, "train_images": fit.n + val.n, "test_images": n_test, **search,
-            "skipped_train": skipped_train, "skipped_test": skipped_test}
+            "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test)}
 
 
 __all__ = ["AttributeImages", "load_attribute_file", "features", "evaluate"]

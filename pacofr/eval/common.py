@@ -1,39 +1,84 @@
-"""What the probes share: the encoder of a pretraining run, batching of skippable items,
-autocast, and ridge regression from streamed statistics with its penalty chosen on held-out rows."""
+"""What the probes share: the encoder of a pretraining run, batching of skippable items and
+the list of what was skipped, the test set's minimum size, autocast, and ridge regression from
+streamed statistics with its penalty chosen on held-out rows."""
+
+import os
+from collections import Counter
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.datasets import image_files
-from ..data.decode import decode_rgb, open_image, read_bytes
+from ..data.decode import decode_rgb, draft, open_image, read_bytes
+from ..data.items import MAX_PIXELS
+from ..data.sources import source_root
 from ..data.transforms import FaceTransform
 from ..model import ViTEncoder, load_encoder_weights
+
+MIN_TEST = 20  # fewer usable test images give a score too noisy to compare (--min-test)
 
 
 class FaceImages(Dataset):
     """The images of a folder or .txt list (`source`), for a probe: `crop` reads one, centre-
-    cropped to a square and resized to `img_size` (no augmentation). `keys` are the paths
-    relative to the folder (or as listed), the names its label files use."""
+    cropped to a square and resized to `img_size` (no augmentation), decoded within the pixel
+    budget `max_pixels` (as in training: a larger JPEG at reduced scale, others skipped).
+    `keys` are the paths relative to the folder (or as listed), the names its label files
+    use; `orphans` the (path, "no_image") rows of label entries that name no image of it."""
 
-    def __init__(self, source: str, img_size: int, what: str):
+    def __init__(self, source: str, img_size: int, what: str, max_pixels: int = MAX_PIXELS):
         self.paths, self.keys = image_files(source, what)
         self.transform = FaceTransform(img_size, augment=False)
-        self.what, self.source = what, source
+        self.what, self.source, self.max_pixels = what, source, int(max_pixels)
+        self.orphans: list[tuple[str, str]] = []
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def label_orphans(self, labelled) -> None:
+        """`orphans`: the entries of a label file (its keys) that name no image of the source."""
+        root, known = source_root(self.source), set(self.keys)
+        self.orphans = [(os.path.join(root, k), "no_image") for k in sorted(set(labelled) - known)]
 
     def crop(self, index: int, points: torch.Tensor | None = None):
         """((image [3, S, S] normalized, `points` in output pixels, the crop's params, the
         original (width, height)), None), or (None, skip reason) for an unreadable image."""
         raw, _ = read_bytes(self.paths[index])
         im, reason = open_image(raw, 1)
-        rgb, reason = (None, reason) if im is None else decode_rgb(im)
+        if im is None:
+            return None, reason
+        size = im.size
+        params = self.transform.params(*size, 0)
+        scale, reason = draft(im, self.transform.draft_size(params, *size), self.max_pixels)
+        rgb, reason = (None, reason) if scale is None else decode_rgb(im)
         if rgb is None:
             return None, reason
-        params = self.transform.params(*rgb.size, 0)
-        x, lm = self.transform.apply(rgb, params, torch.zeros(0, 2) if points is None else points)
-        return (x, lm, params, rgb.size), None
+        x, lm = self.transform.apply(rgb, params, torch.zeros(0, 2) if points is None else points, scale)
+        return (x, lm, params, size), None
+
+
+class Skipped:
+    """One split's skipped items: their count by reason (`counts`, the result's skipped_<split>)
+    and (path, reason) `rows`, starting with the label entries that name no image."""
+
+    def __init__(self, dataset: FaceImages):
+        self.rows = list(dataset.orphans)
+        self.counts = dict(Counter(reason for _, reason in self.rows))
+
+    def add(self, path: str, reason: str) -> None:
+        self.rows.append((path, reason))
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+
+
+def skipped_files(**splits: Skipped) -> list[tuple[str, str, str]]:
+    """(path, reason, split) of every split's skipped items (the CLI's .skipped.csv)."""
+    return [(path, reason, name) for name, skipped in splits.items() for path, reason in skipped.rows]
+
+
+def check_test_size(n: int, min_test: int, test: FaceImages) -> None:
+    """A score over fewer than `min_test` test images is refused, not reported."""
+    if n < min_test:
+        raise ValueError(f"{test.what} '{test.source}': {n} usable test image(s), fewer than --min-test {min_test}: "
+                         "a score over so few says little; add test images or lower --min-test")
 
 
 def load_encoder(cfg, path: str, device: torch.device | None = None) -> ViTEncoder:
@@ -48,21 +93,25 @@ def load_encoder(cfg, path: str, device: torch.device | None = None) -> ViTEncod
 
 
 def collate_pairs(items):
-    """[((a, b) or None, skip reason or None)] -> (stacked a or None, stacked b or None, reasons)."""
+    """[((a, b) or None, skip reason or None)] -> (stacked a or None, stacked b or None, each
+    item's skip reason or None)."""
     kept = [it for it, _ in items if it is not None]
-    reasons = [r for it, r in items if it is None]
+    reasons = [None if it is not None else r for it, r in items]
     if not kept:
         return None, None, reasons
     return torch.stack([a for a, _ in kept]), torch.stack([b for _, b in kept]), reasons
 
 
-def batches(dataset, batch_size: int, workers: int, skipped: dict, indices: list[int] | None = None):
-    """The (a, b) batches of the usable items of `dataset` (or of its `indices`), counting each
-    skipped item's reason into `skipped`."""
+def batches(dataset, batch_size: int, workers: int, skipped: Skipped, indices: list[int] | None = None):
+    """The (a, b) batches of the usable items of `dataset` (or of its `indices`), adding each
+    skipped item (its path and reason) to `skipped`."""
     part = dataset if indices is None else Subset(dataset, indices)
+    order, at = (range(len(dataset)) if indices is None else indices), 0
     for a, b, reasons in DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs):
-        for r in reasons:
-            skipped[r] = skipped.get(r, 0) + 1
+        for k, r in enumerate(reasons):
+            if r is not None:
+                skipped.add(dataset.paths[order[at + k]], r)
+        at += len(reasons)
         if a is not None:
             yield a, b
 

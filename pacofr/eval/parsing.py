@@ -19,7 +19,8 @@ in the test labels, their means over those other than the background (as LaPa's 
 reported), and pixel accuracy.
 Beside them, the position prior: each pixel's most frequent train class at its position, the
 floor a probe must beat. A linear probe compares encoders; it is not the fine-tuned parsing
-model behind the paper's LaPa figures.
+model behind the paper's LaPa figures. Label maps of no image of the folder are counted
+("no_image", named by the label map).
 """
 
 import os
@@ -29,7 +30,9 @@ import torch
 from PIL import Image
 
 from ..data.decode import load, open_image, read_bytes
-from .common import FaceImages, Stats, autocast, batches, fit_on_held_out, held_out
+from ..data.items import MAX_PIXELS
+from .common import (MIN_TEST, FaceImages, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out,
+                     held_out, skipped_files)
 
 IGNORE = 255
 
@@ -39,10 +42,12 @@ class ParsingImages(FaceImages):
     unreadable image or label map, no label map, a label map of another shape than its image
     (one at another resolution, CelebAMask-HQ's 512 px masks of 1024 px images, is scaled;
     that dataset's per-part masks are merged into one class-id map per image beforehand),
-    a label map that is not of class ids (colours)."""
+    a label map that is not of class ids (colours), one over the pixel budget ("too_large":
+    label maps are never drafted)."""
 
-    def __init__(self, source: str, labels: str, img_size: int, num_classes: int, what: str = "--train"):
-        super().__init__(source, img_size, what)
+    def __init__(self, source: str, labels: str, img_size: int, num_classes: int, what: str = "--train",
+                 max_pixels: int = MAX_PIXELS):
+        super().__init__(source, img_size, what, max_pixels)
         keys = self.keys
         if not os.path.isdir(labels):
             raise FileNotFoundError(f"{what}-labels '{labels}': no such folder")
@@ -58,6 +63,8 @@ class ParsingImages(FaceImages):
         if not 2 <= num_classes < IGNORE:
             raise ValueError(f"--classes must be in [2, {IGNORE}), got {num_classes}")
         self.num_classes = num_classes
+        maps = {os.path.normpath(p) for p in self.labels}
+        self.orphans = [(p, "no_image") for p in _label_maps(labels) if os.path.normpath(p) not in maps]
 
     def __getitem__(self, index: int):
         if not os.path.isfile(self.labels[index]):
@@ -65,6 +72,8 @@ class ParsingImages(FaceImages):
         label, reason = open_image(read_bytes(self.labels[index])[0], 1)
         if label is None:
             return None, reason
+        if label.size[0] * label.size[1] > self.max_pixels:
+            return None, "too_large"
         read, reason = self.crop(index)
         if read is None:
             return None, reason
@@ -90,6 +99,12 @@ class ParsingImages(FaceImages):
         box = (x0 * fx, y0 * fy, (x0 + w) * fx, (y0 + h) * fy)
         ids = np.array(Image.fromarray(ids.astype(np.int32), "I").resize((s, s), Image.NEAREST, box=box), dtype=np.int64)
         return (x, torch.from_numpy(ids)), None
+
+
+def _label_maps(folder: str) -> list[str]:
+    """The .png files under `folder`, sorted."""
+    found = [os.path.join(d, f) for d, _, files in os.walk(folder) for f in files if f.lower().endswith(".png")]
+    return sorted(found)
 
 
 def patch_fractions(labels: torch.Tensor, patch: int, num_classes: int) -> torch.Tensor:
@@ -143,8 +158,9 @@ def _tokens(encoder, images: torch.Tensor, device) -> torch.Tensor:
 
 
 def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int = 32, workers: int = 2,
-             holdout: float = 0.1, seed: int = 0) -> dict:
-    """Fits the probe on `train` (one pass), scores it and the position prior on `test`."""
+             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+    """Fits the probe on `train` (one pass), scores it and the position prior on `test`;
+    fewer than `min_test` usable test images are refused."""
     if train.num_classes != test.num_classes:
         raise ValueError(f"--classes differs between train ({train.num_classes}) and test ({test.num_classes})")
     c, device = train.num_classes, next(encoder.parameters()).device
@@ -154,7 +170,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     width = encoder.embed_dim
     fit, val = Stats(width, c, device), Stats(width, c, device)
     prior = torch.zeros(s, s, c + 1, dtype=torch.long)
-    skipped_train, skipped_test, images_seen = {}, {}, [0, 0]
+    skipped_train, skipped_test, images_seen = Skipped(train), Skipped(test), [0, 0]
     for part, stats in ((held, val), (rest, fit)):
         for images, labels in batches(train, batch_size, workers, skipped_train, part):
             tokens = _tokens(encoder, images, device)
@@ -166,7 +182,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
             images_seen[stats is fit] += images.shape[0]
     if not fit.n or not val.n:
         raise ValueError(f"the probe needs labelled train images in both its fit and held-out parts "
-                         f"(skipped: {skipped_train})")
+                         f"(skipped: {skipped_train.counts})")
     (w, b), search = fit_on_held_out(fit, val)
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
@@ -178,12 +194,14 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
         floor += _confusion(position_prior.expand_as(labels), labels, c)
         test_images += images.shape[0]
     if not test_images:
-        raise ValueError(f"no usable test image (skipped: {skipped_test})")
+        raise ValueError(f"no usable test image (skipped: {skipped_test.counts})")
+    check_test_size(test_images, min_test, test)
     prior_scores = confusion_scores(floor)
     return {**confusion_scores(probe), "prior_mean_f1": prior_scores["mean_f1"],
             "prior_mean_iou": prior_scores["mean_iou"], "classes": c, "train_images": sum(images_seen),
             "test_images": test_images, "train_patches": fit.n + val.n, **search,
-            "skipped_train": skipped_train, "skipped_test": skipped_test}
+            "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test)}
 
 
 __all__ = ["ParsingImages", "patch_fractions", "confusion_scores", "upsample_scores", "evaluate", "IGNORE"]
