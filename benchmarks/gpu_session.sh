@@ -3,10 +3,9 @@
 # out: the report, one process per op (the op against its baselines, with the
 # launch-configuration sweeps; a CUDA error or a hang in one op cannot take the others'
 # figures), the training step (fused against reference ops), then the op tests on the GPU
-# (`pytest tests/ops`; the kernel test files where tests/ops does not exist), which check what
-# the report timed. Every step is bounded, and so is the whole: SESSION_SECONDS (default 540,
-# for a 600 s call) caps each step at the time left, and a step that cannot start in time is
-# skipped.
+# (`pytest tests/ops`), which check what the report timed. Every step is bounded, and so is
+# the whole: SESSION_SECONDS (default 540, for a 600 s call) caps each step at the time left,
+# and a step that cannot start in time is skipped.
 #
 #   bash benchmarks/gpu_session.sh [OUT_DIR]      # default: benchmarks/results/session
 #
@@ -50,13 +49,5 @@ for op in masked_attention patch_pixel_loss codebook_topk; do
     step report "report $op" 120 python benchmarks/gpu_report.py --ops "$op" --out "$out"
 done
 step train_step train_step 90 python benchmarks/train_step.py --steps 8 --profile
-# The op tests on the GPU: everything under tests/ops, in the time left; without it, the
-# kernel test files in compile-bound slices (each specialization compiles once).
-if [ -d tests/ops ]; then
-    step tests tests_ops 300 python -m pytest -q tests/ops
-else
-    step tests test_loss 60 python -m pytest -q -x tests/test_patch_pixel_loss_kernel.py
-    step tests test_ops_loss 45 python -m pytest -q -x tests/test_ops.py -k patch_pixel
-    step tests test_attention 90 python -m pytest -q -x tests/test_masked_attention_kernel.py
-    step tests test_codebook 90 python -m pytest -q -x tests/test_codebook_topk_kernel.py -k "not 4099"
-fi
+# The op tests on the GPU: everything under tests/ops, in the time left.
+step tests tests_ops 300 python -m pytest -q tests/ops

@@ -186,7 +186,7 @@ def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
     """benchmarks/gpu_session.sh with a stand-in python that takes 2 s a call and a 32 s
     session (the first step starts after two calls, 4 s): each step's limit is cut to the
     time left, and once too little is left the rest are skipped, so the whole fits its call;
-    the op tests come last (tests/ops where it exists, else the kernel test files)."""
+    the op tests (tests/ops) come last."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python").write_text("#!/bin/sh\nsleep 2\n")
@@ -196,10 +196,8 @@ def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
-    test_steps = ["tests_ops"] if (ROOT / "tests" / "ops").is_dir() else [
-        "test_loss", "test_ops_loss", "test_attention", "test_codebook"]
     steps = [f"report {op}" for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
-    assert [line.split(":")[0] for line in lines] == steps + ["train_step"] + test_steps, lines
+    assert [line.split(":")[0] for line in lines] == steps + ["train_step", "tests_ops"], lines
     assert lines[0].startswith("report masked_attention: exit 0")
     limits = [int(m.group(1)) for m in map(re.compile(r".*\(limit (\d+) s\)").match, lines) if m]
     assert limits and all(limit <= 32 - 4 - 5 for limit in limits) and limits == sorted(limits, reverse=True), lines
@@ -211,7 +209,7 @@ def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
 def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
     """With time to spare (a stand-in python that returns at once): the report once per op,
     attention first, each writing to OUT_DIR, then the training step, then the op tests on
-    the GPU: `pytest -q tests/ops` where tests/ops exists, else the kernel test files."""
+    the GPU: `pytest -q tests/ops`."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python").write_text("#!/bin/sh\nexit 0\n")
@@ -225,9 +223,6 @@ def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
     assert ran == [f"== report {op}: python benchmarks/gpu_report.py --ops {op} --out {out}"
                    for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
     tests = [line.split(": ", 1)[1] for line in (out / "tests.txt").read_text().splitlines() if line.startswith("== ")]
-    if (ROOT / "tests" / "ops").is_dir():
-        assert tests == ["python -m pytest -q tests/ops"]
-    else:
-        assert len(tests) == 4 and all(t.startswith("python -m pytest -q -x tests/test_") for t in tests), tests
+    assert tests == ["python -m pytest -q tests/ops"]
     summary = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
     assert summary.index("train_step") == 3 and len(summary) == 4 + len(tests)
