@@ -6,6 +6,15 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a wrong or missing argument said in one line (without the usage block),
+    as every other user error is; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _train_parser(sub) -> None:
@@ -113,6 +122,7 @@ def _report(args, result: dict) -> None:
         if result[f"skipped_{split}"]:
             print(f"  skipped ({split}): " + ", ".join(f"{k}={v}" for k, v in result[f"skipped_{split}"].items()))
     if args.output:  # (strict JSON: a score that is not finite, from a failed prediction, is null)
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(finite_floats(result), f, indent=2, allow_nan=False)
 
@@ -128,15 +138,22 @@ def finite_floats(value):
     return value
 
 
+# What the OS says of a path a user gave (a file where a folder goes, no permission, ...):
+# user errors as the ConfigErrors are, said in one line naming the path.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def _message(err: Exception) -> str:
     """The error's message; of one raised in a DataLoader worker (which torch wraps with the
-    worker's traceback), its last line."""
+    worker's traceback), its last line; of the OS's about a path, the path and what is wrong."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"'{err.filename}': {(err.strerror or str(err)).lower()}: check the path (and its permissions)"
     text = str(err)
     return text.strip().splitlines()[-1] if "Original Traceback" in text else text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pacofr", description=__doc__)
+    parser = _Parser(prog="pacofr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
@@ -144,15 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     _attributes_parser(sub)
     args = parser.parse_args(argv)
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, check_output_path, load_config
     from .engine import NonFiniteLossError, pretrain
+
+    user_errors = (ConfigError, ValueError, *PATH_ERRORS)
 
     if args.command.startswith("eval-"):
         run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing,
                "eval-attributes": _eval_attributes}[args.command]
         try:
+            if args.output:  # (checked now: it is written after the whole evaluation)
+                check_output_path(args.output, "--output", folder=False)
             run(args, load_config(args.config, args.set))
-        except (ConfigError, FileNotFoundError, ValueError) as err:
+        except user_errors as err:
             print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
             return 2
         return 0
@@ -172,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         pretrain(cfg, args.output, args.resume, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+    except (*user_errors, NonFiniteLossError) as err:
         print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     return 0
