@@ -10,6 +10,14 @@ import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a wrong or missing argument said in one line (without the usage block),
+    as every other user error is; the subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="pretrain PaCo-FR")
     p.add_argument("--config", default="vit_base_patch16_224",
@@ -205,6 +213,7 @@ def _report(args, result: dict) -> None:
     if args.output:  # (strict JSON: a score that is not finite, from a failed prediction, is null)
         from .data.skips import write_csv
 
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(finite_floats(result), f, indent=2, allow_nan=False)
         write_csv(skipped_csv(args.output), files, ("path", "reason", "split"))
@@ -221,15 +230,22 @@ def finite_floats(value):
     return value
 
 
+# What the OS says of a path a user gave (a file where a folder goes, no permission, ...):
+# user errors as the ConfigErrors are, said in one line naming the path.
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def _message(err: Exception) -> str:
     """The error's message; of one raised in a DataLoader worker (which torch wraps with the
-    worker's traceback), its last line."""
+    worker's traceback), its last line; of the OS's about a path, the path and what is wrong."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"'{err.filename}': {(err.strerror or str(err)).lower()}: check the path (and its permissions)"
     text = str(err)
     return text.strip().splitlines()[-1] if "Original Traceback" in text else text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pacofr", description=__doc__)
+    parser = _Parser(prog="pacofr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
@@ -239,15 +255,19 @@ def main(argv: list[str] | None = None) -> int:
     _data_parser(sub)
     args = parser.parse_args(argv)
 
-    from .config import ConfigError, load_config
+    from .config import ConfigError, check_output_path, load_config
     from .engine import NonFiniteLossError, pretrain
+
+    user_errors = (ConfigError, ValueError, *PATH_ERRORS)
 
     if args.command != "train":
         run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing,
                "eval-attributes": _eval_attributes, "export": _export, "data": _data}[args.command]
         try:
+            if getattr(args, "output", None):  # (an eval's: checked now, it is written after the whole evaluation)
+                check_output_path(args.output, "--output", folder=False)
             run(args)
-        except (ConfigError, FileNotFoundError, ValueError) as err:
+        except user_errors as err:
             print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
             return 2
         return 0
@@ -267,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         pretrain(cfg, args.output, args.resume, overwrite=args.overwrite)
-    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+    except (*user_errors, NonFiniteLossError) as err:
         print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,7 @@ which is resolved here to its path, so the engine always reads a file.
 
 import dataclasses
 import difflib
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,12 +199,28 @@ def _yaml():
     return yaml
 
 
+def _parse_yaml(text: str, where: str, advice: str):
+    """`text` parsed as YAML; a syntax error is one line naming `where`, the place and the problem."""
+    yaml = _yaml()
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark, context = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+        problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+        line = f"line {mark.line + 1}, " if mark is not None and "\n" in text.strip() else ""
+        at = f"{line}column {mark.column + 1}: " if mark is not None else ""
+        since = (f", {err.context} from line {context.line + 1}"
+                 if context is not None and mark is not None and context.line != mark.line else "")
+        raise ConfigError(f"{where} is not valid YAML ({at}{problem}{since}): {advice}") from None
+
+
 def parse_override(text: str) -> dict:
     """'a.b.c=value' -> {'a': {'b': {'c': value}}}, the value parsed as YAML (so 1, 0.5, true)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
-    value = _yaml().safe_load(raw) if raw.strip() else ""
+    value = _parse_yaml(raw, f"override '{text}': the value of {key.strip()}",
+                        f"fix it, or quote it if it is text: --set '{key.strip()}=\"{raw}\"'") if raw.strip() else ""
     for part in reversed(key.strip().split(".")):
         value = {part: value}
     return value
@@ -244,12 +261,19 @@ def load_config(source: str | Path | None = "vit_base_patch16_224", overrides: l
         if not path.is_file():
             path = _shipped(".yaml").get(str(source))
         if path is None:
-            raise ConfigError(f"config '{source}' is neither a preset ({', '.join(config_names())}) nor a file")
-        updates = _yaml().safe_load(path.read_text()) or {}
+            names = ", ".join(config_names())
+            if Path(source).is_dir():
+                raise ConfigError(f"config '{source}' is a folder: give a YAML file or a preset ({names})")
+            raise ConfigError(f"config '{source}' is neither a preset ({names}) nor a file")
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text: give a YAML file") from None
+        updates = _parse_yaml(text, f"config file {path}", "fix the file at that line") or {}
         if not isinstance(updates, dict):
             raise ConfigError(f"config file {path} must hold a mapping")
         source = updates.pop("preset", "vit_base_patch16_224")
-        if source not in PRESETS:
+        if not isinstance(source, str) or source not in PRESETS:
             raise ConfigError(f"{path}: unknown preset '{source}' (known: {', '.join(PRESETS)})")
     cfg = _merge(Config(), PRESETS[source or "vit_base_patch16_224"])
     _merge(cfg, updates)
@@ -325,3 +349,34 @@ def validate(cfg: Config) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def differences(a: Config, b: Config, section: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, value in a, value in b) for each key under `section` (e.g. "model") where
+    `a` and `b` differ."""
+    def walk(x, y, prefix):
+        if isinstance(x, dict):
+            return [found for k in x for found in walk(x[k], y[k], f"{prefix}{k}.")]
+        return [] if x == y else [(prefix[:-1], x, y)]
+
+    a, b = to_dict(a), to_dict(b)
+    for part in section.split(".") if section else []:
+        a, b = a[part], b[part]
+    return walk(a, b, f"{section}." if section else "")
+
+
+def check_output_path(path: str | Path, flag: str, folder: bool) -> None:
+    """Refuses an output path that cannot be written (a `folder` to make, or a file), naming
+    `flag`, before anything is computed or written: a folder where a file goes, or a file
+    where a folder goes or above it."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        raise ConfigError(f"{flag} {path} is a file, not a folder: give a folder for the run" if folder else
+                          f"{flag} {path} is a folder, not a file: give a file name, e.g. {path / 'result.json'}")
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
+        raise ConfigError(f"{flag} {path}: {above} is a file, so nothing can be made under it: give another path")
+    target = path if path.exists() else above
+    if not os.access(target, os.W_OK | (os.X_OK if target.is_dir() else 0)):
+        raise ConfigError(f"{flag} {path}: no permission to write {'in ' if target.is_dir() else ''}{target}: "
+                          "give another path")

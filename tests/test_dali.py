@@ -199,7 +199,7 @@ def test_dali_config_is_checked():
 
     if not torch.cuda.is_available():
         assert resolve_device("auto") == "cpu"
-        with pytest.raises(RuntimeError, match="no CUDA device.*dali_device=cpu"):
+        with pytest.raises(ConfigError, match="no CUDA device.*dali_device=cpu"):
             resolve_device("mixed")
 
 
@@ -207,7 +207,7 @@ def test_missing_dali_says_how_to_install(monkeypatch):
     from pacofr.data.dali import DaliDecoder
 
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)
-    with pytest.raises(ImportError, match="pip install nvidia-dali"):
+    with pytest.raises(ConfigError, match="pip install nvidia-dali"):
         DaliDecoder(S, 4, "cpu")
 
 

@@ -26,6 +26,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..config import ConfigError
 from .batch import Batch
 from .decode import decode_rgb, open_image
 from .transforms import FaceTransform, normalize
@@ -37,8 +38,8 @@ def _dali():
     try:
         import nvidia.dali as dali
         from nvidia.dali import fn, types
-    except ImportError as e:
-        raise ImportError(INSTALL) from e
+    except ImportError:
+        raise ConfigError(INSTALL) from None
     return dali, fn, types
 
 
@@ -47,8 +48,8 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "mixed" if torch.cuda.is_available() else "cpu"
     if device == "mixed" and not torch.cuda.is_available():
-        raise RuntimeError("data.dali_device='mixed' decodes on the GPU, and no CUDA device is available "
-                           "(use data.dali_device=cpu)")
+        raise ConfigError("data.dali_device='mixed' decodes on the GPU, and no CUDA device is available "
+                          "(use data.dali_device=cpu)")
     return device
 
 

@@ -8,7 +8,8 @@ folder of the file list). 68 points (iBUG order) become 5 with `five_points`.
 
 An entry that cannot be used (wrong count, a value that is not a number, null) is kept as
 all-NaN: the sample then reports "landmarks_invalid", exactly like NaN, infinite or
-out-of-image values, and the masker uses its template.
+out-of-image values, and the masker uses its template. A file that does not parse (JSON
+syntax, a stray CSV quote, bytes that are not UTF-8) fails, naming the file and the line.
 """
 
 import csv
@@ -60,25 +61,34 @@ def parse_points(value, keep_all: bool = False) -> np.ndarray | None:
     return a.astype(np.float32)
 
 
-def _parse_csv(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
+def _parse_csv(path: Path, keep_all: bool, what: str) -> dict[str, np.ndarray]:
     out = {}
     with open(path, newline="") as f:
-        first = True
-        for row in csv.reader(f):
-            row = [c.strip() for c in row]
-            if not row or not any(row) or row[0].startswith("#"):
-                continue
-            key, values = row[0], [c for c in row[1:] if c != ""]
-            try:
-                nums = [float(v) for v in values]
-            except ValueError:
-                if first:  # a header line
-                    first = False
-                    continue
-                nums = None
-            first = False
-            _add(out, norm_key(key), parse_points(nums, keep_all), path)
+        reader = csv.reader(f, strict=True)  # (strict: a stray quote fails, naming its line)
+        try:
+            _parse_rows(reader, out, path, keep_all)
+        except csv.Error as err:
+            raise ValueError(f"{what} '{path}' line {reader.line_num}: {err}: fix that line "
+                             "(quotes come in pairs: a path holding a comma is quoted whole)") from None
     return out
+
+
+def _parse_rows(rows, out: dict, path: Path, keep_all: bool) -> None:
+    first = True
+    for row in rows:
+        row = [c.strip() for c in row]
+        if not row or not any(row) or row[0].startswith("#"):
+            continue
+        key, values = row[0], [c for c in row[1:] if c != ""]
+        try:
+            nums = [float(v) for v in values]
+        except ValueError:
+            if first:  # a header line
+                first = False
+                continue
+            nums = None
+        first = False
+        _add(out, norm_key(key), parse_points(nums, keep_all), path)
 
 
 def _add(table: dict, key: str, points, path: Path) -> None:
@@ -88,7 +98,7 @@ def _add(table: dict, key: str, points, path: Path) -> None:
     table[key] = points
 
 
-def _parse_json(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
+def _parse_json(path: Path, keep_all: bool, what: str) -> dict[str, np.ndarray]:
     def unique(pairs):  # (json's dict would keep a repeated path's last entry alone)
         table = {}
         for k, v in pairs:
@@ -96,9 +106,13 @@ def _parse_json(path: Path, keep_all: bool) -> dict[str, np.ndarray]:
         return table
 
     with open(path) as f:
-        data = json.load(f, object_pairs_hook=unique)
+        try:
+            data = json.load(f, object_pairs_hook=unique)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} '{path}' is not valid JSON (line {err.lineno}, column {err.colno}: "
+                             f"{err.msg}): fix the file at that line") from None
     if not isinstance(data, dict):
-        raise ValueError(f"landmarks file {path} must hold a JSON object {{path: points}}")
+        raise ValueError(f"{what} '{path}' must hold a JSON object {{path: points}}")
     out = {}
     for k, v in data.items():
         _add(out, norm_key(k), parse_points(v, keep_all), path)
@@ -109,14 +123,17 @@ def load_landmarks_file(path: str, keep_all: bool = False, what: str = "data.lan
     """path -> {relative image path: [5, 2] points}; keep_all: [K, 2] as given (None where
     unusable), for evaluation against every annotated point. Errors name the file as `what`."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} '{path}' is a folder: give the .csv or .json landmarks file")
     if not p.is_file():
         raise FileNotFoundError(f"{what} '{path}': no such file")
-    suffix = p.suffix.lower()
-    if suffix == ".csv":
-        return _parse_csv(p, keep_all)
-    if suffix == ".json":
-        return _parse_json(p, keep_all)
-    raise ValueError(f"{what} '{path}' must be a .csv or .json file")
+    parse = {".csv": _parse_csv, ".json": _parse_json}.get(p.suffix.lower())
+    if parse is None:
+        raise ValueError(f"{what} '{path}' must be a .csv or .json file")
+    try:
+        return parse(p, keep_all, what)
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} '{path}' is not UTF-8 text: give a CSV or JSON text file") from None
 
 
 def check_landmarks(points: np.ndarray, width: int, height: int) -> bool:

@@ -105,9 +105,13 @@ class ImageFilesDataset(_MapDataset):
         return landmarks_missing(sample) if points is None and self.expects_points else sample
 
 
+def _raise(err: OSError):
+    raise err
+
+
 def _scan_folder(root: str) -> tuple[list[str], list[str]]:
     found = []
-    for d, dirs, files in os.walk(root):
+    for d, dirs, files in os.walk(root, onerror=_raise):  # (a folder it may not list is an error, not left out)
         dirs.sort()
         for name in files:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
@@ -122,15 +126,19 @@ def source_root(source: str) -> str:
     return source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
 
 
-def _read_list(list_path: str) -> tuple[list[str], list[str]]:
+def _read_list(list_path: str, what: str) -> tuple[list[str], list[str]]:
     base = source_root(list_path)
     paths, keys = [], []
-    with open(list_path) as f:
-        for line in f:
-            line = line.strip()
-            if line and not line.startswith("#"):
-                paths.append(os.path.join(base, line))
-                keys.append(norm_key(line))
+    try:
+        with open(list_path) as f:
+            lines = [line.strip() for line in f]
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} '{list_path}' is not UTF-8 text: give a .txt list of image paths, "
+                         "one a line") from None
+    for line in lines:
+        if line and not line.startswith("#"):
+            paths.append(os.path.join(base, line))
+            keys.append(norm_key(line))
     return paths, keys
 
 
@@ -145,7 +153,7 @@ def image_files(source: str, what: str = "data.source") -> tuple[list[str], list
             raise ValueError(f"{what} '{source}': no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                              "in this folder or below")
     elif source.lower().endswith(".txt"):
-        paths, keys = _read_list(source)
+        paths, keys = _read_list(source, what)
         if not paths:
             raise ValueError(f"{what} '{source}': the file list has no entries")
         if not any(os.path.exists(p) for p in paths[:10]):

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError
+from ..model.weights import check_fits
 
 PREFIX = "ckpt-"
 
@@ -94,5 +95,7 @@ def resolve(resume: str | None, output: Path) -> Path | None:
 
 
 def load(path: Path, model: torch.nn.Module, device: torch.device) -> dict:
-    model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)), strict=True)
+    weights = load_file(str(path / "model.safetensors"), device=str(device))
+    check_fits(weights, model, path / "model.safetensors", "the model")  # (another model: one line, not torch's)
+    model.load_state_dict(weights, strict=True)
     return torch.load(path / "state.pt", map_location="cpu", weights_only=True)

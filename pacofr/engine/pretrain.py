@@ -11,12 +11,13 @@ import torch
 import yaml
 from torch.utils.data import IterableDataset
 
-from ..config import Config, ConfigError, to_dict
+from ..config import Config, ConfigError, check_output_path, differences, load_config, to_dict
 from ..data import Batches, MaskingCollate, build_dataset, sample_seed
 from ..data.skips import SkipLog
 from ..losses import TERMS, PaCoFRLoss
 from ..masking import sample_masks
 from ..model import PaCoFR, save_encoder
+from ..model.weights import WeightsMismatch
 from . import checkpoint, distributed, strategies, zero
 from .monitor import Monitor
 from .trainer import Loader, NonFiniteLossError, Trainer
@@ -194,9 +195,11 @@ def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None, overwrite: bool = False) -> dict:
     """Runs pretraining; returns the summary it also prints and writes to summary.yaml.
     `dataset` replaces the one `cfg.data` describes (for tests and custom pipelines). A folder
-    holding a run is refused unless `resume` continues it or `overwrite` clears it."""
+    holding a run is refused unless `resume` continues it or `overwrite` clears it. Everything
+    is set up (and a user's mistake found) before the run folder is made or written."""
     d = distributed.init()
     t, output = cfg.train, Path(output)
+    check_output_path(output, "--output", folder=True)
     checkpoint.claim_output(output, resume, overwrite, d.main)
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.model.img_size, seed=t.seed, rank=d.rank, world_size=d.world)
@@ -212,12 +215,17 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}}
     found = checkpoint.resolve(resume, output)
     if found is not None:  # (the weights before ZeRO copies them into its partitions)
-        saved = checkpoint.load(found, model, d.device)
+        saved = _load(found, model, cfg, d.device)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
     loader.log = SkipLog(output / SKIPPED if d.main else None, keep=found is not None)
     loader.state, loader.total_steps = state, total_steps
+
+    task = PretrainTask(cfg, model, d.device)
+    strategy = strategies.make(model, optimizer, t.clip_grad, d.world, ds_config, d.device, task.direct_parameters())
+    if found is not None:  # a state as one process keeps it: any rank count, with ZeRO or without
+        strategy.load_optimizer_state(saved["optimizer"], found)
     if d.main and resume:
         print(f"resuming {found} at step {state['step']}" if found is not None else
               f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh", flush=True)
@@ -225,11 +233,6 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     monitor = Monitor(output, state["step"] if found is not None else None) if d.main else None
-
-    task = PretrainTask(cfg, model, d.device)
-    strategy = strategies.make(model, optimizer, t.clip_grad, d.world, ds_config, d.device, task.direct_parameters())
-    if found is not None:  # a state as one process keeps it: any rank count, with ZeRO or without
-        strategy.load_optimizer_state(saved["optimizer"], found)
     if d.main:
         _banner(cfg, model, loader, strategy, d, state, found, total_steps)
     trainer = Trainer(cfg, task, strategy, loader, scheduler, state, total_steps, d, monitor,
@@ -238,6 +241,24 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     summary = _finish(trainer, model, output)
     strategy.shutdown()
     return summary
+
+
+def _load(found: Path, model: PaCoFR, cfg: Config, device: torch.device) -> dict:
+    """The checkpoint's state, its weights loaded into `model`. A checkpoint of another model
+    fails in one line naming the model keys its run's config.yaml sets otherwise (or else the
+    first tensor that differs)."""
+    try:
+        return checkpoint.load(found, model, device)
+    except WeightsMismatch as err:
+        run_config = found.parent.parent / "config.yaml"  # (<run>/checkpoints/ckpt-*)
+        try:
+            changed = differences(load_config(run_config), cfg, "model") if run_config.is_file() else []
+        except (ConfigError, OSError):
+            changed = []
+        why = (", ".join(f"{key} is {there!r} in {run_config}, {here!r} here" for key, there, here in changed)
+               if changed else str(err))
+        raise ConfigError(f"--resume {found} holds another model than this config ({why}): resume with the "
+                          f"run's model settings, or give a new --output") from None
 
 
 def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict, found, total_steps: int) -> None:

@@ -35,13 +35,10 @@ def load_attribute_file(path: str, what: str) -> tuple[list[str], dict[str, np.n
     except OSError as e:
         raise FileNotFoundError(f"{what} '{path}': cannot be read ({e.strerror})") from e
     with f:
-        rows = []
-        for r in csv.reader(f):
-            r = [c.strip() for c in r]
-            while r and not r[-1]:  # (a trailing comma)
-                r.pop()
-            if r:
-                rows.append(r)
+        try:
+            rows = _rows(f)
+        except UnicodeDecodeError:
+            raise ValueError(f"{what} '{path}' is not UTF-8 text: give a CSV file") from None
     if len(rows) < 2 or len(rows[0]) < 2:
         raise ValueError(f"{what} '{path}' needs a header `path,attribute,...` and at least one row")
     names, table = rows[0][1:], {}
@@ -61,6 +58,18 @@ def load_attribute_file(path: str, what: str) -> tuple[list[str], dict[str, np.n
         ok = values is not None and len(values) == len(names) and np.isin(values, (-1.0, 0.0, 1.0)).all()
         table[key] = (values > 0).astype(np.float32) if ok else None
     return names, table
+
+
+def _rows(f) -> list[list[str]]:
+    """The CSV's non-empty rows, stripped (a trailing comma dropped)."""
+    rows = []
+    for r in csv.reader(f):
+        r = [c.strip() for c in r]
+        while r and not r[-1]:
+            r.pop()
+        if r:
+            rows.append(r)
+    return rows
 
 
 def _is_number(text: str) -> bool:

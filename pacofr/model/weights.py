@@ -72,22 +72,31 @@ def _not_safetensors(file: Path, err: Exception) -> ValueError:
                       "pickled ones are not read")
 
 
-def _check_fits(weights: dict[str, Tensor], model: nn.Module, file: Path) -> None:
+class WeightsMismatch(ValueError):
+    """Weights whose names or shapes are not those of the model they are for."""
+
+
+def check_fits(weights: dict[str, Tensor], model: nn.Module, file: Path, what: str = "the encoder") -> None:
     """Raises one line naming `file` unless `weights` has `model`'s names and shapes (shapes
-    first: another size of encoder shows in them, its depth also in the names)."""
+    first: another size of model shows in them, its depth also in the names)."""
     expected = model.state_dict()
-    if not weights.keys() & expected.keys():
+    for key, value in expected.items():
+        if key in weights and weights[key].shape != value.shape:
+            raise WeightsMismatch(f"'{file}' does not fit {what} of this config: {key} is "
+                                  f"{list(weights[key].shape)} in the file, {list(value.shape)} in the config")
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    if missing or unexpected:
+        raise WeightsMismatch(f"'{file}' does not fit {what} of this config: {len(missing)} missing keys "
+                              f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+
+
+def _check_encoder(weights: dict[str, Tensor], model: nn.Module, file: Path) -> None:
+    """`check_fits`, after a first check that `file` holds an encoder at all."""
+    if not weights.keys() & model.state_dict().keys():
         found = f"keys such as '{min(weights)}'" if weights else "no tensors"
         raise ValueError(f"'{file}' holds no encoder weights ({found}; an encoder's start with patch_embed., "
                          f"a checkpoint's with {ENCODER_PREFIX})")
-    for key, value in expected.items():
-        if key in weights and weights[key].shape != value.shape:
-            raise ValueError(f"'{file}' does not fit the encoder of this config: {key} is "
-                             f"{list(weights[key].shape)} in the file, {list(value.shape)} in the config")
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(f"'{file}' does not fit the encoder of this config: {len(missing)} missing keys "
-                         f"{missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}")
+    check_fits(weights, model, file)
 
 
 def load_encoder_weights(path: str | Path, model: nn.Module | None = None) -> dict[str, Tensor]:
@@ -96,13 +105,14 @@ def load_encoder_weights(path: str | Path, model: nn.Module | None = None) -> di
     checked to have the model's names and shapes, so that it loads strict. Anything else raises
     one line that names the file."""
     file = _weights_file(path)
+    open(file, "rb").close()  # (the OS's own error first: safetensors says "no such file" of one it may not read)
     try:
         state = load_file(str(file))
     except SafetensorError as e:
         raise _not_safetensors(file, e) from None
     weights = checkpoint_filter_fn(state, model)
     if model is not None:
-        _check_fits(weights, model, file)
+        _check_encoder(weights, model, file)
     elif PATCH_EMBED not in weights:
         raise ValueError(f"'{file}' holds no encoder weights (no {PATCH_EMBED} nor {ENCODER_PREFIX}{PATCH_EMBED})")
     return weights
@@ -244,5 +254,5 @@ def create_timm_model(path: str | Path, config: str | Path | None = None, **kwar
     return model
 
 
-__all__ = ["checkpoint_filter_fn", "load_encoder_weights", "save_encoder", "read_metadata",
-           "stored_config", "weights_config", "create_timm_model", "encoder_config"]
+__all__ = ["checkpoint_filter_fn", "load_encoder_weights", "check_fits", "WeightsMismatch", "save_encoder",
+           "read_metadata", "stored_config", "weights_config", "create_timm_model", "encoder_config"]
