@@ -403,6 +403,19 @@ def test_every_swept_launch_configuration_is_correct(config):
 
 
 @requires_kernel
+@pytest.mark.parametrize("config", [c for c in SWEEP if c.get("FLAT")], ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_flat_configurations_carry_products_across_d_slices(config):
+    """FLAT runs code tiles and D slices as one loop: with D = 48 in slices of 16 (the default
+    slice covers D = 48 at once) a tile's product is summed over three steps before its merge."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(197, 48, generator=gen).to(DEVICE, torch.bfloat16)
+    c = torch.randn(1000, 48, generator=gen).to(DEVICE, torch.bfloat16)
+    for metric in ("l2", "ip"):
+        scores, idx = kernel.codebook_topk_forward(x, c, 8, metric, config={**config, "BLOCK_D": 16})
+        check_topk(scores, idx, x.float(), c.float(), 8, metric, 2e-4)
+
+
+@requires_kernel
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_split_shorter_than_k_leaves_no_empty_slot(metric):
     """K = 4099 in 17 splits of 256 codes: the last split holds 3 codes, fewer than k = 5, so
