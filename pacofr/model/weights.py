@@ -51,18 +51,18 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module | None 
 
 def _weights_file(path: str | Path) -> Path:
     """The file `path` names: itself; in a directory its encoder.safetensors, else its
-    model.safetensors (a checkpoint), else its newest checkpoint's (a run)."""
+    model.safetensors (a checkpoint), else its newest checkpoint's (a run). It is opened once
+    here, so that one it may not read gets the OS's own error (safetensors says "no such file")."""
     p = Path(path)
     if p.is_file():
+        open(p, "rb").close()
         return p
     if not p.is_dir():
         raise FileNotFoundError(f"'{path}': no such file or directory")
-    for name in ("encoder.safetensors", "model.safetensors"):
-        if (p / name).is_file():
-            return p / name
-    checkpoints = sorted(p.glob(CHECKPOINT_GLOB))  # (ckpt-<step, 8 digits>: by name is by step)
-    if checkpoints:
-        return checkpoints[-1]
+    found = [p / name for name in ("encoder.safetensors", "model.safetensors") if (p / name).is_file()]
+    found = found or sorted(p.glob(CHECKPOINT_GLOB))[-1:]  # (ckpt-<step, 8 digits>: by name is by step)
+    if found:
+        return _weights_file(found[0])
     raise FileNotFoundError(f"'{path}': a directory without encoder.safetensors, model.safetensors "
                             f"or {CHECKPOINT_GLOB}")
 
@@ -105,7 +105,6 @@ def load_encoder_weights(path: str | Path, model: nn.Module | None = None) -> di
     checked to have the model's names and shapes, so that it loads strict. Anything else raises
     one line that names the file."""
     file = _weights_file(path)
-    open(file, "rb").close()  # (the OS's own error first: safetensors says "no such file" of one it may not read)
     try:
         state = load_file(str(file))
     except SafetensorError as e:
