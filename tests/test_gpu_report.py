@@ -209,7 +209,7 @@ def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
 def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
     """With time to spare (a stand-in python that returns at once): the report once per op,
     attention first, each writing to OUT_DIR, then the training step, then the op tests on
-    the GPU: `pytest -q tests/ops`."""
+    the GPU: `pytest -q tests/ops` (but the compile-only check)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python").write_text("#!/bin/sh\nexit 0\n")
@@ -223,6 +223,6 @@ def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
     assert ran == [f"== report {op}: python benchmarks/gpu_report.py --ops {op} --out {out}"
                    for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
     tests = [line.split(": ", 1)[1] for line in (out / "tests.txt").read_text().splitlines() if line.startswith("== ")]
-    assert tests == ["python -m pytest -q tests/ops"]
+    assert tests == ["python -m pytest -q tests/ops --ignore=tests/ops/test_kernels_compile.py"]
     summary = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
     assert summary.index("train_step") == 3 and len(summary) == 4 + len(tests)
