@@ -65,14 +65,10 @@ def _eval_parser(sub) -> None:
 
 def _eval_alignment(args) -> None:
     from .eval.alignment import AlignmentImages, evaluate
-    from .eval.common import load_encoder
 
-    cfg = _encoder_config(args)
-    size, budget = cfg.model.img_size, _budget(args, cfg)
-    train = AlignmentImages(args.train, args.train_landmarks, size, args.norm, "--train", budget)
-    test = AlignmentImages(args.test, args.test_landmarks, size, args.norm, "--test", budget)
-    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.norm, args.grid,
-                      args.batch_size, args.workers, min_test=_min_test(args))
+    encoder, train, test = _probe_inputs(args, AlignmentImages, "landmarks", args.norm)
+    result = evaluate(encoder, train, test, args.norm, args.grid, args.batch_size, args.workers,
+                      min_test=_min_test(args))
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
           f"train {result['train_faces']} / test {result['test_faces']} faces")
@@ -88,15 +84,10 @@ def _parsing_parser(sub) -> None:
 
 
 def _eval_parsing(args) -> None:
-    from .eval.common import load_encoder
     from .eval.parsing import ParsingImages, evaluate
 
-    cfg = _encoder_config(args)
-    size, budget = cfg.model.img_size, _budget(args, cfg)
-    train = ParsingImages(args.train, args.train_labels, size, args.classes, "--train", budget)
-    test = ParsingImages(args.test, args.test_labels, size, args.classes, "--test", budget)
-    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers,
-                      min_test=_min_test(args))
+    encoder, train, test = _probe_inputs(args, ParsingImages, "labels", args.classes)
+    result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args))
     pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
     present = sum(v is not None for v in result["f1"][1:])
     print(f"mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
@@ -114,14 +105,9 @@ def _attributes_parser(sub) -> None:
 
 def _eval_attributes(args) -> None:
     from .eval.attributes import AttributeImages, evaluate
-    from .eval.common import load_encoder
 
-    cfg = _encoder_config(args)
-    size, budget = cfg.model.img_size, _budget(args, cfg)
-    train = AttributeImages(args.train, args.train_labels, size, "--train", budget)
-    test = AttributeImages(args.test, args.test_labels, size, "--test", budget)
-    result = evaluate(load_encoder(cfg, args.encoder), train, test, args.batch_size, args.workers,
-                      min_test=_min_test(args))
+    encoder, train, test = _probe_inputs(args, AttributeImages, "labels")
+    result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args))
     print(f"mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
           f"majority: {result['majority_mean_accuracy']:.2f}%   "
           f"train {result['train_images']} / test {result['test_images']} images")
@@ -134,6 +120,18 @@ def _encoder_config(args):
     from .model import weights_config
 
     return weights_config(args.encoder, args.config, args.set)
+
+
+def _probe_inputs(args, images, labels: str, *options):
+    """A probe's encoder and its train and test sets: `images(folder, --<split>-<labels>, size,
+    *options, '--<split>', pixel budget)` for each split (the sets first: their errors are cheap)."""
+    from .eval.common import load_encoder
+
+    cfg = _encoder_config(args)
+    size, budget = cfg.model.img_size, _budget(args, cfg)
+    train, test = (images(getattr(args, split), getattr(args, f"{split}_{labels}"), size, *options, f"--{split}",
+                          budget) for split in ("train", "test"))
+    return load_encoder(cfg, args.encoder), train, test
 
 
 def _export_parser(sub) -> None:

@@ -75,16 +75,24 @@ def _reasons(repair: str | None, issues: tuple[str, ...]) -> tuple[str, ...]:
     return ((repair,) if repair else ()) + issues
 
 
-def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
-              seed: int, max_pixels: int = MAX_PIXELS) -> Sample:
-    """Encoded image (+ given landmarks in original pixels, or None) -> Sample."""
+def _open(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int, seed: int):
+    """The image opened (its header read, no pixel decoded), its given points checked and its
+    crop drawn: (image, points, issues, crop params), or a skipped Sample."""
     im, reason = open_image(raw, min_size)
     if im is None:
         return skipped(reason)
-    width, height = im.size
-    points, issues = _given_points(points, width, height)
-    params = transform.params(width, height, seed)
-    scale, reason = draft(im, transform.draft_size(params, width, height), max_pixels)
+    points, issues = _given_points(points, *im.size)
+    return im, points, issues, transform.params(*im.size, seed)
+
+
+def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
+              seed: int, max_pixels: int = MAX_PIXELS) -> Sample:
+    """Encoded image (+ given landmarks in original pixels, or None) -> Sample."""
+    opened = _open(raw, points, transform, min_size, seed)
+    if isinstance(opened, Sample):
+        return opened
+    im, points, issues, params = opened
+    scale, reason = draft(im, transform.draft_size(params, *im.size), max_pixels)
     if scale is None:
         return skipped(reason)
     rgb, repair = decode_rgb(im)
@@ -123,12 +131,11 @@ def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: F
     anything else is decoded here (a JPEG over the budget drafted, as make_item does, and
     its crop box scaled to the decoded pixels), skipped or repaired as make_item does. A file
     broken inside is caught by the decoder (DaliDecoder falls back to PIL)."""
-    im, reason = open_image(raw, min_size)
-    if im is None:
-        return skipped(reason)
+    opened = _open(raw, points, transform, min_size, seed)
+    if isinstance(opened, Sample):
+        return opened
+    im, points, issues, params = opened
     width, height = im.size
-    points, issues = _given_points(points, width, height)
-    params = transform.params(width, height, seed)
     landmarks = transform.landmarks(torch.from_numpy(np.array(points, dtype=np.float32)), params)
     repair, over = None, width * height > max_pixels  # (DALI cannot draft: the budget is kept here)
     if over or not dali_reads_as_is(im, raw):
