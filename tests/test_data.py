@@ -576,3 +576,18 @@ def test_every_dataset_has_set_epoch(messy, shards):
                build_dataset(cfg(source=str(shards[0] / "train-000.tar")), S)):
         ds.set_epoch(3)
         assert ds.epoch == 3
+
+
+def test_collate_carries_labels_of_the_kept_samples():
+    """Batch.labels: the kept samples' labels in order (a skipped sample's left out), None
+    when any kept sample has none."""
+    from pacofr.data.batch import collate
+    from pacofr.data.items import Sample
+
+    img, lm = torch.zeros(3, 4, 4), torch.zeros(5, 2)
+    samples = [Sample(img, lm, label=7), Sample(None, None, ("unreadable",), "bad.jpg", label=3),
+               Sample(img + 1, lm, label=2)]
+    batch = collate(samples)
+    assert batch.labels.dtype == torch.int64 and batch.labels.tolist() == [7, 2]
+    assert torch.equal(batch.images[1], img + 1)
+    assert collate([Sample(img, lm, label=1), Sample(img, lm)]).labels is None

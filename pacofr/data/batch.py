@@ -20,7 +20,8 @@ class Batch:
     """images [B, 3, S, S] (None while `encoded` waits for DaliDecoder; [0, 3, 0, 0] when
     every sample was skipped), landmarks [B, 5, 2] (NaN = unknown), issues {reason: count},
     masks (set by MaskingCollate), encoded (the rows DaliDecoder has yet to decode), skipped
-    ((name, skip reason) of each sample left out)."""
+    ((name, skip reason) of each sample left out), labels (int64 [B], the samples' classes;
+    None unless every kept sample has one)."""
 
     images: torch.Tensor | None
     landmarks: torch.Tensor | None = None
@@ -28,15 +29,23 @@ class Batch:
     masks: "Masks | None" = None
     encoded: list[EncodedSample] | None = None
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    labels: torch.Tensor | None = None
 
     def pin_memory(self) -> "Batch":
-        """(DataLoader's pin_memory calls this.) The images and landmarks in pinned memory."""
-        return replace(self, images=self.images.pin_memory(), landmarks=self.landmarks.pin_memory())
+        """(DataLoader's pin_memory calls this.) The images, landmarks and labels in pinned memory."""
+        return replace(self, images=self.images.pin_memory(), landmarks=self.landmarks.pin_memory(),
+                       labels=None if self.labels is None else self.labels.pin_memory())
 
 
 def _check(sample) -> None:
     if not isinstance(sample, (Sample, EncodedSample)):
         raise TypeError(f"a dataset item must be a pacofr.data Sample (or EncodedSample), not {type(sample).__name__}")
+
+
+def labels_of(samples) -> torch.Tensor | None:
+    """The kept samples' labels as int64 [B], or None when any has none."""
+    labels = [s.label for s in samples]
+    return None if not labels or None in labels else torch.tensor(labels, dtype=torch.int64)
 
 
 def collate(samples: list[Sample]) -> Batch:
@@ -53,7 +62,7 @@ def collate(samples: list[Sample]) -> Batch:
             skipped.extend((s.name, r) for r in s.issues)
     if kept:
         return Batch(torch.stack([s.image for s in kept]), torch.stack([s.landmarks for s in kept]), issues,
-                     skipped=skipped)
+                     skipped=skipped, labels=labels_of(kept))
     return Batch(torch.zeros(0, 3, 0, 0), torch.zeros(0, 5, 2), issues, skipped=skipped)
 
 
@@ -74,7 +83,7 @@ def collate_encoded(samples: list[EncodedSample | Sample]) -> Batch:
             issues.update(s.issues)
             skipped.extend((s.name, r) for r in s.issues)
     landmarks = torch.stack([s.landmarks for s in kept]) if kept else torch.zeros(0, 5, 2)
-    return Batch(None, landmarks, issues, encoded=kept, skipped=skipped)
+    return Batch(None, landmarks, issues, encoded=kept, skipped=skipped, labels=labels_of(kept))
 
 
-__all__ = ["Batch", "collate", "collate_encoded"]
+__all__ = ["Batch", "collate", "collate_encoded", "labels_of"]

@@ -146,6 +146,8 @@ class DaliDecoder:
                 at = torch.tensor(kept, dtype=torch.long)
                 rows = [rows[i] for i in kept]
                 batch.landmarks = batch.landmarks[at]
+                if batch.labels is not None:
+                    batch.labels = batch.labels[at]
                 if batch.masks is not None:
                     batch.masks = batch.masks.select(at)
         for r in rows:  # the repairs and landmark issues of the decoded rows

@@ -28,12 +28,14 @@ MAX_PIXELS = DataConfig.max_pixels
 class Sample:
     """image: FloatTensor [3, S, S] (ImageNet-normalized), None when skipped; landmarks:
     FloatTensor [5, 2] (x, y in output pixels, NaN when unknown), None when skipped; issues:
-    the reasons it was skipped or repaired, in the order they were found."""
+    the reasons it was skipped or repaired, in the order they were found; label: its class
+    (an identity), None for sources without labels."""
 
     image: torch.Tensor | None
     landmarks: torch.Tensor | None
     issues: tuple[str, ...] = ()
     name: str = ""
+    label: int | None = None
 
 
 @dataclass
@@ -41,7 +43,7 @@ class EncodedSample:
     """A sample whose pixels DaliDecoder decodes: data (the encoded file, uint8), params (crop,
     flip, jitter: FaceTransform.params), landmarks [5, 2] (output pixels), mask_seed (a function
     of the sample's identity and epoch), issues (its repairs and landmark issues, counted once
-    it is decoded)."""
+    it is decoded), label (as Sample's)."""
 
     data: np.ndarray
     params: dict
@@ -49,6 +51,7 @@ class EncodedSample:
     mask_seed: int
     issues: tuple[str, ...] = ()
     name: str = ""
+    label: int | None = None
 
 
 def skipped(reason: str) -> Sample:
