@@ -16,7 +16,7 @@ from ..data import Batches, MaskingCollate, build_dataset, sample_seed
 from ..losses import TERMS, PaCoFRLoss
 from ..masking import sample_masks
 from ..model import PaCoFR
-from . import checkpoint, distributed, strategies, zero
+from . import checkpoint, distributed, health, resume as resuming, strategies, zero
 from .monitor import Monitor
 from .trainer import Loader, NonFiniteLossError, Trainer
 
@@ -170,6 +170,9 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     d = distributed.init()
     t, output = cfg.train, Path(output)
     checkpoint.claim_output(output, resume, overwrite, d.main)
+    say = (lambda line: print(line, flush=True)) if d.main else (lambda line: None)
+    found, manifest = checkpoint.resolve(resume, output, say) or (None, None)
+    changed = resuming.changes(manifest.get("config", {}), cfg, found) if found is not None else []
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.model.img_size, seed=t.seed, rank=d.rank, world_size=d.world)
     loader = _loader(cfg, dataset, d)
@@ -181,16 +184,15 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     lr = t.blr * t.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, warmup, t.min_lr / lr))
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}}
-    found = checkpoint.resolve(resume, output)
+    hyperparameters = resuming.current_hyperparameters(optimizer)
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}, "health": health.new_record()}
     if found is not None:  # (the weights before ZeRO copies them into its partitions)
         saved = checkpoint.load(found, model, d.device)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
-    if d.main and resume:
-        print(f"resuming {found} at step {state['step']}" if found is not None else
-              f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh", flush=True)
+    if resume:
+        _say_resume(say, resume, found, state, output, changed, d)
     if d.main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -200,6 +202,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     strategy = strategies.make(model, optimizer, t.clip_grad, d.world, ds_config, d.device, task.direct_parameters())
     if found is not None:  # a state as one process keeps it: any rank count, with ZeRO or without
         strategy.load_optimizer_state(saved["optimizer"], found)
+        resuming.apply(scheduler, hyperparameters)
     if d.main:
         _banner(cfg, model, loader, strategy, d, state, found, total_steps)
     trainer = Trainer(cfg, task, strategy, loader, scheduler, state, total_steps, d, monitor,
@@ -208,6 +211,24 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     summary = _finish(trainer, model, output)
     strategy.shutdown()
     return summary
+
+
+def _say_resume(say, resume: str, found: Path | None, state: dict, output: Path, changed: list[str], d) -> None:
+    """What a resume continues, and what it changes; checkpoints of later steps in the run's
+    folder are set aside (the resumed run redoes those steps)."""
+    if found is None:
+        say(f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh")
+        return
+    say(f"resuming {found} at step {state['step']}" + (", the newest good checkpoint" if resume == "auto" else ""))
+    if changed:
+        say(f"resuming with changed settings, applied from step {state['step']} (the optimizer and the lr schedule "
+            f"follow the new values): {', '.join(changed)}")
+    if d.world > 1:  # (every rank has read its checkpoints)
+        torch.distributed.barrier()
+    moved = checkpoint.set_aside_newer(output / "checkpoints", state["step"]) if d.main else []
+    if moved:
+        say(f"set aside {len(moved)} checkpoint(s) of later steps, which this run redoes, into "
+            f"{moved[0].parent}: {', '.join(p.name for p in moved)}")
 
 
 def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict, found, total_steps: int) -> None:
@@ -227,7 +248,8 @@ def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
     s, d = trainer.state, trainer.d
     summary = {"steps": s["step"], "epochs_started": s["epoch"] + 1, "skipped_steps": s["skipped_steps"],
                "skipped_or_repaired_samples": dict(sorted(s["issues"].items())),
-               "output": str(output), "last_checkpoint": str(trainer.last_ckpt)}
+               "output": str(output), "last_checkpoint": str(trainer.last_ckpt),
+               "last_good_checkpoint": str(trainer.newest_good)}
     with trainer.strategy.gathered():
         if d.main:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.encoder.state_dict().items()},
@@ -239,8 +261,12 @@ def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
     (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     trainer.monitor.close()
     print("\npretraining finished")
-    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "encoder", "metrics", "images", "tensorboard"):
-        print(f"  {key:<16} {summary[key]}")
+    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "last_good_checkpoint", "encoder", "metrics",
+                "images", "tensorboard"):
+        print(f"  {key:<21} {summary[key]}")
+    if summary["last_good_checkpoint"] != summary["last_checkpoint"]:
+        print("  warning: the last checkpoint is not good (see the problems in its manifest.json); --resume auto "
+              "continues from the newest good one")
     counts = summary["skipped_or_repaired_samples"]
     print("  samples skipped or repaired: " + (", ".join(f"{k}={v}" for k, v in counts.items()) if counts else "none"))
     return summary
