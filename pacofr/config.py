@@ -351,18 +351,16 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def differences(a: Config, b: Config, section: str = "") -> list[tuple[str, object, object]]:
-    """(dotted key, value in a, value in b) for each key under `section` (e.g. "model") where
-    `a` and `b` differ."""
-    def walk(x, y, prefix):
-        if isinstance(x, dict):
-            return [found for k in x for found in walk(x[k], y[k], f"{prefix}{k}.")]
-        return [] if x == y else [(prefix[:-1], x, y)]
-
-    a, b = to_dict(a), to_dict(b)
-    for part in section.split(".") if section else []:
-        a, b = a[part], b[part]
-    return walk(a, b, f"{section}." if section else "")
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    """A nested dict (a config as `to_dict` gives it, or as config.yaml holds it) as
+    {"dotted.key": value}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def check_output_path(path: str | Path, flag: str, folder: bool) -> None:

@@ -11,14 +11,13 @@ import torch
 import yaml
 from torch.utils.data import IterableDataset
 
-from ..config import Config, ConfigError, check_output_path, differences, load_config, to_dict
+from ..config import Config, ConfigError, check_output_path, to_dict
 from ..data import Batches, MaskingCollate, build_dataset, sample_seed
 from ..data.skips import SkipLog
 from ..losses import TERMS, PaCoFRLoss
 from ..masking import sample_masks
 from ..model import PaCoFR, save_encoder
-from ..model.weights import WeightsMismatch
-from . import checkpoint, distributed, strategies, zero
+from . import checkpoint, distributed, health, resume as resuming, strategies, zero
 from .monitor import Monitor
 from .trainer import Loader, NonFiniteLossError, Trainer
 
@@ -201,6 +200,9 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     t, output = cfg.train, Path(output)
     check_output_path(output, "--output", folder=True)
     checkpoint.claim_output(output, resume, overwrite, d.main)
+    say = (lambda line: print(line, flush=True)) if d.main else (lambda line: None)
+    found, manifest = checkpoint.resolve(resume, output, say) or (None, None)
+    changed = resuming.changes(manifest.get("config", {}), cfg, found) if found is not None else []
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.model.img_size, seed=t.seed, rank=d.rank, world_size=d.world)
     loader = _loader(cfg, dataset, d)
@@ -212,10 +214,10 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     lr = t.blr * t.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, warmup, t.min_lr / lr))
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}}
-    found = checkpoint.resolve(resume, output)
+    hyperparameters = resuming.current_hyperparameters(optimizer)
+    state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}, "health": health.new_record()}
     if found is not None:  # (the weights before ZeRO copies them into its partitions)
-        saved = _load(found, model, cfg, d.device)
+        saved = checkpoint.load(found, model, d.device)
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["rng"])
         state = saved["state"]
@@ -226,9 +228,9 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     strategy = strategies.make(model, optimizer, t.clip_grad, d.world, ds_config, d.device, task.direct_parameters())
     if found is not None:  # a state as one process keeps it: any rank count, with ZeRO or without
         strategy.load_optimizer_state(saved["optimizer"], found)
-    if d.main and resume:
-        print(f"resuming {found} at step {state['step']}" if found is not None else
-              f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh", flush=True)
+        resuming.apply(scheduler, hyperparameters)
+    if resume:
+        _say_resume(say, resume, found, state, output, changed, d)
     if d.main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -243,22 +245,22 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     return summary
 
 
-def _load(found: Path, model: PaCoFR, cfg: Config, device: torch.device) -> dict:
-    """The checkpoint's state, its weights loaded into `model`. A checkpoint of another model
-    fails in one line naming the model keys its run's config.yaml sets otherwise (or else the
-    first tensor that differs)."""
-    try:
-        return checkpoint.load(found, model, device)
-    except WeightsMismatch as err:
-        run_config = found.parent.parent / "config.yaml"  # (<run>/checkpoints/ckpt-*)
-        try:
-            changed = differences(load_config(run_config), cfg, "model") if run_config.is_file() else []
-        except (ConfigError, OSError):
-            changed = []
-        why = (", ".join(f"{key} is {there!r} in {run_config}, {here!r} here" for key, there, here in changed)
-               if changed else str(err))
-        raise ConfigError(f"--resume {found} holds another model than this config ({why}): resume with the "
-                          f"run's model settings, or give a new --output") from None
+def _say_resume(say, resume: str, found: Path | None, state: dict, output: Path, changed: list[str], d) -> None:
+    """What a resume continues, and what it changes; checkpoints of later steps in the run's
+    folder are set aside (the resumed run redoes those steps)."""
+    if found is None:
+        say(f"--resume {resume}: no checkpoint in {output / 'checkpoints'}: starting fresh")
+        return
+    say(f"resuming {found} at step {state['step']}" + (", the newest good checkpoint" if resume == "auto" else ""))
+    if changed:
+        say(f"resuming with changed settings, applied from step {state['step']} (the optimizer and the lr schedule "
+            f"follow the new values): {', '.join(changed)}")
+    if d.world > 1:  # (every rank has read its checkpoints)
+        torch.distributed.barrier()
+    moved = checkpoint.set_aside_newer(output / "checkpoints", state["step"]) if d.main else []
+    if moved:
+        say(f"set aside {len(moved)} checkpoint(s) of later steps, which this run redoes, into "
+            f"{moved[0].parent}: {', '.join(p.name for p in moved)}")
 
 
 def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict, found, total_steps: int) -> None:
@@ -280,7 +282,8 @@ def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
     log.write(set().union(*distributed.gather_objects(log.rows)))
     summary = {"steps": s["step"], "epochs_started": s["epoch"] + 1, "skipped_steps": s["skipped_steps"],
                "skipped_or_repaired_samples": dict(sorted(s["issues"].items())),
-               "output": str(output), "last_checkpoint": str(trainer.last_ckpt)}
+               "output": str(output), "last_checkpoint": str(trainer.last_ckpt),
+               "last_good_checkpoint": str(trainer.newest_good)}
     with trainer.strategy.gathered():
         if d.main:
             save_encoder(model.encoder.state_dict(), output / "encoder.safetensors", trainer.cfg.model,
@@ -293,9 +296,12 @@ def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
     (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     trainer.monitor.close()
     print("\npretraining finished")
-    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "encoder", "metrics", "images", "tensorboard",
-                "skipped_files"):
-        print(f"  {key:<16} {summary[key]}")
+    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "last_good_checkpoint", "encoder", "metrics",
+                "images", "tensorboard", "skipped_files"):
+        print(f"  {key:<21} {summary[key]}")
+    if summary["last_good_checkpoint"] != summary["last_checkpoint"]:
+        print("  warning: the last checkpoint is not good (see the problems in its manifest.json); --resume auto "
+              "continues from the newest good one")
     counts = summary["skipped_or_repaired_samples"]
     print("  samples skipped or repaired: " + (", ".join(f"{k}={v}" for k, v in counts.items()) if counts else "none"))
     return summary

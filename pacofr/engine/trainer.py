@@ -22,9 +22,9 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from ..config import ConfigError
+from ..config import ConfigError, to_dict
 from ..data import REASONS, micro_batches
-from . import checkpoint, distributed
+from . import checkpoint, distributed, health
 
 
 log = logging.getLogger("pacofr.train")
@@ -87,6 +87,10 @@ class Trainer:
         self.cfg, self.task, self.strategy, self.loader, self.scheduler = cfg, task, strategy, loader, scheduler
         self.state, self.total_steps, self.d, self.monitor = state, total_steps, d, monitor
         self.ckpt_dir, self.last_ckpt = ckpt_dir, last_ckpt
+        # the newest good checkpoint, and one saved good whose next step is still to be judged
+        self.last_good = None
+        self.pending = last_ckpt if last_ckpt is not None and checkpoint.is_good(last_ckpt) else None
+        self.window_start = state.get("step", 0) + 1  # the first step the next checkpoint's health covers
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
         self.issues = Counter()  # this rank's sample issues since the last merge
 
@@ -117,9 +121,11 @@ class Trainer:
                 s["step"] += 1
                 s["epoch_step"] += 1
                 seen += images
+                if images:
+                    self.judge(s["step"], metrics.get("loss", math.nan), applied)
                 if nonfinite_run >= t.max_nonfinite:
                     raise NonFiniteLossError(f"stopping at step {s['step']}: {nonfinite_run} non-finite losses in a "
-                                             f"row; last good checkpoint: {self.last_ckpt or 'none'}")
+                                             f"row; newest good checkpoint: {self.newest_good or 'none'}")
                 progress.update(1)
                 if self.d.main and images and (s["step"] % t.log_every == 0 or s["step"] == self.total_steps):
                     rate, tick, seen = seen / max(time.time() - tick, 1e-9), time.time(), 0
@@ -137,6 +143,23 @@ class Trainer:
                     self.save()
         progress.close()
         self.merge_issues()
+
+    @property
+    def newest_good(self) -> Path | None:
+        return self.pending or self.last_good
+
+    def judge(self, step: int, loss: float, applied: bool) -> None:
+        """A step with usable samples judged (health.py); the first after a checkpoint saved
+        good confirms it, or marks it bad (its weights gave this step's loss)."""
+        problem = health.judge(self.state["health"], step, loss, applied)
+        if self.pending is None:
+            return
+        if problem is None:
+            self.last_good = self.pending
+        elif self.d.main and self.pending.resolve().parent == self.ckpt_dir.resolve():
+            checkpoint.mark_bad(self.pending, f"the step after it, {problem}")
+            log.info("%s is not good: the step after it, %s", self.pending, problem)
+        self.pending = None
 
     def _epoch_ended(self, group: list) -> bool:
         short = len(group) < self.cfg.train.accum_steps
@@ -196,16 +219,25 @@ class Trainer:
 
     def save(self) -> None:
         """A checkpoint of the model, the optimizer (gathered whole under ZeRO: every rank takes
-        part, and in stage 3 in gathering the weights), the schedule, the RNG and the run state."""
+        part, and in stage 3 in gathering the weights), the schedule, the RNG and the run state,
+        with its health (every rank starts the next window)."""
         self.merge_issues()
+        step = self.state["step"]
         optim = self.strategy.optimizer_state(self.d.main)
         with self.strategy.gathered():
             if self.d.main:
+                model = self.strategy.model
+                finite = all(bool(torch.isfinite(v).all()) for v in model.state_dict().values()
+                             if v.is_floating_point())
+                verdict = health.verdict(self.state["health"], self.window_start, step, finite)
                 saved = {"optimizer": optim, "scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(),
                          "state": dict(self.state)}
-                self.last_ckpt = checkpoint.save(self.ckpt_dir, self.state["step"], self.strategy.model, saved,
-                                                 self.cfg.train.keep_last)
+                self.last_ckpt = checkpoint.save(self.ckpt_dir, step, model, saved, self.cfg.train.keep_last,
+                                                 verdict, to_dict(self.cfg))
             else:
-                self.last_ckpt = self.ckpt_dir / f"{checkpoint.PREFIX}{self.state['step']:08d}"
+                verdict = health.verdict(self.state["health"], self.window_start, step, True)
+                self.last_ckpt = self.ckpt_dir / f"{checkpoint.PREFIX}{step:08d}"
+        self.pending = self.last_ckpt if verdict["good"] else None
+        self.window_start = step + 1
         if self.d.world > 1:
             torch.distributed.barrier()

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .. import __version__
-from ..config import Config, ConfigError, load_config
+from ..config import Config, ConfigError, flat_keys, load_config
 from .vit import timm_kwargs
 
 ENCODER_PREFIX = "encoder."  # the encoder's entries in PaCoFR's state dict
@@ -169,16 +169,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         raise _not_safetensors(file, e) from None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def stored_config(path: str | Path) -> tuple[dict, str] | None:
     """The encoder keys the weights at `path` come with, flat ({"model.img_size": 224, ...}),
     and where they were found: an encoder file's metadata, or for a checkpoint in a run folder
@@ -205,7 +195,7 @@ def stored_config(path: str | Path) -> tuple[dict, str] | None:
             raise ConfigError(f"{where} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict) or not isinstance(tree.get("model"), dict):
         raise ConfigError(f"{where} holds no model config")
-    flat = _flat({"model": tree["model"]})
+    flat = flat_keys({"model": tree["model"]})
     return {f"model.{k}": flat[f"model.{k}"] for k in ENCODER_KEYS if f"model.{k}" in flat}, where
 
 
