@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from pacofr.config import load_config, to_dict
-from pacofr.engine import checkpoint
+from pacofr.engine import checkpoint, health
 from pacofr.model import PaCoFR, ViTEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +70,16 @@ def _faces(folder: Path) -> dict:
     return points
 
 
-def _run_folder(folder: Path, cfg) -> Path:
-    """A run of `cfg` as pretraining leaves it: config.yaml, metrics.csv and one checkpoint."""
+def _run_folder(folder: Path, cfg, with_config: bool = True) -> Path:
+    """A run of `cfg` as pretraining leaves it: config.yaml, metrics.csv and one good checkpoint
+    (its manifest holding the run's config unless `with_config` is False)."""
     (folder / "checkpoints").mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     (folder / "metrics.csv").write_text("step,loss\n1,0.5\n")
     torch.manual_seed(0)
-    return checkpoint.save(folder / "checkpoints", 1, PaCoFR(cfg), {"state": {"step": 1}}, 3)
+    good = health.verdict(health.new_record(), 1, 1, params_finite=True)  # (as a healthy step leaves it)
+    config = to_dict(cfg) if with_config else None
+    return checkpoint.save(folder / "checkpoints", 1, PaCoFR(cfg), {"state": {"step": 1}}, 3, good, config)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def world(tmp_path_factory):
     run = d / "run"  # a run of the tiny model; resumed below with another depth
     _run_folder(run, cfg)
     loose = d / "loose"  # a checkpoint on its own, without its run's config.yaml
-    shutil.copytree(_run_folder(d / "run_b", cfg), loose)
+    shutil.copytree(_run_folder(d / "run_b", cfg, with_config=False), loose)
     return {"d": d, "depth": deep, "run": run, "loose": loose, "encoder": encoder}
 
 
@@ -141,7 +144,7 @@ CASES = {
     "--resume auto, another depth": (
         lambda w: [*TRAIN, "--max-steps", "2", "--resume", "auto", "--set", f"model.encoder.depth={w['depth'] - 2}",
                    "--output", str(w["run"])],
-        "run", ["ckpt-00000001", "model.encoder.depth is 4 in", "config.yaml, 2 here", "give a new --output"], None),
+        "run", ["ckpt-00000001", "model.encoder.depth is 4 there, 2 now", "another --output"], None),
     "--resume PATH, another width, no config.yaml": (
         lambda w: [*TRAIN, "--resume", str(w["loose"]), "--set", "model.encoder.embed_dim=48", "--output",
                    str(w["d"] / "o6")],

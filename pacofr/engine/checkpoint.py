@@ -224,7 +224,7 @@ def rotate(directory: Path, keep_last: int) -> None:
 
 # What a run writes into its folder: a folder holding any of these holds a run.
 RUN_FILES = ("checkpoints", "metrics.csv", "config.yaml", "summary.yaml", "encoder.safetensors", "tensorboard",
-             "images")
+             "images", "skipped.csv")
 
 
 def claim_output(output: Path, resume: str | None, overwrite: bool, main: bool) -> None:
