@@ -8,6 +8,7 @@ alignment against a brute-force least squares and a planted similarity, in the r
 import csv
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
@@ -146,6 +147,12 @@ def test_pretraining_on_train_rec(rec, tmp_path, capsys):
     assert rows == [{"path": f"{rec}#{BAD}", "reason": "bad_record"}]
     assert "bad_record: 1" in (run / "summary.yaml").read_text()
 
+    rec.with_suffix(".idx").unlink()
+    assert main(["train", *BASE, "--set", f"data.source={rec}", "--output", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pacofr train: error: data.source '{rec}': its index '{rec.with_suffix('.idx')}' does not exist "
+                   "(a RecordIO pair is .rec + .idx)"], err
+
 
 @pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None, reason="NVIDIA DALI is not installed")
 def test_recordio_through_dali_matches_pil(rec):
@@ -266,6 +273,9 @@ def test_align_warps_the_landmarks_onto_the_template(tmp_path):
     expected = torch.from_numpy(np.array(face)).permute(2, 0, 1).float() / 255
     assert torch.allclose(sample.image * std + mean, expected, atol=1e-5)
     assert ds[1].issues == ("landmarks_missing",) and ds[1].image.shape == (3, 112, 112)  # (not aligned)
+    encoded = build_dataset(dataclasses.replace(cfg, decoder="dali"), 112, augment=False)[0]  # (for DALI: a PNG)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encoded.data.tobytes()))), np.asarray(face))
+    assert np.allclose(encoded.landmarks.numpy(), moved, atol=1e-4)
     with pytest.raises(ValueError, match="data.align='arcface' warps each face by its landmarks: set data.landmarks"):
         build_dataset(dataclasses.replace(cfg, landmarks=""), 112)
 
