@@ -6,7 +6,7 @@ import os
 
 from .landmarks import load_landmarks_file
 from .shards import ShardDataset, expand_shards
-from .sources import FacesDataset, ImageFilesDataset, RecordIODataset, image_files
+from .sources import FacesDataset, ImageFilesDataset, RecordIODataset, image_files, labelled_files
 from .transforms import FaceTransform
 
 
@@ -57,8 +57,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
             dataset.set_landmarks(dataset.keys, source_landmarks(cfg.landmarks, dataset.keys, source))
         return dataset
 
-    found = image_files(source, labels=cfg.labels)
-    paths, keys, labels = found if len(found) == 3 else (*found, None)
+    paths, keys, labels = labelled_files(source, cfg.labels)
     landmarks = source_landmarks(cfg.landmarks, keys, source) if cfg.landmarks else None
     return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded, cfg.max_pixels,
                              labels, align)

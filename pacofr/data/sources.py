@@ -227,10 +227,16 @@ def folder_labels(keys: list[str], root: str) -> list[int]:
     return [number[n] for n in names]
 
 
-def image_files(source: str, what: str = "data.source", labels: str = "none"):
+def image_files(source: str, what: str = "data.source") -> tuple[list[str], list[str]]:
     """An image folder or a .txt file list -> (paths, keys: the paths relative to the folder
-    or as listed), and with `labels` ('folders' or 'list', as data.labels) each image's label
-    as a third item. A wrong path or an empty source raises, naming the path."""
+    or as listed). A wrong path or an empty source raises, naming the path."""
+    paths, keys, _ = labelled_files(source, "none", what)
+    return paths, keys
+
+
+def labelled_files(source: str, labels: str, what: str = "data.source") -> tuple[list[str], list[str], list | None]:
+    """image_files, and each image's label as `labels` (data.labels: 'folders', 'list') gives
+    them (None for 'none')."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"{what} '{source}': no such file or directory")
     if os.path.isdir(source):
@@ -256,9 +262,9 @@ def image_files(source: str, what: str = "data.source", labels: str = "none"):
                  else "a folder or a .txt file list")
         raise ValueError(f"{what} '{source}' is not {kinds}")
     if labels == "none":
-        return paths, keys
+        return paths, keys, None
     return paths, keys, folder_labels(keys, source) if labels == "folders" else listed
 
 
 __all__ = ["IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "embedded_faces", "FacesDataset", "ImageFilesDataset",
-           "RecordIODataset", "image_files", "folder_labels", "source_root"]
+           "RecordIODataset", "image_files", "labelled_files", "folder_labels", "source_root"]
