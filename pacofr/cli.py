@@ -170,13 +170,16 @@ def _data_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="processes that check the images (0: this one)")
     p.add_argument("--max-pixels", type=int, default=DataConfig.max_pixels,
                    help="larger images are skipped, never decoded (as data.max_pixels)")
+    p.add_argument("--align", type=int, nargs="?", const=112, default=0, metavar="SIZE",
+                   help="store each face warped to the ArcFace 5-point template, SIZE x SIZE (112 if not "
+                        "given); needs --landmarks")
 
 
 def _data(args) -> None:
     from .data.prepare import prepare, summary_lines
 
     report = prepare(args.src, args.out, args.shard_size, args.landmarks, args.min_size, args.workers,
-                     args.max_pixels)
+                     args.max_pixels, args.align)
     print("\n".join(summary_lines(report)))
 
 

@@ -94,8 +94,10 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "faces"  # "faces" (embedded), an image folder, a file list (.txt), or .tar shards
-    landmarks: str = ""  # optional CSV or JSON file: relative path -> 5 (or 68) points
+    source: str = "faces"  # "faces" (embedded), an image folder, a file list (.txt), a RecordIO .rec, .tar shards
+    landmarks: str = ""  # optional CSV or JSON file: relative path (RecordIO: record index) -> 5 (or 68) points
+    labels: str = "none"  # none | folders (root/<identity>/...) | list (.txt lines 'path label'); RecordIO: its own
+    align: str = "none"  # none | arcface: warp faces with landmarks to the ArcFace 5-point template
     min_size: int = 32  # smaller images are skipped (and counted)
     max_pixels: int = 40_000_000  # pixel budget, from the header: larger JPEGs are drafted, others skipped
     scale_min: float = 0.85  # random resized crop: area fraction in [scale_min, 1]
@@ -341,6 +343,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attn_impl must be 'pacofr' or 'sdpa', got '{m.attn_impl}'")
     if cfg.data.decoder not in ("pil", "dali"):
         raise ConfigError(f"data.decoder must be 'pil' or 'dali', got '{cfg.data.decoder}'")
+    if cfg.data.labels not in ("none", "folders", "list"):
+        raise ConfigError(f"data.labels must be 'none', 'folders' or 'list', got '{cfg.data.labels}'")
+    if cfg.data.align not in ("none", "arcface"):
+        raise ConfigError(f"data.align must be 'none' or 'arcface', got '{cfg.data.align}'")
     if cfg.data.dali_device not in ("auto", "mixed", "cpu"):
         raise ConfigError(f"data.dali_device must be 'auto', 'mixed' or 'cpu', got '{cfg.data.dali_device}'")
     if m.codebook.mixing not in ("soft", "gumbel"):

@@ -104,7 +104,7 @@ def test_a_fifo_named_like_an_image_is_unreadable_not_a_hang(tmp_path):
 
 def test_reasons_tuple():
     assert REASONS == ("empty", "not_an_image", "truncated", "too_small", "too_large", "unreadable",
-                       "gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid",
+                       "bad_record", "gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid",
                        "landmarks_missing")
     assert set(EXPECTED) <= set(REASONS)
 

@@ -7,8 +7,9 @@
     for batch in loader:   # a Batch: images [B,3,S,S], landmarks [B,5,2] (NaN = unknown), issues {reason: n}
 
 A dataset's items are `Sample`s (a skipped one has no image; `skipped(reason)`). Sources:
-"faces" (101 real faces embedded in scikit-image), an image folder, a .txt file list
-(sources.py), WebDataset .tar shards (shards.py); datasets.py builds one from the config.
+"faces" (101 real faces embedded in scikit-image), an image folder, a .txt file list, an
+insightface RecordIO pair (sources.py, recordio.py), WebDataset .tar shards (shards.py);
+datasets.py builds one from the config; align.py warps faces to the ArcFace 5-point template.
 items.py builds a sample from an image's bytes, batch.py collates; decode.py names the
 reasons a sample is skipped or repaired, transforms.py the augmentation and the landmark
 coordinate convention, landmarks.py the landmark file formats. loader.py batches for
@@ -26,12 +27,13 @@ from .decode import REASONS, REPAIR_REASONS, SKIP_REASONS
 from .items import EncodedSample, Sample, skipped
 from .loader import Batches, MaskingCollate, micro_batches
 from .shards import ShardDataset
-from .sources import ASTRONAUT_FACE_BOX, IMAGE_EXTENSIONS, FacesDataset, ImageFilesDataset, embedded_faces
+from .sources import (ASTRONAUT_FACE_BOX, IMAGE_EXTENSIONS, FacesDataset, ImageFilesDataset, RecordIODataset,
+                      embedded_faces)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, FaceTransform, denormalize, sample_seed
 
 __all__ = [
     "build_dataset", "collate", "collate_encoded", "Batch", "Sample", "EncodedSample", "skipped", "Batches",
     "MaskingCollate", "micro_batches", "denormalize", "IMAGENET_MEAN", "IMAGENET_STD", "REASONS", "SKIP_REASONS",
     "REPAIR_REASONS", "IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "FaceTransform", "FacesDataset",
-    "ImageFilesDataset", "ShardDataset", "embedded_faces", "sample_seed",
+    "ImageFilesDataset", "RecordIODataset", "ShardDataset", "embedded_faces", "sample_seed",
 ]

@@ -1,31 +1,36 @@
 """`build_dataset`: a `DataConfig` -> the dataset its source names (sources.py: the embedded
-faces, an image folder, a .txt file list; shards.py: WebDataset .tar shards), checked at once."""
+faces, an image folder, a .txt file list, an insightface RecordIO pair; shards.py: WebDataset
+.tar shards), checked at once."""
 
 import os
 
 from .landmarks import load_landmarks_file
 from .shards import ShardDataset, expand_shards
-from .sources import FacesDataset, ImageFilesDataset, image_files
+from .sources import FacesDataset, ImageFilesDataset, RecordIODataset, image_files, labelled_files
 from .transforms import FaceTransform
 
 
 def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                   augment: bool = True):
-    """`cfg` is a `DataConfig`. A map-style Dataset (faces, folder, file list) or an
+    """`cfg` is a `DataConfig`. A map-style Dataset (faces, folder, file list, RecordIO) or an
     IterableDataset (.tar shards, split per rank and per worker); each item is a Sample, or
     with data.decoder='dali' an EncodedSample for DaliDecoder. Every one has set_epoch. A wrong
     path or an empty source raises at once, naming the path."""
-    encoded = cfg.decoder == "dali"
+    encoded, align = cfg.decoder == "dali", cfg.align == "arcface"
     transform = FaceTransform(img_size, cfg.scale_min, cfg.ratio_max, cfg.hflip, cfg.color_jitter, augment)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
     source = str(cfg.source)
+    shards = expand_shards(source)
+    if cfg.labels != "none" and (source == "faces" or shards is not None or source.lower().endswith(".rec")):
+        raise ValueError(f"data.labels='{cfg.labels}' is for image folders and .txt lists; data.source '{source}' "
+                         "is not one (a RecordIO record carries its identity): use data.labels=none")
     if source == "faces":
-        if cfg.landmarks:
-            raise ValueError("data.landmarks is not used with data.source='faces' (no landmarks exist for them)")
+        if cfg.landmarks or align:
+            raise ValueError(f"data.{'landmarks' if cfg.landmarks else 'align'} is not used with "
+                             "data.source='faces' (no landmarks exist for them)")
         return FacesDataset(img_size, transform, seed, encoded)
 
-    shards = expand_shards(source)
     if shards is not None:
         if cfg.landmarks:
             raise ValueError(f"data.landmarks='{cfg.landmarks}' does not apply to shards: "
@@ -40,11 +45,22 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
             raise ValueError(f"data.source '{source}' has {len(shards)} shard(s) for world_size={world_size}: "
                              "every rank needs at least one shard")
         return ShardDataset(shards, transform, cfg.min_size, seed, rank, world_size, cfg.shuffle_buffer, encoded,
-                            cfg.max_pixels)
+                            cfg.max_pixels, align)
 
-    paths, keys = image_files(source)
+    if align and not cfg.landmarks:
+        raise ValueError(f"data.align='{cfg.align}' warps each face by its landmarks: set data.landmarks")
+    if source.lower().endswith(".rec"):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"data.source '{source}': no such file")
+        dataset = RecordIODataset(source, transform, cfg.min_size, seed, None, encoded, cfg.max_pixels, align)
+        if cfg.landmarks:
+            dataset.set_landmarks(dataset.keys, source_landmarks(cfg.landmarks, dataset.keys, source))
+        return dataset
+
+    paths, keys, labels = labelled_files(source, cfg.labels)
     landmarks = source_landmarks(cfg.landmarks, keys, source) if cfg.landmarks else None
-    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded, cfg.max_pixels)
+    return ImageFilesDataset(paths, keys, transform, cfg.min_size, seed, landmarks, encoded, cfg.max_pixels,
+                             labels, align)
 
 
 def source_landmarks(path: str, keys: list[str], source: str, what: str = "data.landmarks",

@@ -14,6 +14,8 @@ repair is reported). The reasons are fixed strings, counted by `collate` (batch.
                             decompression bomb (over 2 x Image.MAX_IMAGE_PIXELS, whatever the budget)
               unreadable    any other OSError (missing file, broken link, permissions, a
                             decoder that is not available, a broken tar)
+              bad_record    a RecordIO record that cannot be read (an .idx offset at no record,
+                            a record cut short, a label that is no identity: recordio.py)
     repaired: gray_converted  1, L, I, I;16*, F, and P whose palette is gray -> RGB. 16-bit
                               data is scaled by 1/257, 32-bit integers likewise when they exceed
                               255, floats by 255 when they lie in [0, 1].
@@ -36,7 +38,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_small", "too_large", "unreadable")
+SKIP_REASONS = ("empty", "not_an_image", "truncated", "too_small", "too_large", "unreadable", "bad_record")
 REPAIR_REASONS = ("gray_converted", "cmyk_converted", "rgba_converted", "landmarks_invalid", "landmarks_missing")
 REASONS = SKIP_REASONS + REPAIR_REASONS
 

@@ -6,7 +6,11 @@ one lists its repairs (decode.py names every reason). Its `name` (the file, or a
 `shard.tar/key`) is set by the dataset, so the files skipped can be listed (batch.py).
 
 No image is decoded to more than `max_pixels` (data.max_pixels): the budget is checked on the
-header, and a larger JPEG is decoded at reduced scale within it, or the sample is skipped."""
+header, and a larger JPEG is decoded at reduced scale within it, or the sample is skipped.
+
+With `align` (data.align='arcface'), an image with usable landmarks is first warped to the
+ArcFace template at the output size (align.py), and the augmentation crops that aligned face;
+one without them goes on unaligned, its landmark reason counted."""
 
 import io
 from dataclasses import dataclass, replace
@@ -16,6 +20,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
+from .align import align as align_face
 from .decode import decode_rgb, draft, open_image
 from .landmarks import NAN5, check_landmarks
 from .transforms import FaceTransform, sample_seed
@@ -78,20 +83,40 @@ def _reasons(repair: str | None, issues: tuple[str, ...]) -> tuple[str, ...]:
     return ((repair,) if repair else ()) + issues
 
 
-def _open(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int, seed: int):
-    """The image opened (its header read, no pixel decoded), its given points checked and its
-    crop drawn: (image, points, issues, crop params), or a skipped Sample."""
+def _aligned(im: Image.Image, points: np.ndarray, size: int, max_pixels: int):
+    """The image decoded (within the budget) and warped to the template: (aligned RGB image,
+    its points, the decode's repair or None), or a skipped Sample."""
+    scale, reason = draft(im, None, max_pixels)
+    if scale is None:
+        return skipped(reason)
+    rgb, repair = decode_rgb(im)
+    if rgb is None:
+        return skipped(repair)
+    return *align_face(rgb, np.asarray(points, dtype=np.float64) / scale, size), repair
+
+
+def _open(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int, seed: int,
+          max_pixels: int, align: bool):
+    """The image opened (its header read, no pixel decoded; decoded and aligned with `align`
+    and usable points), its given points checked and its crop drawn: (image, points, issues,
+    crop params), or a skipped Sample."""
     im, reason = open_image(raw, min_size)
     if im is None:
         return skipped(reason)
     points, issues = _given_points(points, *im.size)
+    if align and not issues and np.isfinite(points).all():
+        aligned = _aligned(im, points, transform.size, max_pixels)
+        if isinstance(aligned, Sample):
+            return aligned
+        im, points, repair = aligned
+        issues = _reasons(repair, issues)
     return im, points, issues, transform.params(*im.size, seed)
 
 
 def make_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
-              seed: int, max_pixels: int = MAX_PIXELS) -> Sample:
+              seed: int, max_pixels: int = MAX_PIXELS, align: bool = False) -> Sample:
     """Encoded image (+ given landmarks in original pixels, or None) -> Sample."""
-    opened = _open(raw, points, transform, min_size, seed)
+    opened = _open(raw, points, transform, min_size, seed, max_pixels, align)
     if isinstance(opened, Sample):
         return opened
     im, points, issues, params = opened
@@ -127,14 +152,15 @@ def png_bytes(im: Image.Image) -> bytes:
 
 
 def make_encoded_item(raw: bytes | None, points: np.ndarray | None, transform: FaceTransform, min_size: int,
-                      seed: int, max_pixels: int = MAX_PIXELS) -> EncodedSample | Sample:
+                      seed: int, max_pixels: int = MAX_PIXELS, align: bool = False) -> EncodedSample | Sample:
     """Like make_item, but leaves the pixels encoded for DaliDecoder: an EncodedSample, or a
     skipped Sample. A JPEG or PNG within the pixel budget, in a mode DALI reads as PIL does,
     and ending with its end marker, is passed on as read (only its header is parsed here);
     anything else is decoded here (a JPEG over the budget drafted, as make_item does, and
     its crop box scaled to the decoded pixels), skipped or repaired as make_item does. A file
-    broken inside is caught by the decoder (DaliDecoder falls back to PIL)."""
-    opened = _open(raw, points, transform, min_size, seed)
+    broken inside is caught by the decoder (DaliDecoder falls back to PIL). An aligned face is
+    passed on as a PNG of its pixels."""
+    opened = _open(raw, points, transform, min_size, seed, max_pixels, align)
     if isinstance(opened, Sample):
         return opened
     im, points, issues, params = opened

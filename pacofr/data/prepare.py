@@ -3,6 +3,7 @@ as they are (`data.source=OUT`), each image checked as the loader checks it.
 
     pacofr data prepare /data/faces shards/faces --landmarks /data/faces.csv
     pacofr data prepare /data/faces_emore shards/emore --shard-size 20000 --workers 8
+    pacofr data prepare /data/wild shards/aligned --landmarks /data/wild.csv --align 112
 
 SRC: an image folder, a .txt list of paths, or an insightface RecordIO pair (a `.rec` file with
 its `.idx` beside it, or a folder holding `train.rec` and `train.idx`; recordio.py).
@@ -13,8 +14,10 @@ skips is left out, with its reason. A JPEG or PNG in RGB or gray that DALI too r
 pixels the loader's repair gives (so every decoder reads it without a repair). Landmarks
 (--landmarks, keyed as data.landmarks is: paths relative to the folder or list; a RecordIO
 record's index) go into the sample's .json member; insightface's identity (the label, its first
-value when there are several) into .cls. Samples are keyed 000000000, 000000001, ... in SRC's
-order.
+value when there are several) into .cls. With --align SIZE, each image is stored as the SIZE x
+SIZE crop warped to the ArcFace template (align.py), a PNG, its landmarks moved into it; an image
+without usable landmarks is skipped (landmarks_missing, landmarks_invalid). Samples are keyed
+000000000, 000000001, ... in SRC's order.
 
 Shards are written under a temporary name (.shard-000003.tar.tmp) and renamed when complete: an
 interrupted prepare leaves complete shards beside temporary files that no shard pattern
@@ -38,17 +41,17 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError
+from .align import align as align_face
 from .datasets import source_landmarks
 from .decode import decode_rgb, open_image, read_bytes
 from .items import MAX_PIXELS, dali_reads_as_is, png_bytes
 from .landmarks import check_landmarks
-from .recordio import InsightFaceRecords, RecordIOError
+from .recordio import BAD_RECORD, InsightFaceRecords, RecordIOError, identity, index_of
 from .sources import image_files
 
 SHARD = "shard-{:06d}.tar"
 REPORT, FILES = "prepare.json", "prepare.csv"
 STORED_AS_READ = {"JPEG": "jpg", "PNG": "png"}
-BAD_RECORD = "bad_record"  # a RecordIO record that cannot be read (its .idx offset points at no record, ...)
 
 
 @dataclass
@@ -74,32 +77,41 @@ class Checked:
     ext: str = ""
     reasons: tuple[str, ...] = ()
     as_read: bool = False
+    points: np.ndarray | None = None  # the landmarks in the stored image, when they moved (alignment)
 
 
-def check(raw: bytes | None, points: np.ndarray | None, min_size: int, max_pixels: int = MAX_PIXELS) -> Checked:
+def check(raw: bytes | None, points: np.ndarray | None, min_size: int, max_pixels: int = MAX_PIXELS,
+          align: int = 0) -> Checked:
     """Checks one image as the loader does (decode.py) and gives the bytes to store. An image
     over the pixel budget is skipped (`too_large`), never decoded: the loader would decode a
-    JPEG at reduced scale, but the shards keep each image at the scale of its landmarks."""
+    JPEG at reduced scale, but the shards keep each image at the scale of its landmarks.
+    `align` (a size): the aligned crop, as PNG, or skipped without usable landmarks."""
     im, reason = open_image(raw, min_size)
     if im is None:
         return Checked(skip=reason)
     if im.size[0] * im.size[1] > max_pixels:
         return Checked(skip="too_large")
     as_read, fmt, (width, height) = dali_reads_as_is(im, raw), im.format, im.size
+    usable = points is not None and check_landmarks(points, width, height)
+    if align and not usable:
+        return Checked(skip="landmarks_missing" if points is None else "landmarks_invalid")
     rgb, repair = decode_rgb(im)
     if rgb is None:
         return Checked(skip=repair)
     reasons = (repair,) if repair else ()
-    if points is not None and not check_landmarks(points, width, height):
+    if points is not None and not usable:
         reasons += ("landmarks_invalid",)
+    if align:
+        face, moved = align_face(rgb, points, align)
+        return Checked(data=png_bytes(face), ext="png", reasons=reasons, points=moved)
     if as_read:
         return Checked(data=raw, ext=STORED_AS_READ[fmt], reasons=reasons, as_read=True)
     return Checked(data=png_bytes(rgb), ext="png", reasons=reasons)
 
 
-def _check_job(job: tuple[Entry, np.ndarray | None, int, int]) -> tuple[Entry, Checked]:
-    entry, points, min_size, max_pixels = job
-    checked = Checked(skip=entry.reason) if entry.reason else check(entry.raw, points, min_size, max_pixels)
+def _check_job(job: tuple[Entry, np.ndarray | None, int, int, int]) -> tuple[Entry, Checked]:
+    entry, points, min_size, max_pixels, align = job
+    checked = Checked(skip=entry.reason) if entry.reason else check(entry.raw, points, min_size, max_pixels, align)
     entry.raw = None  # (not sent back from a worker)
     return entry, checked
 
@@ -134,13 +146,11 @@ class _RecordIO:
             name = f"{self.records.rec}#{i}"
             try:
                 header, image = self.records.read(i)
-                label = header.label[0] if isinstance(header.label, tuple) else header.label
-                if not np.isfinite(label):
-                    raise RecordIOError(f"'{self.records.rec}' record {i}: its label is {label}")
+                label = identity(header, f"'{self.records.rec}' record {i}")
             except RecordIOError as e:
                 yield Entry(name, str(i), None, BAD_RECORD, str(e))
                 continue
-            yield Entry(name, str(i), image, label=int(label))
+            yield Entry(name, str(i), image, label=label)
 
     def close(self) -> None:
         self.records.close()
@@ -153,10 +163,7 @@ def open_source(src: str | Path):
         raise FileNotFoundError(f"SRC '{src}': no such file or directory")
     rec = p / "train.rec" if p.is_dir() else p
     if rec.suffix == ".rec" and rec.is_file():
-        idx = rec.with_suffix(".idx")
-        if not idx.is_file():
-            raise FileNotFoundError(f"SRC '{src}': its index '{idx}' does not exist (a RecordIO pair is .rec + .idx)")
-        return _RecordIO(rec, idx)
+        return _RecordIO(rec, index_of(rec, "SRC"))
     if p.is_file() and p.suffix.lower() != ".txt":
         raise ValueError(f"SRC '{src}' is not an image folder, a .txt list or a .rec file")
     return _Files(str(src))
@@ -220,11 +227,14 @@ def _claim(out: str | Path) -> Path:
     return out
 
 
-def _check_options(shard_size: int, min_size: int, workers: int, max_pixels: int) -> None:
+def _check_options(shard_size: int, min_size: int, workers: int, max_pixels: int, align: int,
+                   landmarks: str | None) -> None:
     for option, value, lowest in (("--shard-size", shard_size, 1), ("--min-size", min_size, 1),
-                                  ("--workers", workers, 0), ("--max-pixels", max_pixels, 1)):
+                                  ("--workers", workers, 0), ("--max-pixels", max_pixels, 1), ("--align", align, 0)):
         if value < lowest:
             raise ConfigError(f"{option} must be at least {lowest}, got {value}")
+    if align and not landmarks:
+        raise ConfigError("--align warps each face by its landmarks: give --landmarks FILE")
 
 
 def _json_points(points: np.ndarray) -> bytes:
@@ -262,7 +272,9 @@ def _store(entry: Entry, checked: Checked, table: dict | None, writer: ShardWrit
         counts.update(["skipped", f"skip:{checked.skip}"])
         return [entry.name, "skipped", checked.skip, "", "", "", entry.detail]
     members, reasons = {checked.ext: checked.data}, checked.reasons
-    if table is not None and entry.key in table:
+    if checked.points is not None:
+        members["json"] = _json_points(checked.points)
+    elif table is not None and entry.key in table:
         members["json"] = _json_points(table[entry.key])
     elif table is not None:
         reasons += ("landmarks_missing",)  # (the loader counts it so for a shard sample without .json)
@@ -275,13 +287,13 @@ def _store(entry: Entry, checked: Checked, table: dict | None, writer: ShardWrit
 
 
 def _write_all(source, table: dict | None, out: Path, shard_size: int, min_size: int, workers: int,
-               max_pixels: int):
+               max_pixels: int, align: int):
     """Checks and writes every entry of `source`, a row for each in OUT/prepare.csv (written
     under a temporary name, renamed when complete); returns (counts, shard names)."""
     from tqdm import tqdm
 
     counts, tmp = Counter(), out / f".{FILES}.tmp"
-    jobs = ((e, None if table is None else table.get(e.key), min_size, max_pixels) for e in source.entries())
+    jobs = ((e, None if table is None else table.get(e.key), min_size, max_pixels, align) for e in source.entries())
     try:
         with open(tmp, "w", newline="") as f, ShardWriter(out, shard_size) as writer, _Mapper(workers) as map_:
             rows = csv.writer(f)
@@ -302,15 +314,16 @@ def _pattern(out: Path, shards: list[str]) -> str:
 
 
 def prepare(src: str | Path, out: str | Path, shard_size: int = 10000, landmarks: str | None = None,
-            min_size: int = 32, workers: int = 0, max_pixels: int = MAX_PIXELS) -> dict:
+            min_size: int = 32, workers: int = 0, max_pixels: int = MAX_PIXELS, align: int = 0) -> dict:
     """Writes SRC's usable images to shards in OUT and the report; returns the report (as in
-    prepare.json). No usable image at all raises (after the report is written)."""
-    _check_options(shard_size, min_size, workers, max_pixels)
+    prepare.json). `align`: the size of the aligned crops to store (0: the images as they are).
+    No usable image at all raises (after the report is written)."""
+    _check_options(shard_size, min_size, workers, max_pixels, align, landmarks)
     source = open_source(src)
     try:
         table = source_landmarks(landmarks, source.keys, str(src), "--landmarks", "SRC") if landmarks else None
         out = _claim(out)
-        counts, shards = _write_all(source, table, out, shard_size, min_size, workers, max_pixels)
+        counts, shards = _write_all(source, table, out, shard_size, min_size, workers, max_pixels, align)
     finally:
         source.close()
     report = {
@@ -318,7 +331,7 @@ def prepare(src: str | Path, out: str | Path, shard_size: int = 10000, landmarks
         "images": len(source.keys), "samples": counts["kept"] + counts["repaired"], "kept": counts["kept"],
         "repaired": counts["repaired"], "repairs": _by_prefix(counts, "repair:"),
         "stored_as_png": counts["stored_as_png"], "skipped": counts["skipped"], "skips": _by_prefix(counts, "skip:"),
-        "landmarks": landmarks, "files": str(out / FILES),
+        "landmarks": landmarks, "align": align or None, "files": str(out / FILES),
     }
     tmp = out / f".{REPORT}.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")

@@ -12,9 +12,13 @@ Payload (mxnet.recordio.pack): struct 'IfQQ' (flag, label, id, id2), then, when 
 label as `flag` float32 values (the header's label field is then unused), then the encoded
 image. insightface's record 0 is a header, not an image: flag > 0 and label (a, b), the image
 records being 1 .. a-1 and the identity records a .. b-1 (each labelled with its range of image
-records). Without it (record 0 of flag 0) every record is an image.
+records). Without it (record 0 of flag 0) every record is an image. A record's identity is its
+label (the first value of a label of several). A `property` file beside the pair reads
+`classes,height,width`.
 """
 
+import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _HEAD = struct.Struct("<II")  # magic, lrecord
 _IR = struct.Struct("<IfQQ")  # flag, label, id, id2 (the layout of native 'IfQQ' on little-endian machines)
 _LENGTH_BITS = 29
+BAD_RECORD = "bad_record"  # the skip reason of a record that cannot be read
 
 
 class RecordIOError(ValueError):
@@ -87,6 +92,39 @@ def read_record(f, offset: int, where: str = "record") -> bytes:
     return _MAGIC_BYTES.join(parts)
 
 
+def identity(header: IRHeader, where: str) -> int:
+    """The identity a record's label gives (its first value when there are several); a label
+    that is not a whole number >= 0 raises, naming `where`."""
+    label = header.label[0] if isinstance(header.label, tuple) else header.label
+    if not (math.isfinite(label) and label >= 0 and label == int(label)):
+        raise RecordIOError(f"{where}: its label {label} is not an identity (a whole number >= 0)")
+    return int(label)
+
+
+def read_property(rec: str | Path) -> int | None:
+    """The class count of the `property` file beside `rec` (`classes,height,width`), None when
+    there is none; one that does not parse raises, naming it."""
+    path = Path(rec).with_name("property")
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    try:
+        classes = int(text.split(",")[0])
+    except ValueError:
+        raise RecordIOError(f"'{path}': {text[:40]!r} is not 'classes,height,width'") from None
+    if classes < 1:
+        raise RecordIOError(f"'{path}': {classes} classes")
+    return classes
+
+
+def index_of(rec: str | Path, what: str) -> Path:
+    """The .idx beside `rec`; a missing one raises, naming `what`."""
+    idx = Path(rec).with_suffix(".idx")
+    if not idx.is_file():
+        raise FileNotFoundError(f"{what} '{rec}': its index '{idx}' does not exist (a RecordIO pair is .rec + .idx)")
+    return idx
+
+
 def unpack(payload: bytes) -> tuple[IRHeader, bytes]:
     """An insightface payload -> (its header, the encoded image)."""
     if len(payload) < _IR.size:
@@ -103,14 +141,19 @@ def unpack(payload: bytes) -> tuple[IRHeader, bytes]:
 
 class InsightFaceRecords:
     """An insightface RecordIO pair: `images` (the image records' indices, in order), `read`
-    (a record's header and image). Use as a context manager, or call close()."""
+    (a record's header and image). Use as a context manager, or call close().
+
+    The .rec file is opened when first read, and again in a process forked after that (a
+    DataLoader worker): processes sharing one handle would move each other's file position.
+    Pickled (a worker started by spawn), it leaves its handle behind."""
 
     def __init__(self, rec: str | Path, idx: str | Path):
         self.rec, self.idx = Path(rec), Path(idx)
         self.offsets = read_index(self.idx)
         if not self.offsets:
             raise RecordIOError(f"'{self.idx}' lists no records")
-        self.file = open(self.rec, "rb")
+        self._file, self._pid = None, None
+        self.file  # (a .rec that cannot be opened fails here, not in a worker)
         self.identity_records = range(0)
         self.images = list(self.offsets)
         try:
@@ -132,8 +175,19 @@ class InsightFaceRecords:
         except RecordIOError as e:
             raise RecordIOError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
 
+    @property
+    def file(self):
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = open(self.rec, "rb"), os.getpid()
+        return self._file
+
     def close(self) -> None:
-        self.file.close()
+        if self._file is not None and self._pid == os.getpid():
+            self._file.close()
+        self._file = None
+
+    def __getstate__(self):
+        return dict(self.__dict__, _file=None, _pid=None)
 
     def __enter__(self):
         return self
@@ -142,4 +196,5 @@ class InsightFaceRecords:
         self.close()
 
 
-__all__ = ["MAGIC", "RecordIOError", "IRHeader", "read_index", "read_record", "unpack", "InsightFaceRecords"]
+__all__ = ["MAGIC", "BAD_RECORD", "RecordIOError", "IRHeader", "read_index", "read_record", "unpack", "identity",
+           "read_property", "index_of", "InsightFaceRecords"]

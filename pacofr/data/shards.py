@@ -7,6 +7,7 @@ resumed. `set_epoch(epoch)` must be called before the DataLoader iterator is mad
 import json
 import os
 import random
+from functools import partial
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -82,13 +83,14 @@ class ShardDataset(IterableDataset):
     its first member named .jpg/.jpeg/.png/.bmp/.webp; its landmarks come from .json. A tar
     that breaks off (or cannot be opened, or lacks its end-of-archive marker) yields one sample
     skipped as "unreadable" after the samples read before the break. `encoded`: samples for
-    DaliDecoder. A sample is named `shard.tar/key` (the break: the shard's path)."""
+    DaliDecoder; `align`: warp faces with landmarks to the ArcFace template. A sample is named
+    `shard.tar/key` (the break: the shard's path)."""
 
     def __init__(self, shards: list[str], transform: FaceTransform, min_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle_buffer: int = 0, encoded: bool = False,
-                 max_pixels: int = MAX_PIXELS):
+                 max_pixels: int = MAX_PIXELS, align: bool = False):
         self.shards = list(shards)
-        self.make_item = make_encoded_item if encoded else make_item
+        self.make_item = partial(make_encoded_item if encoded else make_item, align=align)
         self.transform, self.min_size, self.seed = transform, int(min_size), int(seed)
         self.max_pixels = int(max_pixels)
         self.rank, self.world_size, self.shuffle_buffer = int(rank), int(world_size), int(shuffle_buffer)

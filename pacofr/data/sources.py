@@ -1,4 +1,9 @@
-"""Map-style sources: the embedded faces, an image folder, a .txt file list.
+"""Map-style sources: the embedded faces, an image folder, a .txt file list, an insightface
+RecordIO pair (recordio.py). Rank and loader worker split these by batch (loader.Batches).
+
+Identity labels: a RecordIO record's identity; with data.labels='folders', the folder right
+under the root (`root/<identity>/...`), numbered in sorted name order; with data.labels='list',
+the last column of a `.txt` list (`path label`).
 
 Augmentation randomness is a pure function of (seed, epoch, index), so it does not depend on
 the rank, the number of workers, the shuffle, or on whether the run was resumed.
@@ -12,9 +17,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from functools import partial
+
 from .decode import read_bytes
-from .items import MAX_PIXELS, EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, png_bytes
+from .items import (MAX_PIXELS, EncodedSample, Sample, landmarks_missing, make_encoded_item, make_item, png_bytes,
+                    skipped)
 from .landmarks import NAN5, norm_key
+from .recordio import BAD_RECORD, InsightFaceRecords, RecordIOError, identity, index_of, read_property
 from .transforms import FaceTransform, sample_seed
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -42,12 +51,30 @@ def embedded_faces(img_size: int) -> np.ndarray:
 
 
 class _MapDataset(Dataset):
-    def __init__(self, transform: FaceTransform, seed: int, encoded: bool):
+    def __init__(self, transform: FaceTransform, seed: int, encoded: bool, align: bool = False):
         self.transform = transform
         self.seed = int(seed)
         self.epoch = 0
         self.encoded = encoded
-        self.make_item = make_encoded_item if encoded else make_item
+        self.make_item = partial(make_encoded_item if encoded else make_item, align=align)
+        self.num_classes = None
+
+    def set_landmarks(self, keys: list[str], landmarks: dict[str, np.ndarray] | None) -> None:
+        """Each sample's given points (by key); with a landmarks file, a sample it lacks is counted."""
+        self.points = np.full((len(keys), 5, 2), np.nan, dtype=np.float32)
+        self.has_points = np.zeros(len(keys), dtype=bool)
+        self.expects_points = landmarks is not None
+        for i, k in enumerate(keys):
+            if landmarks and k in landmarks:
+                self.points[i] = landmarks[k]
+                self.has_points[i] = True
+
+    def _item(self, raw: bytes | None, index: int, name: str, label: int | None) -> Sample | EncodedSample:
+        """Sample `index` from its bytes, with its given points, name and label."""
+        points = self.points[index] if self.has_points[index] else None
+        sample = self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index), self.max_pixels)
+        sample.name, sample.label = name, label
+        return landmarks_missing(sample) if points is None and self.expects_points else sample
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -77,32 +104,62 @@ class FacesDataset(_MapDataset):
 
 class ImageFilesDataset(_MapDataset):
     """An image folder or a file list. `keys` are the paths relative to the folder (or as the
-    list writes them), the names a landmarks file uses. `encoded`: samples for DaliDecoder.
-    Each sample is named by its path."""
+    list writes them), the names a landmarks file uses; `labels` each image's class (None: no
+    labels). `encoded`: samples for DaliDecoder; `align`: warp faces with landmarks to the
+    ArcFace template. Each sample is named by its path."""
 
     def __init__(self, paths: list[str], keys: list[str], transform: FaceTransform, min_size: int,
                  seed: int = 0, landmarks: dict[str, np.ndarray] | None = None, encoded: bool = False,
-                 max_pixels: int = MAX_PIXELS):
-        super().__init__(transform, seed, encoded)
+                 max_pixels: int = MAX_PIXELS, labels: list[int] | None = None, align: bool = False):
+        super().__init__(transform, seed, encoded, align)
         self.paths, self.keys = list(paths), list(keys)
         self.min_size, self.max_pixels = int(min_size), int(max_pixels)
-        self.points = np.full((len(keys), 5, 2), np.nan, dtype=np.float32)
-        self.has_points = np.zeros(len(keys), dtype=bool)
-        self.expects_points = landmarks is not None  # (a landmarks file: an image it lacks is counted)
-        for i, k in enumerate(self.keys):
-            if landmarks and k in landmarks:
-                self.points[i] = landmarks[k]
-                self.has_points[i] = True
+        self.labels = None if labels is None else list(labels)
+        self.num_classes = None if labels is None else max(labels) + 1
+        self.set_landmarks(self.keys, landmarks)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample | EncodedSample:
         raw, _ = read_bytes(self.paths[index])
-        points = self.points[index] if self.has_points[index] else None
-        sample = self.make_item(raw, points, self.transform, self.min_size, self.sample_seed(index), self.max_pixels)
-        sample.name = self.paths[index]
-        return landmarks_missing(sample) if points is None and self.expects_points else sample
+        return self._item(raw, index, self.paths[index], None if self.labels is None else self.labels[index])
+
+
+class RecordIODataset(_MapDataset):
+    """An insightface RecordIO pair (`rec` and the .idx beside it), each image record read by its
+    offset (each loader worker opens the file itself) and labelled with its identity. `keys`
+    are the image records' indices, the names a landmarks file uses. A record that cannot be
+    read is skipped as "bad_record". Each sample is named `rec#index`. num_classes: the
+    `property` file's, else the count of the header's identity records, else None."""
+
+    def __init__(self, rec: str, transform: FaceTransform, min_size: int, seed: int = 0,
+                 landmarks: dict[str, np.ndarray] | None = None, encoded: bool = False,
+                 max_pixels: int = MAX_PIXELS, align: bool = False):
+        super().__init__(transform, seed, encoded, align)
+        self.records = InsightFaceRecords(rec, index_of(rec, "data.source"))
+        self.records.close()  # (opened again where it is read: in each worker)
+        self.keys = [str(i) for i in self.records.images]
+        if not self.keys:
+            raise ValueError(f"data.source '{rec}': its header names no image records")
+        self.min_size, self.max_pixels = int(min_size), int(max_pixels)
+        self.num_classes = read_property(rec) or len(self.records.identity_records) or None
+        self.set_landmarks(self.keys, landmarks)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> Sample | EncodedSample:
+        i = self.records.images[index]
+        name = f"{self.records.rec}#{i}"
+        try:
+            header, raw = self.records.read(i)
+            label = identity(header, name)
+        except (RecordIOError, OSError) as e:
+            sample = skipped(BAD_RECORD if isinstance(e, RecordIOError) else "unreadable")
+            sample.name = name
+            return sample
+        return self._item(raw, index, name, label)
 
 
 def _raise(err: OSError):
@@ -126,44 +183,88 @@ def source_root(source: str) -> str:
     return source if os.path.isdir(source) else os.path.dirname(os.path.abspath(source))
 
 
-def _read_list(list_path: str, what: str) -> tuple[list[str], list[str]]:
+def _list_label(line: str, list_path: str, n: int) -> tuple[str, int]:
+    """A `path label` line -> (path, label)."""
+    parts = line.rsplit(None, 1)
+    try:
+        label = int(parts[1]) if len(parts) == 2 else -1
+    except ValueError:
+        label = -1
+    if label < 0:
+        raise ValueError(f"data.source '{list_path}' line {n}: {line[:60]!r} is not 'path label' "
+                         "(data.labels=list: the label a whole number >= 0, after a space)")
+    return parts[0], label
+
+
+def _read_list(list_path: str, what: str, labelled: bool = False) -> tuple[list[str], list[str], list[int]]:
     base = source_root(list_path)
-    paths, keys = [], []
+    paths, keys, labels = [], [], []
     try:
         with open(list_path) as f:
             lines = [line.strip() for line in f]
     except UnicodeDecodeError:
         raise ValueError(f"{what} '{list_path}' is not UTF-8 text: give a .txt list of image paths, "
                          "one a line") from None
-    for line in lines:
+    for n, line in enumerate(lines, 1):
         if line and not line.startswith("#"):
+            if labelled:
+                line, label = _list_label(line, list_path, n)
+                labels.append(label)
             paths.append(os.path.join(base, line))
             keys.append(norm_key(line))
-    return paths, keys
+    return paths, keys, labels
+
+
+def folder_labels(keys: list[str], root: str) -> list[int]:
+    """Each image's identity: the folder right under `root` holding it, numbered in sorted name
+    order. An image directly in `root` raises, naming it."""
+    names = [k.split("/", 1)[0] if "/" in k else None for k in keys]
+    if None in names:
+        loose = keys[names.index(None)]
+        raise ValueError(f"data.source '{root}': '{loose}' is not in an identity folder "
+                         "(data.labels=folders reads root/<identity>/<image>)")
+    number = {name: i for i, name in enumerate(sorted(set(names)))}
+    return [number[n] for n in names]
 
 
 def image_files(source: str, what: str = "data.source") -> tuple[list[str], list[str]]:
     """An image folder or a .txt file list -> (paths, keys: the paths relative to the folder
     or as listed). A wrong path or an empty source raises, naming the path."""
+    paths, keys, _ = labelled_files(source, "none", what)
+    return paths, keys
+
+
+def labelled_files(source: str, labels: str, what: str = "data.source") -> tuple[list[str], list[str], list | None]:
+    """image_files, and each image's label as `labels` (data.labels: 'folders', 'list') gives
+    them (None for 'none')."""
     if not os.path.exists(source):
         raise FileNotFoundError(f"{what} '{source}': no such file or directory")
     if os.path.isdir(source):
+        if labels == "list":
+            raise ValueError(f"data.labels=list reads a .txt list of 'path label' lines; data.source '{source}' "
+                             "is a folder (use data.labels=folders)")
         paths, keys = _scan_folder(source)
         if not paths:
             raise ValueError(f"{what} '{source}': no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                              "in this folder or below")
     elif source.lower().endswith(".txt"):
-        paths, keys = _read_list(source, what)
+        if labels == "folders":
+            raise ValueError(f"data.labels=folders reads an image folder; data.source '{source}' is a list "
+                             "(use data.labels=list, with lines 'path label')")
+        paths, keys, listed = _read_list(source, what, labels == "list")
         if not paths:
             raise ValueError(f"{what} '{source}': the file list has no entries")
         if not any(os.path.exists(p) for p in paths[:10]):
             raise FileNotFoundError(f"{what} '{source}': listed files do not exist (first: '{paths[0]}'); "
                                     "paths are relative to the list's folder")
     else:
-        kinds = "'faces', a folder, a .txt file list or .tar shard(s)" if what == "data.source" else "a folder or a .txt file list"
+        kinds = ("'faces', a folder, a .txt file list, a .rec file or .tar shard(s)" if what == "data.source"
+                 else "a folder or a .txt file list")
         raise ValueError(f"{what} '{source}' is not {kinds}")
-    return paths, keys
+    if labels == "none":
+        return paths, keys, None
+    return paths, keys, folder_labels(keys, source) if labels == "folders" else listed
 
 
 __all__ = ["IMAGE_EXTENSIONS", "ASTRONAUT_FACE_BOX", "embedded_faces", "FacesDataset", "ImageFilesDataset",
-           "image_files", "source_root"]
+           "RecordIODataset", "image_files", "labelled_files", "folder_labels", "source_root"]
