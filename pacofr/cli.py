@@ -1,7 +1,8 @@
 """`pacofr train ...` (also `python -m pacofr`, `python train.py ...`, `torchrun ... train.py`,
 `deepspeed train.py`), `pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a
-pretrained encoder, pacofr/eval), `pacofr export ...` (a checkpoint's encoder with its config,
-pacofr/export.py), `pacofr data prepare ...` (images to WebDataset shards, pacofr/data/prepare.py)."""
+pretrained encoder, pacofr/eval), `pacofr eval-verification ...` (face verification, pacofr/eval),
+`pacofr export ...` (a checkpoint's encoder with its config, pacofr/export.py), `pacofr data prepare ...`
+(images to WebDataset shards, pacofr/data/prepare.py)."""
 
 import argparse
 import json
@@ -36,12 +37,17 @@ def _train_parser(sub) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
-def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int):
-    p = sub.add_parser(name, help=help)
+def _encoder_args(p):
+    """--config, --set and --encoder: the encoder an evaluation reads (its config from the file)."""
     p.add_argument("--config", default=None, help="the encoder's config: a preset or a YAML file (default: the one "
                                                    "the encoder file or its run folder holds)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--encoder", required=True, help="pacofr weights: an encoder.safetensors, a checkpoint (ckpt-*/ or its model.safetensors) or a run folder")
+    return p
+
+
+def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int):
+    p = _encoder_args(sub.add_parser(name, help=help))
     for split, what in (("train", "to fit the probe on"), ("test", "to score it on")):
         p.add_argument(f"--{split}", required=True, help=f"image folder or .txt list {what}")
         p.add_argument(f"--{split}-{targets}", required=True, help=f"{targets_help} of --{split}")
@@ -113,6 +119,65 @@ def _eval_attributes(args) -> None:
           f"train {result['train_images']} / test {result['test_images']} images")
     print("  " + "  ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
     _report(args, result)
+
+
+def _verification_parser(sub) -> None:
+    p = _encoder_args(sub.add_parser("eval-verification", help="face verification of an encoder's embeddings "
+                                                               "(insightface's .bin sets, LFW pairs.txt, IJB-B/C 1:1)"))
+    p.add_argument("--bin", action="append", default=[], metavar="FILE",
+                   help="an insightface verification set (lfw.bin, cfp_fp.bin, agedb_30.bin, ...), repeatable")
+    p.add_argument("--pairs", default=None, help="LFW's pairs.txt (the original protocol; with --images)")
+    p.add_argument("--images", default=None, help="the image folder of --pairs (name/name_0001.jpg)")
+    p.add_argument("--ijb", action="append", default=[], metavar="DIR",
+                   help="an IJB-B or IJB-C folder (meta/, loose_crop/), repeatable")
+    p.add_argument("--detector-score", action="store_true", help="IJB: weight each face by its detector score")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="IJB: processes that read and align the faces")
+    p.add_argument("--max-pixels", type=int, default=None, help="pixel budget of an image (default: the config's "
+                   "data.max_pixels): larger JPEGs are decoded at reduced scale; an image over it is an error")
+    p.add_argument("--output", default=None, help="also write the results to this JSON file")
+
+
+def _eval_verification(args) -> None:
+    from .eval.attributes import features
+    from .eval.common import load_encoder
+    from .eval.ijb import evaluate_ijb
+    from .eval.verification import evaluate_bin, evaluate_pairs
+
+    if not (args.bin or args.pairs or args.ijb):
+        raise ValueError("give a set to evaluate: --bin FILE, --pairs pairs.txt --images DIR, or --ijb DIR")
+    if (args.pairs is None) != (args.images is None):
+        raise ValueError("--pairs and --images go together (LFW's pairs.txt and its image folder)")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ValueError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    cfg = _encoder_config(args)
+    size, budget = cfg.model.img_size, _budget(args, cfg)
+    encoder = load_encoder(cfg, args.encoder)
+    device = next(encoder.parameters()).device
+    embed_fn = lambda x: features(encoder, x, device)  # noqa: E731 (the probes' features: class + mean patch token)
+    results = []
+    for path in args.bin:
+        results.append(evaluate_bin(embed_fn, path, size, args.batch_size, budget))
+        _verification_line(results[-1])
+    if args.pairs:
+        results.append(evaluate_pairs(embed_fn, args.pairs, args.images, size, args.batch_size, budget))
+        _verification_line(results[-1])
+    for root in args.ijb:
+        results.append(evaluate_ijb(embed_fn, root, size, args.batch_size, args.workers, args.detector_score, budget))
+        r = results[-1]
+        skipped = f"   skipped: {r['skipped']}" if r["skipped"] else ""
+        print(f"{r['set']}: TAR@FAR " + "  ".join(f"{far} {100 * tar:.2f}%" for far, tar in r["tar_at_far"].items())
+              + f"   {r['pairs']} pairs, {r['templates']} templates, {r['faces']} faces{skipped}")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(finite_floats({"encoder": str(args.encoder), "img_size": size, "sets": results}), f, indent=2,
+                      allow_nan=False)
+
+
+def _verification_line(r: dict) -> None:
+    print(f"{r['set']}: accuracy {100 * r['accuracy']:.2f}% +- {100 * r['accuracy_std']:.2f}   "
+          f"VAL@FAR=1e-3 {100 * r['val']:.2f}% +- {100 * r['val_std']:.2f} (FAR {r['far']:.5f})   {r['pairs']} pairs")
 
 
 def _encoder_config(args):
@@ -252,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     _eval_parser(sub)
     _parsing_parser(sub)
     _attributes_parser(sub)
+    _verification_parser(sub)
     _export_parser(sub)
     _data_parser(sub)
     args = parser.parse_args(argv)
@@ -262,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     user_errors = (ConfigError, ValueError, *PATH_ERRORS)
 
     if args.command != "train":
-        run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing,
-               "eval-attributes": _eval_attributes, "export": _export, "data": _data}[args.command]
+        run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing, "eval-attributes": _eval_attributes,
+               "eval-verification": _eval_verification, "export": _export, "data": _data}[args.command]
         try:
             if getattr(args, "output", None):  # (an eval's: checked now, it is written after the whole evaluation)
                 check_output_path(args.output, "--output", folder=False)
