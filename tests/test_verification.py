@@ -16,6 +16,7 @@ from PIL import Image
 
 from pacofr.cli import main
 from pacofr.config import load_config
+from pacofr.data.align import ARCFACE_112
 from pacofr.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pacofr.eval import ijb
 from pacofr.eval.verification import (_normalized, embed, evaluate_pairs, load_bin, read_lfw_pairs, tar_at_far,
@@ -315,13 +316,13 @@ def test_alignment_puts_the_landmarks_on_the_template():
     after the warp, where the 112 template resized to the output size has its points."""
     rng = np.random.default_rng(0)
     for size, scale in ((112, 2.0), (64, 1.3), (224, 1.0)):
-        points = ijb.ARCFACE_112 @ (scale * _rotation(rng.uniform(-15, 15))).T + rng.uniform(40, 60, 2)
+        points = ARCFACE_112 @ (scale * _rotation(rng.uniform(-15, 15))).T + rng.uniform(40, 60, 2)
         yy, xx = np.mgrid[0:300, 0:300]
         blobs = sum(np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * (1.5 * scale) ** 2)) for x, y in points)
         im = Image.fromarray(np.repeat((255 * blobs / blobs.max())[..., None], 3, 2).astype(np.uint8))
         out = ijb.align(im, points, size)[..., 0].astype(np.float64)
         oy, ox = np.mgrid[0:size, 0:size]
-        for x, y in (ijb.ARCFACE_112 + 0.5) * size / 112 - 0.5:  # (pixel centres at integers)
+        for x, y in (ARCFACE_112 + 0.5) * size / 112 - 0.5:  # (pixel centres at integers)
             w = out * ((ox - x) ** 2 + (oy - y) ** 2 < (6 * size / 112) ** 2)
             assert abs((w * ox).sum() / w.sum() - x) < 0.03 and abs((w * oy).sum() / w.sum() - y) < 0.03
 
@@ -337,7 +338,7 @@ def _ijb_tree(root, seed: int = 0):
         template, media = 100 + k // 3, 7 + (k % 3 == 2) + 10 * (k // 3)  # 3 faces, 2 media per template
         name = f"{k + 1}.jpg"
         Image.new("RGB", (230, 250), PALETTE[k]).save(root / "loose_crop" / name, quality=95)
-        lmk = ijb.ARCFACE_112 @ (1.2 * _rotation(rng.uniform(-10, 10))).T + rng.uniform(50, 60, 2)
+        lmk = ARCFACE_112 @ (1.2 * _rotation(rng.uniform(-10, 10))).T + rng.uniform(50, 60, 2)
         faces.append(f"{name} {template} {media}")
         points.append(name + " " + " ".join(f"{v:.3f}" for v in lmk.ravel()) + f" {rng.uniform(0.5, 1):.4f}")
     (root / "loose_crop" / "5.jpg").write_bytes(b"\xff\xd8\xff" + bytes(20))

@@ -21,36 +21,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.align import align as warp
 from ..data.decode import read_bytes
 from ..data.items import MAX_PIXELS
 from .verification import decode, embed_batch, progress, tar_at_far
 
-# The 5 points (left eye, right eye, nose, left and right mouth corners) of an aligned 112 x 112
-# face in insightface's ArcFace crops (pixel centres at integers).
-ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-                        [41.5493, 92.3655], [70.7299, 92.2041]])
-
-
-def _similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """The 2 x 3 similarity (rotation, uniform scale, shift; no reflection) taking the points
-    `src` [K, 2] nearest to `dst` in least squares: x' = a x - b y + tx, y' = b x + a y + ty."""
-    x, y = src[:, 0], src[:, 1]
-    one, zero = np.ones_like(x), np.zeros_like(x)
-    rows = np.concatenate([np.stack([x, -y, one, zero], 1), np.stack([y, x, zero, one], 1)])
-    a, b, tx, ty = np.linalg.lstsq(rows, np.concatenate([dst[:, 0], dst[:, 1]]), rcond=None)[0]
-    return np.array([[a, -b, tx], [b, a, ty]])
-
-
 def align(im: Image.Image, points: np.ndarray, size: int) -> np.ndarray:
-    """The face of `im` with landmarks `points` [5, 2] (pixel centres at integers) warped onto
-    the ArcFace template scaled to size x size: uint8 [size, size, 3], black outside `im`."""
-    # (+ 0.5: PIL samples with pixel centres at i + 0.5)
+    """The face of `im` with landmarks `points` [5, 2] (IJB's: pixel centres at integers) warped
+    onto the ArcFace template scaled to size x size (pacofr.data.align): uint8 [size, size, 3],
+    black outside `im`."""
     if not np.isfinite(points).all() or np.ptp(points, axis=0).max() < 1e-3:  # (no similarity fits)
         raise ValueError("the landmarks are not finite, or all at one point")
-    m = _similarity(points + 0.5, (ARCFACE_112 + 0.5) * (size / 112.0))
-    r_inv = np.linalg.inv(m[:, :2])  # PIL wants the output -> input map
-    inverse = np.concatenate([r_inv, -r_inv @ m[:, 2:]], 1)
-    out = im.transform((size, size), Image.AFFINE, tuple(inverse.ravel()), resample=Image.BILINEAR, fillcolor=0)
+    out, _ = warp(im, points + 0.5, size)  # (+ 0.5: pixel centres at i + 0.5, as pacofr's landmarks)
     return np.array(out, dtype=np.uint8)
 
 
@@ -186,4 +168,4 @@ def evaluate_ijb(embed_fn, root: str, size: int, batch_size: int = 64, workers: 
             "skipped": skipped}
 
 
-__all__ = ["ARCFACE_112", "IJBFaces", "align", "evaluate_ijb", "pair_scores", "template_features"]
+__all__ = ["IJBFaces", "align", "evaluate_ijb", "pair_scores", "template_features"]
