@@ -45,7 +45,11 @@ from ..data.landmarks import check_landmarks, load_landmarks_file
 from ..model import ViTEncoder
 from .common import LAMBDAS, MIN_TEST, FaceImages, Skipped, autocast, batches, check_test_size, skipped_files
 
-EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
+# Points whose distance is the inter-ocular scale: iBUG 68 and WFLW 98 outer eye corners, COFW's
+# 29-point pair of HRNet's evaluation, the 5-point eye centres.
+EYE_CORNERS = {5: (0, 1), 29: (8, 9), 68: (36, 45), 98: (60, 72)}
+# The eyes' points whose means are the pupils (inter-pupil scale): iBUG's eye contours, WFLW's pupils.
+EYE_PUPILS = {5: ((0,), (1,)), 68: (tuple(range(36, 42)), tuple(range(42, 48))), 98: ((96,), (97,))}
 
 
 # -- the metric ------------------------------------------------------------------------------------
@@ -61,6 +65,32 @@ def face_scale(points: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "diag":
         return (points.amax(1) - points.amin(1)).norm(dim=-1)
     raise ValueError(f"norm must be 'inter_ocular' or 'diag', got '{norm}'")
+
+
+def benchmark_scale(points: torch.Tensor, norm: str, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] scale of `norm`: face_scale's, "inter_pupil" (between the eyes' mean points,
+    EYE_PUPILS), "box" (sqrt(w * h) of the annotated boxes [N, 4] x0, y0, x1, y1) or "box_diag"
+    (their diagonal)."""
+    if norm == "inter_pupil":
+        left, right = EYE_PUPILS[points.shape[1]]
+        return (points[:, list(left)].mean(1) - points[:, list(right)].mean(1)).norm(dim=-1)
+    if norm in ("box", "box_diag"):
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        return (w * h).clamp_min(0).sqrt() if norm == "box" else (w * w + h * h).sqrt()
+    return face_scale(points, norm)
+
+
+def failure_rate(errors: torch.Tensor, threshold: float) -> float:
+    """% of faces whose NME is above `threshold` (a non-finite one fails)."""
+    return 100 * float(((errors > threshold) | ~torch.isfinite(errors)).double().mean())
+
+
+def auc(errors: torch.Tensor, threshold: float) -> float:
+    """% area under the cumulative error distribution (the fraction of faces with NME <= e, for
+    e from 0 to `threshold`), divided by `threshold`: the exact integral of that step function,
+    mean(max(threshold - NME, 0)) / threshold (a non-finite NME adds nothing)."""
+    e = torch.where(torch.isfinite(errors), errors.double(), torch.full_like(errors.double(), float("inf")))
+    return 100 * float((threshold - e).clamp_min(0).mean() / threshold)
 
 
 def nme(pred: torch.Tensor, target: torch.Tensor, norm: str = "inter_ocular") -> torch.Tensor:
