@@ -121,10 +121,11 @@ def read_300w(keys: list[str], folder: str, what: str) -> list[Face]:
 def load_mat(path: str, names: tuple, what: str) -> dict:
     """scipy's read of a MATLAB file, with `names` (any of each tuple) checked."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         mat = loadmat(path)
-    except (ValueError, TypeError, NotImplementedError, OSError) as err:
+    except (MatReadError, ValueError, TypeError, NotImplementedError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
         raise ValueError(f"{what} '{path}' is not a MATLAB (v5) file scipy can read ({err})") from None

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from ..data.transforms import denormalize
 
 COLUMNS = 4
+TILE = 192  # pixels a tile is drawn at, at least
 
 
 def _tile(x: torch.Tensor) -> Image.Image:
@@ -51,7 +52,10 @@ def write_preview(path, dataset, items, drawer) -> None:
         if item is None:
             continue
         tile = _tile(item[0])
-        drawer(ImageDraw.Draw(tile), pred, truth, tile.size[0])
+        zoom = max(1, TILE // tile.size[0])  # (small inputs drawn larger, to be seen)
+        tile = tile.resize((tile.size[0] * zoom,) * 2, Image.NEAREST)
+        drawer(ImageDraw.Draw(tile), pred * zoom if pred.shape[-1] == 2 else pred,
+               truth * zoom if truth.shape[-1] == 2 else truth, tile.size[0])
         tiles.append(tile)
     if not tiles:
         return

@@ -40,11 +40,12 @@ def read_pose(path: str) -> Face:
     `extra["pose"]` and the landmarks' box, or a problem: "labels_invalid" (unreadable, no
     Pose_Para, not finite), "no_face_box" (no usable pt3d_68 / pt2d points)."""
     from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
 
     try:
         mat = loadmat(path)
         pitch, yaw, roll = np.asarray(mat["Pose_Para"], dtype=np.float64).reshape(-1)[:3]
-    except (ValueError, TypeError, KeyError, NotImplementedError, OSError):
+    except (MatReadError, ValueError, TypeError, KeyError, NotImplementedError, OSError):
         return Face("", problem="labels_invalid")
     pose = np.degrees([yaw, pitch, roll])
     if not np.isfinite(pose).all():
