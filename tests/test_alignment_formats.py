@@ -283,3 +283,19 @@ def test_aflw19_and_300w_mean_shape_by_hand(encoder, tmp_path, monkeypatch):
     pupil = lambda p, box: np.hypot(*(p[36:42].mean(0) - p[42:48].mean(0)))  # noqa: E731
     assert result["mean_shape_nme"]["inter_pupil"] == pytest.approx(
         _mean_shape_nme(pts_faces["train"], pts_faces["test"], pupil), rel=1e-4)
+
+
+def test_user_mistakes_are_one_line(encoder, tmp_path, capsys):
+    """A missing list, a .mat without the release's variables, a 300W landmarks path that is not
+    a folder: exit 2 with one line naming the file."""
+    _scene(tmp_path / "img" / "a.png", [_face5(np.random.default_rng(0), (80, 80))])
+    scipy.io.savemat(tmp_path / "wrong.mat", {"phisT": np.zeros((1, 87))})
+    cases = [("wflw", tmp_path / "img", tmp_path / "nope.txt", "nope.txt"),
+             ("cofw", tmp_path / "wrong.mat", tmp_path / "wrong.mat", "has no variable IsTr or IsT"),
+             ("300w", tmp_path / "img", tmp_path / "wrong.mat", "give the folder holding the .pts files")]
+    for fmt, images, landmarks, said in cases:
+        rc = main(["eval-alignment", "--config", "tiny", "--encoder", str(encoder), "--format", fmt,
+                   "--train", str(images), "--train-landmarks", str(landmarks), "--test", str(images),
+                   "--test-landmarks", str(landmarks), "--workers", "0"])
+        err = capsys.readouterr().err
+        assert rc == 2 and said in err and len(err.strip().splitlines()) == 1, err

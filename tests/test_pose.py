@@ -82,15 +82,18 @@ def _split(folder, n, seed):
     return angles
 
 
-def test_pose_probe_end_to_end(tmp_path):
+def _encoder(path):
+    """A random tiny encoder written with its config (no --config needed)."""
     torch.manual_seed(0)
     from pacofr.model import PaCoFR
-
     from pacofr.model.weights import save_encoder
 
-    cfg = load_config("tiny")  # (the file carries its config: no --config below)
-    save_encoder({k: v.contiguous() for k, v in PaCoFR(cfg).encoder.state_dict().items()},
-                 tmp_path / "encoder.safetensors", cfg.model)
+    cfg = load_config("tiny")
+    save_encoder({k: v.contiguous() for k, v in PaCoFR(cfg).encoder.state_dict().items()}, path, cfg.model)
+
+
+def test_pose_probe_end_to_end(tmp_path):
+    _encoder(tmp_path / "encoder.safetensors")
     train, test = _split(tmp_path / "train", 150, 1), _split(tmp_path / "test", 24, 2)
     out = tmp_path / "out" / "pose.json"
     rc = main(["eval-pose", "--encoder", str(tmp_path / "encoder.safetensors"), "--train", str(tmp_path / "train"),
@@ -108,3 +111,13 @@ def test_pose_probe_end_to_end(tmp_path):
     assert result["mae"]["mean"] < 0.8 * got["mean"], result["mae"]
     assert "pose_out_of_range" in (tmp_path / "out" / "pose.skipped.csv").read_text()
     assert (tmp_path / "out" / "pose.preview.png").stat().st_size > 0
+
+
+def test_a_folder_without_pose_files_is_one_line(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    _dots_face(POINTS).save(tmp_path / "imgs" / "a.png")
+    _encoder(tmp_path / "encoder.safetensors")
+    rc = main(["eval-pose", "--encoder", str(tmp_path / "encoder.safetensors"),
+               "--train", str(tmp_path / "imgs"), "--test", str(tmp_path / "imgs")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no image has its pose .mat beside it" in err and len(err.strip().splitlines()) == 1, err

@@ -5,8 +5,8 @@
         --test faces/test --test-landmarks faces/test.csv [--output probe.json]
 
 Images are centre-cropped to a square and resized to the model's input size (no augmentation;
-there is no face-box input: datasets of whole scenes, such as WFLW and 300W, are cropped to
-their face boxes first, with the landmarks in the crops' pixels);
+there is no face-box input here: the benchmarks' own files, cropped from their boxes, are
+benchmarks.py's);
 landmarks (any number of points per face, the same in every file; CSV `path,x1,y1,...` or JSON
 `{path: [[x, y], ...]}` as for pretraining) follow the crop. The encoder's patch tokens,
 average-pooled to a `grid` x `grid` map, are the features. A ridge regression from features to
@@ -15,7 +15,8 @@ test set is scored by the normalized mean error (NME): the mean point-to-point d
 the points, divided by a per-face scale, averaged over faces:
 
 - "inter_ocular": the distance between the outer eye corners (68 points: 36 and 45, iBUG; 98
-  points: 60 and 72, WFLW) or between the eye centres (5 points: 0 and 1, inter-pupil);
+  points: 60 and 72, WFLW; 29 points: 8 and 9, COFW as HRNet scores it) or between the eye
+  centres (5 points: 0 and 1, inter-pupil);
 - "diag": the diagonal of the bounding box of the face's ground-truth landmarks. Papers that
   report AFLW-19's NME_diag divide by the annotated face box, or by sqrt(w * h) of a box: the
   diagonal is at least sqrt(2) times sqrt(w * h) of the same box, and the 19 points' box is
@@ -279,5 +280,5 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     }
 
 
-__all__ = ["nme", "scores", "face_scale", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
+__all__ = ["nme", "scores", "face_scale", "benchmark_scale", "failure_rate", "auc", "EYE_PUPILS", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
            "evaluate", "EYE_CORNERS"]
