@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command != "train":
         run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing,
-               "eval-attributes": _eval_attributes, "eval-pose": _eval_pose, "export": _export, "data": _data}[args.command]
+               "eval-attributes": _eval_attributes, "eval-pose": _eval_pose, "export": _export,
+               "data": _data}[args.command]
         try:
             if getattr(args, "output", None):  # (an eval's: checked now, it is written after the whole evaluation)
                 check_output_path(args.output, "--output", folder=False)

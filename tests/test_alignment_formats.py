@@ -93,7 +93,8 @@ def test_scales_by_hand():
     for i in range(3):
         left, right = p68[i, 36:42].numpy().mean(0), p68[i, 42:48].numpy().mean(0)
         assert float(benchmark_scale(p68, "inter_pupil")[i]) == pytest.approx(np.hypot(*(left - right)))
-        assert float(benchmark_scale(p68, "inter_ocular")[i]) == pytest.approx(np.hypot(*(p68[i, 36] - p68[i, 45]).numpy()))
+        corners = (p68[i, 36] - p68[i, 45]).numpy()
+        assert float(benchmark_scale(p68, "inter_ocular")[i]) == pytest.approx(np.hypot(*corners))
     p29 = torch.from_numpy(rng.uniform(0, 100, (1, 29, 2)))
     assert float(benchmark_scale(p29, "inter_ocular")[0]) == pytest.approx(float((p29[0, 8] - p29[0, 9]).norm()))
     boxes = torch.tensor([[10.0, 20.0, 40.0, 100.0]], dtype=torch.float64)  # w 30, h 80
@@ -299,3 +300,26 @@ def test_user_mistakes_are_one_line(encoder, tmp_path, capsys):
                    "--test-landmarks", str(landmarks), "--workers", "0"])
         err = capsys.readouterr().err
         assert rc == 2 and said in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_crop_box_by_hand(tmp_path):
+    """The crop of a face: 1.25 x its box's longer side around its centre (clipped to the image),
+    the face's first dot where the hand-computed mapping puts it."""
+    from pacofr.data.transforms import denormalize
+
+    f5 = (POINTS - POINTS.mean(0)) + (90, 70)
+    _scene(tmp_path / "a.png", [f5], (200, 160))
+    edge = (POINTS - POINTS.mean(0)) + (30, 80)  # its enlarged box leaves the image on the left
+    _scene(tmp_path / "b.png", [edge], (200, 160))
+    faces = [formats.Face("a.png", MIX[98] @ f5, _box(f5)), formats.Face("b.png", MIX[98] @ edge, _box(edge))]
+    ds = formats.BoxedFaces(str(tmp_path), faces, S, "--test")
+    for k, pts in ((0, f5), (1, edge)):
+        (image, meta), reason = ds[k]
+        x0, y0, x1, y1 = faces[k].box
+        side = 1.25 * max(x1 - x0, y1 - y0)
+        left, top = (x0 + x1 - side) / 2, (y0 + y1 - side) / 2
+        right, bottom = min(left + side, 200), min(top + side, 160)
+        left, top = max(left, 0), max(top, 0)
+        assert reason is None and meta[1:].tolist() == pytest.approx([left, top, right - left, bottom - top])
+        u, v = ((pts[0] - (left, top)) * S / np.array([right - left, bottom - top])).astype(int)
+        assert denormalize(image)[:, v, u].tolist() == pytest.approx([1, 0, 0], abs=0.1)  # the red dot

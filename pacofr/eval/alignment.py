@@ -280,5 +280,6 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     }
 
 
-__all__ = ["nme", "scores", "face_scale", "benchmark_scale", "failure_rate", "auc", "EYE_PUPILS", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
+__all__ = ["nme", "scores", "face_scale", "benchmark_scale", "failure_rate", "auc", "EYE_PUPILS",
+           "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
            "evaluate", "EYE_CORNERS"]

@@ -27,7 +27,8 @@ import torch
 from ..data.items import MAX_PIXELS
 from ..data.sources import image_files
 from .alignment import features
-from .common import MIN_TEST, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out, held_out, skipped_files
+from .common import (MIN_TEST, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out, held_out,
+                     skipped_files)
 from .formats import BoxedFaces, Face, points_box
 
 ANGLES = ("yaw", "pitch", "roll")
