@@ -311,9 +311,11 @@ def test_crop_box_by_hand(tmp_path):
     _scene(tmp_path / "a.png", [f5], (200, 160))
     edge = (POINTS - POINTS.mean(0)) + (30, 80)  # its enlarged box leaves the image on the left
     _scene(tmp_path / "b.png", [edge], (200, 160))
-    faces = [formats.Face("a.png", MIX[98] @ f5, _box(f5)), formats.Face("b.png", MIX[98] @ edge, _box(edge))]
+    corner = (POINTS - POINTS.mean(0)) + (170, 125)  # ... and at the right and the bottom
+    _scene(tmp_path / "c.png", [corner], (200, 160))
+    faces = [formats.Face(name, MIX[98] @ f, _box(f)) for name, f in (("a.png", f5), ("b.png", edge), ("c.png", corner))]
     ds = formats.BoxedFaces(str(tmp_path), faces, S, "--test")
-    for k, pts in ((0, f5), (1, edge)):
+    for k, pts in enumerate((f5, edge, corner)):
         (image, meta), reason = ds[k]
         x0, y0, x1, y1 = faces[k].box
         side = 1.25 * max(x1 - x0, y1 - y0)
