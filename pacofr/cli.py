@@ -99,10 +99,12 @@ def _eval_benchmark(args) -> None:
         print(f"{args.format} NME ({norm}): " + "   ".join(
             f"{name} {'-' if s['nme'] is None else format(s['nme'], '.2f')}% (FR {s['fr']:.1f}%, AUC {s['auc']:.1f}%, "
             f"{s['faces']})" for name, s in parts.items()))
+    pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
     if "occluded_points_nme" in result:
-        print(f"  occluded points NME: {result['occluded_points_nme']}   visible: {result['visible_points_nme']}")
-    print(f"  mean shape NME: {result['mean_shape_nme']}   train {result['train_faces']} / test "
-          f"{result['test_faces']} faces")
+        print(f"  NME of the occluded points: {pct(result['occluded_points_nme'])}   "
+              f"of the visible ones: {pct(result['visible_points_nme'])}")
+    print("  mean shape NME: " + "   ".join(f"{n} {pct(v)}" for n, v in result["mean_shape_nme"].items())
+          + f"   train {result['train_faces']} / test {result['test_faces']} faces")
     _preview(args, test, result, draw_landmarks)
     _report(args, result)
 

@@ -216,7 +216,10 @@ class BoxedFaces(FaceImages):
         return square_box(*(face.box if face.box is not None else points_box(face.points)), self.margin)
 
     def __getitem__(self, index: int):
-        face = self.faces[index]
+        return self.item(index, self.faces[index])
+
+    def item(self, index: int, face: Face):
+        """The item of `face`, the `index`-th."""
         if face.problem is not None:
             return None, face.problem
         box = self.crop_box(face)

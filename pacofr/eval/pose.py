@@ -37,7 +37,7 @@ HOPENET_K = 0.2
 
 
 def read_pose(path: str) -> Face:
-    """The face of one pose .mat (keyed later): angles in degrees (yaw, pitch, roll) in
+    """The face of one pose .mat (its key left empty): angles in degrees (yaw, pitch, roll) in
     `extra["pose"]` and the landmarks' box, or a problem: "labels_invalid" (unreadable, no
     Pose_Para, not finite), "no_face_box" (no usable pt3d_68 / pt2d points)."""
     from scipy.io import loadmat
@@ -82,25 +82,26 @@ class PoseFaces(BoxedFaces):
         if not os.path.isdir(folder):
             raise ValueError(f"{what}-labels '{folder}': give the folder of the pose .mat files (beside the images "
                              "in 300W-LP and AFLW2000-3D: the image folder itself)")
-        faces = []
+        faces = []  # (the .mat files are read by the items, in the loader's workers)
         for key in keys:
             mat = os.path.join(folder, os.path.splitext(key)[0] + ".mat")
-            face = read_pose(mat) if os.path.exists(mat) else Face("", problem="no_pose")
-            face.key = key
-            if face.problem is None and drop_beyond is not None and np.abs(face.extra["pose"]).max() > drop_beyond:
-                face.problem = "pose_out_of_range"
-            faces.append(face)
+            faces.append(Face(key, extra={"mat": mat}) if os.path.exists(mat) else Face(key, problem="no_pose"))
         if all(f.problem == "no_pose" for f in faces):
             raise ValueError(f"{what} '{source}': no image has its pose .mat beside it under '{folder}' "
                              f"(e.g. '{os.path.splitext(keys[0])[0]}.mat')")
         super().__init__(source, faces, img_size, what, max_pixels, margin=1.0)
+        self.drop_beyond = drop_beyond
 
     def __getitem__(self, index: int):
-        item, reason = super().__getitem__(index)
+        face = self.faces[index]
+        if face.problem is None:
+            face = read_pose(face.extra["mat"])
+            beyond = self.drop_beyond is not None and np.abs(face.extra.get("pose", 0)).max() > self.drop_beyond
+            face.problem = "pose_out_of_range" if face.problem is None and beyond else face.problem
+        item, reason = self.item(index, face)
         if item is None:
             return None, reason
-        pose = torch.tensor(self.faces[index].extra["pose"], dtype=torch.float64)
-        return (item[0], torch.cat([item[1], pose])), None
+        return (item[0], torch.cat([item[1], torch.tensor(face.extra["pose"], dtype=torch.float64)])), None
 
 
 def mae(pred: torch.Tensor, truth: torch.Tensor) -> dict:
