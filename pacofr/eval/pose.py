@@ -104,6 +104,12 @@ class PoseFaces(BoxedFaces):
         return (item[0], torch.cat([item[1], torch.tensor(face.extra["pose"], dtype=torch.float64)])), None
 
 
+def _features(encoder, images: torch.Tensor, grid: int, device) -> torch.Tensor:
+    """alignment.features under autocast, in float32 (the ridge's sums run outside it, in float64)."""
+    with autocast(device):
+        return features(encoder, images.to(device), grid).float()
+
+
 def mae(pred: torch.Tensor, truth: torch.Tensor) -> dict:
     """Mean absolute error (degrees) of each angle and their mean."""
     per = (pred - truth).abs().mean(0)
@@ -122,8 +128,7 @@ def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_si
     skipped_train, skipped_test = Skipped(train), Skipped(test)
     for part, stats in ((held, val), (rest, fit)):
         for images, meta in batches(train, batch_size, workers, skipped_train, part):
-            with autocast(device):
-                stats.add(features(encoder, images.to(device), grid), meta[:, 5:].to(device))
+            stats.add(_features(encoder, images, grid, device), meta[:, 5:].to(device))
     if not fit.n or not val.n:
         raise ValueError(f"the probe needs usable train images in both its fit and held-out parts "
                          f"(skipped: {skipped_train.counts})")
@@ -131,8 +136,7 @@ def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_si
     mean_pose = (fit.sy + val.sy) / (fit.n + val.n)
     preds, truths, index = [], [], []
     for images, meta in batches(test, batch_size, workers, skipped_test):
-        with autocast(device):
-            preds.append((features(encoder, images.to(device), grid).double() @ w + b).cpu())
+        preds.append((_features(encoder, images, grid, device).double() @ w + b).cpu())
         truths.append(meta[:, 5:])
         index.append(meta[:, 0].long())
     n = sum(len(t) for t in truths)
