@@ -60,7 +60,8 @@ def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, ba
 def _eval_parser(sub) -> None:
     p = _probe_parser(sub, "eval-alignment", "landmark probe of a pretrained encoder (NME)", "landmarks",
                       "CSV or JSON landmarks", 64)
-    p.add_argument("--norm", default="inter_ocular", choices=["inter_ocular", "diag"], help="(--format csv)")
+    p.add_argument("--norm", default=None, choices=["inter_ocular", "diag"],
+                   help="the NME's scale with --format csv (default inter_ocular); the formats use their own")
     p.add_argument("--grid", type=int, default=7, help="patch tokens are pooled to grid x grid")
     p.add_argument("--format", default="csv", choices=["csv", "wflw", "300w", "cofw", "aflw19"],
                    help="the landmark files: pacofr's CSV/JSON (centre crops), or a benchmark's own, scored by "
@@ -148,9 +149,12 @@ def _eval_alignment(args) -> None:
     from .eval.alignment import AlignmentImages, evaluate
 
     if args.format != "csv":
+        if args.norm is not None:
+            raise ValueError(f"--norm is for --format csv: --format {args.format} scores by its own normalizations")
         return _eval_benchmark(args)
-    encoder, train, test = _probe_inputs(args, AlignmentImages, "landmarks", args.norm)
-    result = evaluate(encoder, train, test, args.norm, args.grid, args.batch_size, args.workers,
+    norm = args.norm or "inter_ocular"
+    encoder, train, test = _probe_inputs(args, AlignmentImages, "landmarks", norm)
+    result = evaluate(encoder, train, test, norm, args.grid, args.batch_size, args.workers,
                       min_test=_min_test(args))
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "

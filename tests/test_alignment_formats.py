@@ -293,11 +293,12 @@ def test_user_mistakes_are_one_line(encoder, tmp_path, capsys):
     scipy.io.savemat(tmp_path / "wrong.mat", {"phisT": np.zeros((1, 87))})
     cases = [("wflw", tmp_path / "img", tmp_path / "nope.txt", "nope.txt"),
              ("cofw", tmp_path / "wrong.mat", tmp_path / "wrong.mat", "has no variable IsTr or IsT"),
-             ("300w", tmp_path / "img", tmp_path / "wrong.mat", "give the folder holding the .pts files")]
+             ("300w", tmp_path / "img", tmp_path / "wrong.mat", "give the folder holding the .pts files"),
+             ("300w", tmp_path / "img", tmp_path / "img", "--norm is for --format csv")]
     for fmt, images, landmarks, said in cases:
         rc = main(["eval-alignment", "--config", "tiny", "--encoder", str(encoder), "--format", fmt,
                    "--train", str(images), "--train-landmarks", str(landmarks), "--test", str(images),
-                   "--test-landmarks", str(landmarks), "--workers", "0"])
+                   "--test-landmarks", str(landmarks), "--workers", "0", *(["--norm", "diag"] * ("norm" in said))])
         err = capsys.readouterr().err
         assert rc == 2 and said in err and len(err.strip().splitlines()) == 1, err
 
@@ -313,7 +314,8 @@ def test_crop_box_by_hand(tmp_path):
     _scene(tmp_path / "b.png", [edge], (200, 160))
     corner = (POINTS - POINTS.mean(0)) + (170, 125)  # ... and at the right and the bottom
     _scene(tmp_path / "c.png", [corner], (200, 160))
-    faces = [formats.Face(name, MIX[98] @ f, _box(f)) for name, f in (("a.png", f5), ("b.png", edge), ("c.png", corner))]
+    faces = [formats.Face(name, MIX[98] @ f, _box(f))
+             for name, f in (("a.png", f5), ("b.png", edge), ("c.png", corner))]
     ds = formats.BoxedFaces(str(tmp_path), faces, S, "--test")
     for k, pts in enumerate((f5, edge, corner)):
         (image, meta), reason = ds[k]
