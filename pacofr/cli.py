@@ -147,6 +147,7 @@ def _eval_pose(args) -> None:
 
 def _eval_alignment(args) -> None:
     from .eval.alignment import AlignmentImages, evaluate
+    from .eval.overlay import draw_landmarks
 
     if args.format != "csv":
         if args.norm is not None:
@@ -161,6 +162,7 @@ def _eval_alignment(args) -> None:
           f"train {result['train_faces']} / test {result['test_faces']} faces")
     if result["test_faces_with_points_outside_the_crop"]:
         print(f"  test faces with points outside the crop: {result['test_faces_with_points_outside_the_crop']}")
+    _preview(args, test, result, draw_landmarks)
     _report(args, result)
 
 

@@ -50,6 +50,7 @@ from .common import LAMBDAS, MIN_TEST, FaceImages, Skipped, autocast, batches, c
 # 29-point pair of HRNet's evaluation, the 5-point eye centres.
 EYE_CORNERS = {5: (0, 1), 29: (8, 9), 68: (36, 45), 98: (60, 72)}
 # The eyes' points whose means are the pupils (inter-pupil scale): iBUG's eye contours, WFLW's pupils.
+PREVIEW = 8  # test faces drawn with their predictions (the CLI's FILE.preview.png)
 EYE_PUPILS = {5: ((0,), (1,)), 68: (tuple(range(36, 42)), tuple(range(42, 48))), 98: ((96,), (97,))}
 
 
@@ -250,6 +251,21 @@ def extract(encoder, dataset: AlignmentImages, grid: int, batch_size: int, worke
     return x, torch.cat(points), skipped
 
 
+def _preview(encoder, model: Ridge, test: AlignmentImages, grid: int, device) -> list:
+    """(index, prediction, truth) in the crop's pixels of the first PREVIEW usable test faces."""
+    shown = []
+    for i in range(len(test)):
+        item, _ = test[i]
+        if item is not None:
+            shown.append((i, item))
+        if len(shown) == PREVIEW:
+            break
+    with autocast(device):
+        seen = features(encoder, torch.stack([item[0] for _, item in shown]).to(device), grid).float().cpu()
+    pred = model.predict(seen).view(len(shown), -1, 2).float()
+    return [(i, p, item[1]) for (i, item), p in zip(shown, pred)]
+
+
 def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages, norm: str = "inter_ocular",
              grid: int = 7, batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST) -> dict:
     """Fits the probe on `train`, scores it and the mean shape on `test` (NME in %); fewer
@@ -269,6 +285,7 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     pred = model.predict(x_test).view_as(y_test).float()
     size = test.transform.size
     outside = ((y_test < 0) | (y_test >= size)).any(-1).any(-1)
+    preview = _preview(encoder, model, test, grid, device)
     return {
         **scores(pred, y_test, norm),
         "mean_shape_nme": scores(y_train.mean(0, keepdim=True).expand_as(y_test), y_test, norm)["nme"],
@@ -276,7 +293,7 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
         "test_faces_with_points_outside_the_crop": int(outside.sum()), "features": x_train.shape[1], "grid": grid,
         "penalty": search["penalty"], "val_nme": [100 * v for v in search["val_nme"]],
         "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-        "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
+        "skipped_files": skipped_files(train=skipped_train, test=skipped_test), "preview": preview,
     }
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ..model import ViTEncoder
-from .alignment import auc, benchmark_scale, extract, failure_rate, fit_ridge
+from .alignment import PREVIEW, auc, benchmark_scale, extract, failure_rate, fit_ridge
 from .common import MIN_TEST, check_test_size, skipped_files
 from .formats import MARGIN, WFLW_SUBSETS, BoxedFaces
 
@@ -103,7 +103,7 @@ def evaluate(encoder: ViTEncoder, protocol: str, train: BoxedFaces, test: BoxedF
     if protocol == "cofw":
         occluded = torch.tensor(np.array([f.occluded for f in faces]), dtype=torch.bool)
         result.update(split_nme(dist, scales["inter_ocular"], occluded))
-    show = list(range(min(8, len(faces))))
+    show = list(range(min(PREVIEW, len(faces))))
     return {**result, "train_faces": len(y_train), "test_faces": len(faces), "features": x_train.shape[1],
             "grid": grid, "penalty": search["penalty"], "val_nme_diag": [100 * v for v in search["val_nme"]],
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,

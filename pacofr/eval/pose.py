@@ -26,7 +26,7 @@ import torch
 
 from ..data.items import MAX_PIXELS
 from ..data.sources import image_files
-from .alignment import features
+from .alignment import PREVIEW, features
 from .common import (MIN_TEST, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out, held_out,
                      skipped_files)
 from .formats import BoxedFaces, Face, points_box
@@ -154,7 +154,7 @@ def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_si
             "train_images": fit.n + val.n, "test_images": n, "features": width, "grid": grid, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
             "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
-            "preview": [(int(i), p, t) for i, p, t in zip(torch.cat(index)[:8], pred[:8], truth[:8])]}
+            "preview": [(int(i), p, t) for i, p, t in zip(torch.cat(index), pred, truth)][:PREVIEW]}
 
 
 __all__ = ["PoseFaces", "read_pose", "mae", "evaluate", "ANGLES", "LIMIT"]
