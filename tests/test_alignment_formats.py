@@ -291,8 +291,11 @@ def test_user_mistakes_are_one_line(encoder, tmp_path, capsys):
     a folder: exit 2 with one line naming the file."""
     _scene(tmp_path / "img" / "a.png", [_face5(np.random.default_rng(0), (80, 80))])
     scipy.io.savemat(tmp_path / "wrong.mat", {"phisT": np.zeros((1, 87))})
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+    (tmp_path / "v73.mat").write_bytes(header.ljust(116) + bytes(8) + b"\x00\x02IM" + bytes(400))
     cases = [("wflw", tmp_path / "img", tmp_path / "nope.txt", "nope.txt"),
              ("cofw", tmp_path / "wrong.mat", tmp_path / "wrong.mat", "has no variable IsTr or IsT"),
+             ("cofw", tmp_path / "v73.mat", tmp_path / "v73.mat", "is a MATLAB v7.3 (HDF5) file"),
              ("300w", tmp_path / "img", tmp_path / "wrong.mat", "give the folder holding the .pts files"),
              ("300w", tmp_path / "img", tmp_path / "img", "--norm is for --format csv")]
     for fmt, images, landmarks, said in cases:

@@ -125,10 +125,13 @@ def load_mat(path: str, names: tuple, what: str) -> dict:
 
     try:
         mat = loadmat(path)
-    except (MatReadError, ValueError, TypeError, NotImplementedError, OSError) as err:
+    except NotImplementedError:  # (scipy's answer to a v7.3 file, which is HDF5)
+        raise ValueError(f"{what} '{path}' is a MATLAB v7.3 (HDF5) file, which scipy does not read: re-save it "
+                         "as v7 (MATLAB or Octave: load it, then save -v7 with the same variables)") from None
+    except (MatReadError, ValueError, TypeError, OSError) as err:
         if isinstance(err, FileNotFoundError):
             raise
-        raise ValueError(f"{what} '{path}' is not a MATLAB (v5) file scipy can read ({err})") from None
+        raise ValueError(f"{what} '{path}' is not a MATLAB file scipy can read ({err})") from None
     for options in names:
         if not any(n in mat for n in options):
             raise ValueError(f"{what} '{path}' has no variable {' or '.join(options)}")
