@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..data.items import MAX_PIXELS
 from ..data.landmarks import norm_key
+from ..data.sources import source_root
 from ..data.transforms import FaceTransform
 from .common import FaceImages
 
@@ -200,7 +201,8 @@ class BoxedFaces(FaceImages):
         if arrays is None:
             super().__init__(source, img_size, what, max_pixels)
             where = dict(zip(self.keys, self.paths))
-            self.orphans = [(os.path.join(source, f.key), "no_image") for f in faces if f.key not in where]
+            root = source_root(source)
+            self.orphans = [(os.path.join(root, f.key), "no_image") for f in faces if f.key not in where]
             faces = [f for f in faces if f.key in where]
             self.paths = [where[f.key] for f in faces]
         else:

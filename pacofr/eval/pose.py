@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data.items import MAX_PIXELS
-from ..data.sources import image_files
+from ..data.sources import image_files, source_root
 from .alignment import PREVIEW, features
 from .common import (MIN_TEST, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out, held_out,
                      skipped_files)
@@ -78,7 +78,7 @@ class PoseFaces(BoxedFaces):
     def __init__(self, source: str, labels: str | None, img_size: int, what: str = "--train",
                  max_pixels: int = MAX_PIXELS, drop_beyond: float | None = None):
         keys = image_files(source, what)[1]
-        folder = labels or source
+        folder = labels or source_root(source)
         if not os.path.isdir(folder):
             raise ValueError(f"{what}-labels '{folder}': give the folder of the pose .mat files (beside the images "
                              "in 300W-LP and AFLW2000-3D: the image folder itself)")
