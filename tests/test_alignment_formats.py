@@ -177,9 +177,10 @@ def _wflw_split(folder, n, seed):
     return faces
 
 
-def _mean_shape_nme(train_faces, test_faces, scale_of):
+def _mean_shape_nme(train_faces, test_faces, scale_of, threshold=None):
     """The mean shape's NME computed by hand: each face's crop (1.25 x the box's longer side,
-    around its centre), the train landmarks' mean in crop pixels mapped into each test crop."""
+    around its centre), the train landmarks' mean in crop pixels mapped into each test crop;
+    with a threshold, also its FR and AUC (the CED curve summed on a fine grid)."""
     def crop(box):
         x0, y0, x1, y1 = box
         side = 1.25 * max(x1 - x0, y1 - y0)
@@ -195,7 +196,11 @@ def _mean_shape_nme(train_faces, test_faces, scale_of):
         origin, side = crop(box)
         guess = mean * side / S + origin
         errors.append(np.mean(np.hypot(*(guess - pts).T)) / scale_of(pts, box))
-    return 100 * np.mean(errors)
+    if threshold is None:
+        return 100 * np.mean(errors)
+    grid = (np.arange(20000) + 0.5) * threshold / 20000
+    ced = [np.mean([e <= g for e in errors]) for g in grid]
+    return 100 * np.mean(errors), 100 * np.mean([e > threshold for e in errors]), 100 * np.mean(ced)
 
 
 def test_wflw_end_to_end(encoder, tmp_path):
@@ -207,6 +212,11 @@ def test_wflw_end_to_end(encoder, tmp_path):
     inter_ocular = lambda pts, box: np.hypot(*(pts[60] - pts[72]))  # noqa: E731
     assert result["mean_shape_nme"]["inter_ocular"] == pytest.approx(_mean_shape_nme(train, test, inter_ocular),
                                                                       rel=1e-4)
+    pose = [face for face in test if face[2][0]]  # (the scores of a subset: the pose flag's faces)
+    for name, faces in (("full", test), ("pose", pose)):
+        nme, fr, area = _mean_shape_nme(train, faces, inter_ocular, 0.1)
+        got = result["mean_shape"]["inter_ocular"][name]
+        assert (got["nme"], got["fr"], got["auc"]) == pytest.approx((nme, fr, area), rel=1e-4, abs=1e-3)
     parts = result["nme"]["inter_ocular"]
     for k, name in enumerate(formats.WFLW_SUBSETS):
         assert parts[name]["faces"] == sum(int(flags[k]) for _, _, flags in test)

@@ -57,6 +57,13 @@ def split_nme(dist: torch.Tensor, scale: torch.Tensor, occluded: torch.Tensor) -
             "occluded_points": int(occluded.sum())}
 
 
+def scored(dist: torch.Tensor, scales: dict, masks: dict, threshold: float) -> dict:
+    """{norm: {subset: summary}} of point errors [N, K], per-face scales {norm: [N]} and subset
+    masks {name: [N]}."""
+    per_face = dist.mean(-1)
+    return {n: {name: summary(per_face[m] / s[m], threshold) for name, m in masks.items()} for n, s in scales.items()}
+
+
 def _scales(points, faces, norms) -> dict:
     boxes = torch.tensor([f.box if f.box is not None else (0.0,) * 4 for f in faces], dtype=torch.float64)
     return {n: benchmark_scale(points, n, boxes) for n in norms}
@@ -96,8 +103,7 @@ def evaluate(encoder: ViTEncoder, protocol: str, train: BoxedFaces, test: BoxedF
             "scoring": "predictions mapped back to the image's pixels and scored against the annotations there",
             "norms": list(spec["norms"]), "auc": "exact area under the CED curve from 0 to the threshold, "
                                                  "divided by it", "fr": "NME above the threshold"},
-        "nme": {n: {name: summary(dist.mean(-1)[m] / scales[n][m], t) for name, m in masks.items()}
-                for n in spec["norms"]},
+        "nme": scored(dist, scales, masks, t), "mean_shape": scored(floor, scales, masks, t),
         "mean_shape_nme": {n: 100 * float((floor.mean(-1) / scales[n]).mean()) for n in spec["norms"]},
     }
     if protocol == "cofw":
@@ -112,4 +118,4 @@ def evaluate(encoder: ViTEncoder, protocol: str, train: BoxedFaces, test: BoxedF
                          test.to_crop(y_test[i:i + 1], boxes_test[i:i + 1])[0]) for i in show]}
 
 
-__all__ = ["PROTOCOLS", "evaluate", "summary", "split_nme", "face_targets"]
+__all__ = ["PROTOCOLS", "evaluate", "summary", "scored", "split_nme", "face_targets"]
