@@ -32,6 +32,7 @@ setup(
     install_requires=[
         "torch>=2.4,<=2.14.1", "numpy", "pyyaml", "safetensors", "pillow", "webdataset", "tqdm", "tensorboard",
         "scikit-image",  # the embedded faces of the default dataset and of `make demo`
+        "scipy",  # the benchmarks' .mat annotations (COFW, AFLW-19, 300W-LP, AFLW2000-3D)
     ],
     extras_require={
         "triton": ["triton"],  # GPU machines ship it with torch; on CPU it runs the interpreter

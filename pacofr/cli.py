@@ -1,5 +1,5 @@
 """`pacofr train ...` (also `python -m pacofr`, `python train.py ...`, `torchrun ... train.py`,
-`deepspeed train.py`), `pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a
+`deepspeed train.py`), `pacofr eval-alignment|eval-parsing|eval-attributes|eval-pose ...` (probes of a
 pretrained encoder, pacofr/eval), `pacofr eval-verification ...` (face verification, pacofr/eval),
 `pacofr export ...` (a checkpoint's encoder with its config, pacofr/export.py), `pacofr data prepare ...`
 (images to WebDataset shards, pacofr/data/prepare.py)."""
@@ -46,11 +46,12 @@ def _encoder_args(p):
     return p
 
 
-def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int):
+def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, batch_size: int,
+                  targets_required: bool = True):
     p = _encoder_args(sub.add_parser(name, help=help))
     for split, what in (("train", "to fit the probe on"), ("test", "to score it on")):
         p.add_argument(f"--{split}", required=True, help=f"image folder or .txt list {what}")
-        p.add_argument(f"--{split}-{targets}", required=True, help=f"{targets_help} of --{split}")
+        p.add_argument(f"--{split}-{targets}", required=targets_required, help=f"{targets_help} of --{split}")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-pixels", type=int, default=None, help="pixel budget of an image, from its header "
@@ -65,21 +66,109 @@ def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, ba
 def _eval_parser(sub) -> None:
     p = _probe_parser(sub, "eval-alignment", "landmark probe of a pretrained encoder (NME)", "landmarks",
                       "CSV or JSON landmarks", 64)
-    p.add_argument("--norm", default="inter_ocular", choices=["inter_ocular", "diag"])
+    p.add_argument("--norm", default=None, choices=["inter_ocular", "diag"],
+                   help="the NME's scale with --format csv (default inter_ocular); the formats use their own")
     p.add_argument("--grid", type=int, default=7, help="patch tokens are pooled to grid x grid")
+    p.add_argument("--format", default="csv", choices=["csv", "wflw", "300w", "cofw", "aflw19"],
+                   help="the landmark files: pacofr's CSV/JSON (centre crops), or a benchmark's own, scored by "
+                        "its protocol (docs/evaluation.md)")
+
+
+def _benchmark_faces(fmt: str):
+    """A `_probe_inputs` reader of the benchmark format `fmt`: BoxedFaces of the annotation file."""
+    from .eval import formats
+
+    def read(images, landmarks, size, what, budget):
+        if fmt == "cofw":  # (images and landmarks are both in the release's .mat)
+            faces, arrays = formats.read_cofw(landmarks, f"{what}-landmarks")
+            return formats.BoxedFaces(landmarks, faces, size, what, budget, arrays=arrays)
+        if fmt == "300w":
+            from .data.sources import image_files
+
+            faces = formats.read_300w(image_files(images, what)[1], landmarks, what)
+        elif fmt == "wflw":
+            faces = formats.read_wflw(landmarks, f"{what}-landmarks")
+        else:
+            faces = formats.read_aflw19(landmarks, what.lstrip("-"), f"{what}-landmarks")
+        return formats.BoxedFaces(images, faces, size, what, budget)
+
+    return read
+
+
+def _eval_benchmark(args) -> None:
+    from .eval.benchmarks import evaluate
+    from .eval.overlay import draw_landmarks
+
+    encoder, train, test = _probe_inputs(args, _benchmark_faces(args.format), "landmarks")
+    result = evaluate(encoder, args.format, train, test, args.grid, args.batch_size, args.workers,
+                      min_test=_min_test(args))
+    for norm, parts in result["nme"].items():
+        print(f"{args.format} NME ({norm}): " + "   ".join(
+            f"{name} {'-' if s['nme'] is None else format(s['nme'], '.2f')}% (FR {s['fr']:.1f}%, AUC {s['auc']:.1f}%, "
+            f"{s['faces']})" for name, s in parts.items()))
+    pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731
+    if "occluded_points_nme" in result:
+        print(f"  NME of the occluded points: {pct(result['occluded_points_nme'])}   "
+              f"of the visible ones: {pct(result['visible_points_nme'])}")
+    print("  mean shape NME: " + "   ".join(f"{n} {pct(v)}" for n, v in result["mean_shape_nme"].items())
+          + f"   train {result['train_faces']} / test {result['test_faces']} faces")
+    _preview(args, test, result, draw_landmarks)
+    _report(args, result)
+
+
+def _preview(args, test, result: dict, drawer) -> None:
+    """The result's few predictions drawn over their faces, to FILE.preview.png beside --output."""
+    items = result.pop("preview")
+    if args.output:
+        from .eval.overlay import write_preview
+
+        path = beside(args.output, ".preview.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_preview(path, test, items, drawer)
+        print(f"  predictions drawn in {path}")
+
+
+def _pose_parser(sub) -> None:
+    p = _probe_parser(sub, "eval-pose", "head pose probe of a pretrained encoder (MAE of yaw, pitch, roll)", "labels",
+                      "folder of the pose .mat files (default: beside the images)", 64, targets_required=False)
+    p.add_argument("--grid", type=int, default=2, help="patch tokens are pooled to grid x grid")
+
+
+def _eval_pose(args) -> None:
+    from .eval.overlay import draw_pose
+    from .eval.pose import LIMIT, PoseFaces, evaluate
+
+    def read(images, labels, size, what, budget):  # (the angle limit drops test faces only)
+        return PoseFaces(images, labels, size, what, budget, LIMIT if what == "--test" else None)
+
+    encoder, train, test = _probe_inputs(args, read, "labels")
+    result = evaluate(encoder, train, test, args.grid, args.batch_size, args.workers, min_test=_min_test(args))
+    m, floor = result["mae"], result["mean_pose_mae"]
+    print(f"pose MAE (degrees): yaw {m['yaw']:.2f}   pitch {m['pitch']:.2f}   roll {m['roll']:.2f}   "
+          f"mean {m['mean']:.2f}   (mean pose: {floor['mean']:.2f})   "
+          f"train {result['train_images']} / test {result['test_images']} images")
+    _preview(args, test, result, draw_pose)
+    _report(args, result)
 
 
 def _eval_alignment(args) -> None:
     from .eval.alignment import AlignmentImages, evaluate
+    from .eval.overlay import draw_landmarks
 
-    encoder, train, test = _probe_inputs(args, AlignmentImages, "landmarks", args.norm)
-    result = evaluate(encoder, train, test, args.norm, args.grid, args.batch_size, args.workers,
+    if args.format != "csv":
+        if args.norm is not None:
+            raise ValueError(f"--norm is for --format csv: --format {args.format} scores by its own normalizations")
+        return _eval_benchmark(args)
+    norm = args.norm or "inter_ocular"
+    encoder, train, test = _probe_inputs(args, AlignmentImages, "landmarks", norm)
+    result = evaluate(encoder, train, test, norm, args.grid, args.batch_size, args.workers,
                       min_test=_min_test(args))
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
           f"train {result['train_faces']} / test {result['test_faces']} faces")
     if result["test_faces_with_points_outside_the_crop"]:
         print(f"  test faces with points outside the crop: {result['test_faces_with_points_outside_the_crop']}")
+    _preview(args, test, result, draw_landmarks)
     _report(args, result)
 
 
@@ -263,10 +352,15 @@ def _min_test(args) -> int:
     return MIN_TEST if args.min_test is None else args.min_test
 
 
-def skipped_csv(output: str) -> Path:
-    """Where the probe's skipped files go: beside --output, FILE.skipped.csv (FILE without .json)."""
+def beside(output: str, suffix: str) -> Path:
+    """FILE<suffix> beside --output FILE.json (FILE without .json)."""
     out = Path(output)
-    return out.with_name((out.stem if out.suffix.lower() == ".json" else out.name) + ".skipped.csv")
+    return out.with_name((out.stem if out.suffix.lower() == ".json" else out.name) + suffix)
+
+
+def skipped_csv(output: str) -> Path:
+    """Where the probe's skipped files go: beside --output, FILE.skipped.csv."""
+    return beside(output, ".skipped.csv")
 
 
 def _report(args, result: dict) -> None:
@@ -318,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     _parsing_parser(sub)
     _attributes_parser(sub)
     _verification_parser(sub)
+    _pose_parser(sub)
     _export_parser(sub)
     _data_parser(sub)
     args = parser.parse_args(argv)
@@ -329,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command != "train":
         run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing, "eval-attributes": _eval_attributes,
-               "eval-verification": _eval_verification, "export": _export, "data": _data}[args.command]
+               "eval-verification": _eval_verification, "eval-pose": _eval_pose, "export": _export,
+               "data": _data}[args.command]
         try:
             if getattr(args, "output", None):  # (an eval's: checked now, it is written after the whole evaluation)
                 check_output_path(args.output, "--output", folder=False)

@@ -1,6 +1,8 @@
-"""Downstream evaluation of a pretrained encoder: face alignment (alignment.py), face parsing
-(parsing.py) and attribute (attributes.py) probes of its frozen features, and face verification
-(verification.py: insightface's .bin sets and LFW; ijb.py: IJB-B/C 1:1)."""
+"""Downstream evaluation of a pretrained encoder: face alignment (alignment.py; in the
+benchmarks' own files and protocols: formats.py, benchmarks.py), head pose (pose.py), face
+parsing (parsing.py) and attribute (attributes.py) probes of its frozen features, face
+verification (verification.py: insightface's .bin sets and LFW; ijb.py: IJB-B/C 1:1); overlay.py
+draws a few predictions for a person to look at."""
 
 from .alignment import AlignmentImages, fit_ridge, nme
 from .attributes import AttributeImages

@@ -5,8 +5,8 @@
         --test faces/test --test-landmarks faces/test.csv [--output probe.json]
 
 Images are centre-cropped to a square and resized to the model's input size (no augmentation;
-there is no face-box input: datasets of whole scenes, such as WFLW and 300W, are cropped to
-their face boxes first, with the landmarks in the crops' pixels);
+there is no face-box input here: the benchmarks' own files, cropped from their boxes, are
+benchmarks.py's);
 landmarks (any number of points per face, the same in every file; CSV `path,x1,y1,...` or JSON
 `{path: [[x, y], ...]}` as for pretraining) follow the crop. The encoder's patch tokens,
 average-pooled to a `grid` x `grid` map, are the features. A ridge regression from features to
@@ -15,7 +15,8 @@ test set is scored by the normalized mean error (NME): the mean point-to-point d
 the points, divided by a per-face scale, averaged over faces:
 
 - "inter_ocular": the distance between the outer eye corners (68 points: 36 and 45, iBUG; 98
-  points: 60 and 72, WFLW) or between the eye centres (5 points: 0 and 1, inter-pupil);
+  points: 60 and 72, WFLW; 29 points: 8 and 9, COFW as HRNet scores it) or between the eye
+  centres (5 points: 0 and 1, inter-pupil);
 - "diag": the diagonal of the bounding box of the face's ground-truth landmarks. Papers that
   report AFLW-19's NME_diag divide by the annotated face box, or by sqrt(w * h) of a box: the
   diagonal is at least sqrt(2) times sqrt(w * h) of the same box, and the 19 points' box is
@@ -45,7 +46,12 @@ from ..data.landmarks import check_landmarks, load_landmarks_file
 from ..model import ViTEncoder
 from .common import LAMBDAS, MIN_TEST, FaceImages, Skipped, autocast, batches, check_test_size, skipped_files
 
-EYE_CORNERS = {5: (0, 1), 68: (36, 45), 98: (60, 72)}  # points whose distance is the inter-ocular scale
+# Points whose distance is the inter-ocular scale: iBUG 68 and WFLW 98 outer eye corners, COFW's
+# 29-point pair of HRNet's evaluation, the 5-point eye centres.
+EYE_CORNERS = {5: (0, 1), 29: (8, 9), 68: (36, 45), 98: (60, 72)}
+# The eyes' points whose means are the pupils (inter-pupil scale): iBUG's eye contours, WFLW's pupils.
+PREVIEW = 8  # test faces drawn with their predictions (the CLI's FILE.preview.png)
+EYE_PUPILS = {5: ((0,), (1,)), 68: (tuple(range(36, 42)), tuple(range(42, 48))), 98: ((96,), (97,))}
 
 
 # -- the metric ------------------------------------------------------------------------------------
@@ -61,6 +67,32 @@ def face_scale(points: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "diag":
         return (points.amax(1) - points.amin(1)).norm(dim=-1)
     raise ValueError(f"norm must be 'inter_ocular' or 'diag', got '{norm}'")
+
+
+def benchmark_scale(points: torch.Tensor, norm: str, boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """[N] scale of `norm`: face_scale's, "inter_pupil" (between the eyes' mean points,
+    EYE_PUPILS), "box" (sqrt(w * h) of the annotated boxes [N, 4] x0, y0, x1, y1) or "box_diag"
+    (their diagonal)."""
+    if norm == "inter_pupil":
+        left, right = EYE_PUPILS[points.shape[1]]
+        return (points[:, list(left)].mean(1) - points[:, list(right)].mean(1)).norm(dim=-1)
+    if norm in ("box", "box_diag"):
+        w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        return (w * h).clamp_min(0).sqrt() if norm == "box" else (w * w + h * h).sqrt()
+    return face_scale(points, norm)
+
+
+def failure_rate(errors: torch.Tensor, threshold: float) -> float:
+    """% of faces whose NME is above `threshold` (a non-finite one fails)."""
+    return 100 * float(((errors > threshold) | ~torch.isfinite(errors)).double().mean())
+
+
+def auc(errors: torch.Tensor, threshold: float) -> float:
+    """% area under the cumulative error distribution (the fraction of faces with NME <= e, for
+    e from 0 to `threshold`), divided by `threshold`: the exact integral of that step function,
+    mean(max(threshold - NME, 0)) / threshold (a non-finite NME adds nothing)."""
+    e = torch.where(torch.isfinite(errors), errors.double(), torch.full_like(errors.double(), float("inf")))
+    return 100 * float((threshold - e).clamp_min(0).mean() / threshold)
 
 
 def nme(pred: torch.Tensor, target: torch.Tensor, norm: str = "inter_ocular") -> torch.Tensor:
@@ -219,6 +251,21 @@ def extract(encoder, dataset: AlignmentImages, grid: int, batch_size: int, worke
     return x, torch.cat(points), skipped
 
 
+def _preview(encoder, model: Ridge, test: AlignmentImages, grid: int, device) -> list:
+    """(index, prediction, truth) in the crop's pixels of the first PREVIEW usable test faces."""
+    shown = []
+    for i in range(len(test)):
+        item, _ = test[i]
+        if item is not None:
+            shown.append((i, item))
+        if len(shown) == PREVIEW:
+            break
+    with autocast(device):
+        seen = features(encoder, torch.stack([item[0] for _, item in shown]).to(device), grid).float().cpu()
+    pred = model.predict(seen).view(len(shown), -1, 2).float()
+    return [(i, p, item[1]) for (i, item), p in zip(shown, pred)]
+
+
 def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages, norm: str = "inter_ocular",
              grid: int = 7, batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST) -> dict:
     """Fits the probe on `train`, scores it and the mean shape on `test` (NME in %); fewer
@@ -238,6 +285,7 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     pred = model.predict(x_test).view_as(y_test).float()
     size = test.transform.size
     outside = ((y_test < 0) | (y_test >= size)).any(-1).any(-1)
+    preview = _preview(encoder, model, test, grid, device)
     return {
         **scores(pred, y_test, norm),
         "mean_shape_nme": scores(y_train.mean(0, keepdim=True).expand_as(y_test), y_test, norm)["nme"],
@@ -245,9 +293,10 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
         "test_faces_with_points_outside_the_crop": int(outside.sum()), "features": x_train.shape[1], "grid": grid,
         "penalty": search["penalty"], "val_nme": [100 * v for v in search["val_nme"]],
         "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-        "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
+        "skipped_files": skipped_files(train=skipped_train, test=skipped_test), "preview": preview,
     }
 
 
-__all__ = ["nme", "scores", "face_scale", "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
+__all__ = ["nme", "scores", "face_scale", "benchmark_scale", "failure_rate", "auc", "EYE_PUPILS",
+           "fit_ridge", "gram", "Ridge", "AlignmentImages", "features", "extract",
            "evaluate", "EYE_CORNERS"]

@@ -39,21 +39,34 @@ class FaceImages(Dataset):
         root, known = source_root(self.source), set(self.keys)
         self.orphans = [(os.path.join(root, k), "no_image") for k in sorted(set(labelled) - known)]
 
-    def crop(self, index: int, points: torch.Tensor | None = None):
+    def crop(self, index: int, points: torch.Tensor | None = None, box=None):
         """((image [3, S, S] normalized, `points` in output pixels, the crop's params, the
-        original (width, height)), None), or (None, skip reason) for an unreadable image."""
+        original (width, height)), None), or (None, skip reason) for an unreadable image.
+        `box` (x0, y0, w, h in original pixels): the region to crop, clipped to the image;
+        None: the centred square."""
         raw, _ = read_bytes(self.paths[index])
         im, reason = open_image(raw, 1)
-        if im is None:
-            return None, reason
+        return (None, reason) if im is None else self.crop_image(im, points, box)
+
+    def crop_image(self, im, points: torch.Tensor | None = None, box=None):
+        """`crop` of an opened, not yet decoded PIL image."""
         size = im.size
-        params = self.transform.params(*size, 0)
+        params = self.transform.params(*size, 0) if box is None else clipped_box(box, *size)
         scale, reason = draft(im, self.transform.draft_size(params, *size), self.max_pixels)
         rgb, reason = (None, reason) if scale is None else decode_rgb(im)
         if rgb is None:
             return None, reason
         x, lm = self.transform.apply(rgb, params, torch.zeros(0, 2) if points is None else points, scale)
         return (x, lm, params, size), None
+
+
+def clipped_box(box, width: int, height: int) -> dict:
+    """Crop params (no flip, no jitter) of `box` (x0, y0, w, h) clipped to the image (a box
+    that leaves it is squeezed, not padded: the resize cannot read outside the image)."""
+    x0, y0, w, h = (float(v) for v in box)
+    x1, y1 = min(x0 + w, float(width)), min(y0 + h, float(height))
+    x0, y0 = min(max(x0, 0.0), width - 1.0), min(max(y0, 0.0), height - 1.0)
+    return {"box": (x0, y0, max(x1 - x0, 1.0), max(y1 - y0, 1.0)), "flip": False, "jitter": None}
 
 
 class Skipped:

@@ -1,0 +1,160 @@
+"""Head pose probe: how well the frozen encoder's features give yaw, pitch and roll.
+
+    pacofr eval-pose --encoder runs/demo/encoder.safetensors \\
+        --train 300W_LP --test AFLW2000 [--output pose.json]
+
+The protocol of 300W-LP -> AFLW2000-3D (Hopenet, FSA-Net, 6DRepNet): every image has a `.mat`
+beside it (same name) holding `Pose_Para` (1 x 7: pitch, yaw, roll in radians, then scale
+and translation) and the landmarks that give the face box: `pt3d_68` (3 x 68, x and y rows in
+the image's pixels: AFLW2000-3D) or else `pt2d` (2 x K; negative coordinates mark missing
+points: 300W-LP's 68, AFLW2000's 21). The face is cropped from the landmarks' box enlarged as
+Hopenet's test loader does (k = 0.2: 2k of its width on each side, 2k of its height above,
+0.6k below), then squared around its centre on its longer side, clipped to the image.
+Test faces with any angle outside [-99, 99] degrees are dropped and counted
+("pose_out_of_range"; AFLW2000-3D keeps 1969 of its 2000 faces), train faces are kept.
+
+Features: the patch tokens pooled to `grid` x `grid` (alignment.features); one ridge
+regression (streamed statistics, penalty chosen on a held-out tenth of the train images) to
+the three angles in degrees. Score: the mean absolute error of yaw, pitch and roll in degrees
+and their mean, beside the train set's mean pose as the floor.
+"""
+
+import os
+
+import numpy as np
+import torch
+
+from ..data.items import MAX_PIXELS
+from ..data.sources import image_files, source_root
+from .alignment import PREVIEW, features
+from .common import (MIN_TEST, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out, held_out,
+                     skipped_files)
+from .formats import BoxedFaces, Face, points_box
+
+ANGLES = ("yaw", "pitch", "roll")
+LIMIT = 99.0  # degrees: test faces beyond it are dropped
+HOPENET_K = 0.2
+
+
+def read_pose(path: str) -> Face:
+    """The face of one pose .mat (its key left empty): angles in degrees (yaw, pitch, roll) in
+    `extra["pose"]` and the landmarks' box, or a problem: "labels_invalid" (unreadable, no
+    Pose_Para, not finite), "no_face_box" (no usable pt3d_68 / pt2d points)."""
+    from scipy.io import loadmat
+    from scipy.io.matlab import MatReadError
+
+    try:
+        mat = loadmat(path)
+        pitch, yaw, roll = np.asarray(mat["Pose_Para"], dtype=np.float64).reshape(-1)[:3]
+    except (MatReadError, ValueError, TypeError, KeyError, NotImplementedError, OSError):
+        return Face("", problem="labels_invalid")
+    pose = np.degrees([yaw, pitch, roll])
+    if not np.isfinite(pose).all():
+        return Face("", problem="labels_invalid")
+    points = None
+    for name in ("pt3d_68", "pt2d"):
+        if name in mat and np.asarray(mat[name]).ndim == 2 and np.asarray(mat[name]).shape[0] >= 2:
+            p = np.asarray(mat[name], dtype=np.float64)[:2].T
+            p = p[np.isfinite(p).all(1) & (p >= 0).all(1)]
+            if len(p) >= 2:
+                points = p
+                break
+    if points is None:
+        return Face("", problem="no_face_box")
+    x0, y0, x1, y1 = points_box(points)
+    if not (x1 > x0 and y1 > y0):
+        return Face("", problem="no_face_box")
+    w, h = x1 - x0, y1 - y0
+    k = HOPENET_K
+    return Face("", points, (x0 - 2 * k * w, y0 - 2 * k * h, x1 + 2 * k * w, y1 + 0.6 * k * h), extra={"pose": pose})
+
+
+class PoseFaces(BoxedFaces):
+    """The faces of a folder of images with a pose .mat each (under `labels`, default the
+    image folder, at the image's relative path): (image, [yaw, pitch, roll] degrees) items.
+    `drop_beyond`: faces with an angle outside +-this many degrees are skipped (the test set's
+    rule), None keeps them. An image without its .mat is counted ("no_pose")."""
+
+    def __init__(self, source: str, labels: str | None, img_size: int, what: str = "--train",
+                 max_pixels: int = MAX_PIXELS, drop_beyond: float | None = None):
+        keys = image_files(source, what)[1]
+        folder = labels or source_root(source)
+        if not os.path.isdir(folder):
+            raise ValueError(f"{what}-labels '{folder}': give the folder of the pose .mat files (beside the images "
+                             "in 300W-LP and AFLW2000-3D: the image folder itself)")
+        faces = []  # (the .mat files are read by the items, in the loader's workers)
+        for key in keys:
+            mat = os.path.join(folder, os.path.splitext(key)[0] + ".mat")
+            faces.append(Face(key, extra={"mat": mat}) if os.path.exists(mat) else Face(key, problem="no_pose"))
+        if all(f.problem == "no_pose" for f in faces):
+            raise ValueError(f"{what} '{source}': no image has its pose .mat beside it under '{folder}' "
+                             f"(e.g. '{os.path.splitext(keys[0])[0]}.mat')")
+        super().__init__(source, faces, img_size, what, max_pixels, margin=1.0)
+        self.drop_beyond = drop_beyond
+
+    def __getitem__(self, index: int):
+        face = self.faces[index]
+        if face.problem is None:
+            face = read_pose(face.extra["mat"])
+            beyond = self.drop_beyond is not None and np.abs(face.extra.get("pose", 0)).max() > self.drop_beyond
+            face.problem = "pose_out_of_range" if face.problem is None and beyond else face.problem
+        item, reason = self.item(index, face)
+        if item is None:
+            return None, reason
+        return (item[0], torch.cat([item[1], torch.tensor(face.extra["pose"], dtype=torch.float64)])), None
+
+
+def _features(encoder, images: torch.Tensor, grid: int, device) -> torch.Tensor:
+    """alignment.features under autocast, in float32 (the ridge's sums run outside it, in float64)."""
+    with autocast(device):
+        return features(encoder, images.to(device), grid).float()
+
+
+def mae(pred: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Mean absolute error (degrees) of each angle and their mean."""
+    per = (pred - truth).abs().mean(0)
+    return {**{a: float(v) for a, v in zip(ANGLES, per)}, "mean": float(per.mean())}
+
+
+def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_size: int = 64, workers: int = 2,
+             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+    """Fits the probe on `train` (one pass), scores it and the train mean pose on `test`."""
+    device = next(encoder.parameters()).device
+    grid = min(grid, *encoder.grid)
+    width = grid * grid * encoder.embed_dim
+    usable = [i for i, f in enumerate(train.faces) if f.problem is None]
+    held, rest = held_out(usable, len(train), holdout, seed)
+    fit, val = Stats(width, 3, device), Stats(width, 3, device)
+    skipped_train, skipped_test = Skipped(train), Skipped(test)
+    for part, stats in ((held, val), (rest, fit)):
+        for images, meta in batches(train, batch_size, workers, skipped_train, part):
+            stats.add(_features(encoder, images, grid, device), meta[:, 5:].to(device))
+    if not fit.n or not val.n:
+        raise ValueError(f"the probe needs usable train images in both its fit and held-out parts "
+                         f"(skipped: {skipped_train.counts})")
+    (w, b), search = fit_on_held_out(fit, val)
+    mean_pose = (fit.sy + val.sy) / (fit.n + val.n)
+    preds, truths, index = [], [], []
+    for images, meta in batches(test, batch_size, workers, skipped_test):
+        preds.append((_features(encoder, images, grid, device).double() @ w + b).cpu())
+        truths.append(meta[:, 5:])
+        index.append(meta[:, 0].long())
+    n = sum(len(t) for t in truths)
+    if not n:
+        raise ValueError(f"{test.what} '{test.source}': no usable test face (skipped: {skipped_test.counts})")
+    check_test_size(n, min_test, test)
+    pred, truth = torch.cat(preds), torch.cat(truths)
+    return {"protocol": "300W-LP -> AFLW2000-3D head pose (Hopenet's)", "angles": list(ANGLES),
+            "conventions": {"angles": "Pose_Para[:3] = pitch, yaw, roll in radians, reported in degrees",
+                            "face_box": "pt3d_68 (x, y rows), else pt2d without negative points",
+                            "crop": f"the landmarks' box enlarged as Hopenet's test loader (k = {HOPENET_K}), "
+                                    "squared on its longer side, clipped to the image",
+                            "test_drop": f"test faces with an angle outside [-{LIMIT:g}, {LIMIT:g}] degrees"},
+            "mae": mae(pred, truth), "mean_pose_mae": mae(mean_pose.cpu().expand_as(truth), truth),
+            "train_images": fit.n + val.n, "test_images": n, "features": width, "grid": grid, **search,
+            "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
+            "preview": [(int(i), p, t) for i, p, t in zip(torch.cat(index), pred, truth)][:PREVIEW]}
+
+
+__all__ = ["PoseFaces", "read_pose", "mae", "evaluate", "ANGLES", "LIMIT"]
