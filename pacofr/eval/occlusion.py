@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from ..data.align import template
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from .overlay import _tile
+from .overlay import face_tile
 
 KINDS = ("eyes", "mouth", "random")
 # Landmarks of each region, by the layout's point count: 5 points (eyes, nose, mouth corners),
@@ -148,7 +148,7 @@ def write_preview(path, test, occlusion: Occlusion) -> None:
             shown.append(i)
     if not shown:
         return
-    rows = [[_tile(Occluded(test, level, occlusion.kind, occlusion.seed)[i][0][0]) for i in shown]
+    rows = [[face_tile(Occluded(test, level, occlusion.kind, occlusion.seed)[i][0][0]) for i in shown]
             for level in occlusion.levels]
     s = rows[0][0].size[0]
     sheet = Image.new("RGB", (len(shown) * s, len(rows) * s))

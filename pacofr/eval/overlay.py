@@ -14,7 +14,7 @@ COLUMNS = 4
 TILE = 192  # pixels a tile is drawn at, at least
 
 
-def _tile(x: torch.Tensor) -> Image.Image:
+def face_tile(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((denormalize(x).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
@@ -51,7 +51,7 @@ def write_preview(path, dataset, items, drawer) -> None:
         item, _ = dataset[index]
         if item is None:
             continue
-        tile = _tile(item[0])
+        tile = face_tile(item[0])
         zoom = max(1, TILE // tile.size[0])  # (small inputs drawn larger, to be seen)
         tile = tile.resize((tile.size[0] * zoom,) * 2, Image.NEAREST)
         drawer(ImageDraw.Draw(tile), pred * zoom if pred.shape[-1] == 2 else pred,
