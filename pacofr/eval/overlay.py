@@ -66,4 +66,4 @@ def write_preview(path, dataset, items, drawer) -> None:
     sheet.save(path)
 
 
-__all__ = ["write_preview", "draw_landmarks", "draw_pose", "axes"]
+__all__ = ["write_preview", "face_tile", "draw_landmarks", "draw_pose", "axes"]
