@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -127,7 +128,7 @@ def test_partial_fc_in_one_process_is_the_full_softmax():
 # pattern, each face that pattern with noise of its own).
 SMALL = ["model.img_size=32", "model.patch_size=8", "model.encoder.depth=2"]
 _RUN_SCRIPT = """
-import json, sys, torch
+import json, sys, types, torch
 from pacofr.config import load_config
 from pacofr.data import Sample
 from pacofr.engine.finetune import finetune
@@ -149,6 +150,14 @@ class Faces(torch.utils.data.Dataset):
         return Sample(pattern + 0.5 * noise, torch.full((5, 2), float("nan")), name=str(i), label=label)
 
 
+def evaluate_bin(embed_fn, path, size, batch_size):
+    # a stand-in for the verification module: a score of 6 fixed images' embeddings
+    images = torch.randn(6, 3, size, size, generator=torch.Generator().manual_seed(7))
+    e = torch.nn.functional.normalize(embed_fn(images), dim=1)
+    return {"accuracy": float((e[0::2] * e[1::2]).sum(1).mean()), "accuracy_std": 0.0}
+
+
+sys.modules["pacofr.eval.verification"] = types.SimpleNamespace(evaluate_bin=evaluate_bin)
 encoder, output, resume, overrides = sys.argv[1], sys.argv[2], sys.argv[3] or None, json.loads(sys.argv[4])
 finetune(load_config("tiny", overrides), encoder, output, resume, dataset=Faces())
 """
@@ -163,9 +172,13 @@ def _encoder(tmp_path) -> Path:
     return save_encoder(ViTEncoder.from_config(cfg.model).state_dict(), tmp_path / "encoder.safetensors", cfg.model)
 
 
-def _run(tmp_path, output, *overrides, ranks=1, resume="", port=29751):
+def _run(tmp_path, output, *overrides, ranks=1, resume="", port=29751, verify=False):
+    """A run (`verify`: lfw scored every 2 steps by the stand-in module)."""
     script = tmp_path / "run.py"
     script.write_text(_RUN_SCRIPT)
+    (tmp_path / "lfw.bin").touch()
+    if verify:
+        overrides = (*overrides, "finetune.eval_every=2", f"finetune.eval_bins={tmp_path / 'lfw.bin'}")
     base = ["train.batch_size=8", "train.log_every=1", "train.ckpt_every=3", "data.num_workers=0",
             "finetune.eval_every=0", "finetune.embedding_size=16", "finetune.warmup_epochs=0.4", *SMALL]
     launch = [sys.executable] if ranks == 1 else [*RUN[:-1], str(ranks), "--master_port", str(port)]
@@ -177,8 +190,10 @@ def _run(tmp_path, output, *overrides, ranks=1, resume="", port=29751):
 
 
 def _losses(run: Path, key: str = "loss") -> list[tuple[int, float]]:
+    """(step, value) of `key` in the run's metrics.csv, in the training rows (`loss` set) but
+    for the verification ones."""
     with open(run / "metrics.csv", newline="") as f:
-        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r["loss"]]
+        return [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if bool(r["loss"]) != ("lfw" in key)]
 
 
 # Parameters whose gradient is zero but for rounding, so that AdamW moves them by its noise:
@@ -203,15 +218,18 @@ def test_finetuning_resumes_exactly_and_saves_a_loadable_model(tmp_path):
     from pacofr.model.recognition import load_recognizer
 
     _encoder(tmp_path)
-    straight = _run(tmp_path, "a", "train.max_steps=6")
+    straight = _run(tmp_path, "a", "train.max_steps=6", verify=True)
     ckpt = straight / "checkpoints" / "ckpt-00000003"
     assert load_file(str(ckpt / "model.safetensors"))["centres"].shape == (5, 16)
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     os.system(f"cp -r {ckpt} {tmp_path / 'b' / 'checkpoints'}")
-    resumed = _run(tmp_path, "b", "train.max_steps=6", resume="auto")
+    resumed = _run(tmp_path, "b", "train.max_steps=6", resume="auto", verify=True)
     a, b = _losses(straight), _losses(resumed)
     assert [s for s, _ in a] == list(range(1, 7)) and [s for s, _ in b] == [4, 5, 6]
     assert a[3:] == b
+    scores = _losses(straight, "lfw_accuracy")
+    assert [s for s, _ in scores] == [2, 4, 6] and _losses(resumed, "lfw_accuracy") == scores[1:]
+    assert yaml.safe_load((straight / "summary.yaml").read_text())["verification"]["lfw"]["accuracy"] == scores[-1][1]
     for name in ("recognizer.safetensors", "checkpoints/ckpt-00000006/model.safetensors"):
         x, y = load_file(str(straight / name)), load_file(str(resumed / name))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
@@ -242,3 +260,62 @@ def test_two_ranks_match_one_process(tmp_path):
     one = _run(tmp_path, "one", "train.max_steps=4", "train.accum_steps=2")
     two = _run(tmp_path, "two", "train.max_steps=4", ranks=2)
     _same_run(one, two, 4)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_on_two_ranks_matches_one_process_and_resumes_in_one(tmp_path, stage):
+    """DeepSpeed ZeRO-2, and ZeRO-3 with every parameter partitioned (verification forwards on
+    every rank), on 2 gloo ranks give one process's run (the centres stay outside ZeRO); the
+    step-3 checkpoint resumes in one plain process to the same end."""
+    pytest.importorskip("deepspeed")
+    _encoder(tmp_path)
+    ds = json.loads((ROOT / "configs" / f"zero{stage}.json").read_text())
+    if stage == 3:  # no parameter kept whole: the tiny model's are all below the shipped threshold
+        ds["zero_optimization"].update(stage3_param_persistence_threshold=0)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    one = _run(tmp_path, "one", "train.max_steps=4", "train.accum_steps=2")
+    zero = _run(tmp_path, "zero", "train.max_steps=4", f"train.deepspeed={tmp_path / 'ds.json'}", ranks=2,
+                port=29752 + stage, verify=True)
+    _same_run(one, zero, 4)
+    # (scores differ from one process's: each rank's BatchNorm statistics are of its own rows)
+    assert [s for s, v in _losses(zero, "lfw_accuracy") if math.isfinite(v)] == [2, 4]
+    (tmp_path / "back" / "checkpoints").mkdir(parents=True)
+    os.system(f"cp -r {zero / 'checkpoints' / 'ckpt-00000003'} {tmp_path / 'back' / 'checkpoints'}")
+    back = _run(tmp_path, "back", "train.max_steps=4", "train.accum_steps=2", resume="auto")
+    assert _losses(back) == [(4, pytest.approx(_losses(one)[3][1], rel=1e-4))]
+
+
+def test_cli_mistakes_are_one_line(tmp_path, capsys):
+    """A missing verification set, unlabelled data (the embedded faces) without and with a class
+    count: exit 2 and one line naming what to change, before any checkpoint."""
+    from pacofr.cli import main
+
+    enc = str(_encoder(tmp_path))
+    base = ["finetune-recognition", "--encoder", enc, "--set", "data.num_workers=0", "--set", "train.batch_size=8",
+            "--max-steps", "1"]
+    cases = [(["--eval-bin", str(tmp_path / "lfw.bin")], "--eval-bin"),
+             ([], "finetune.num_classes"),
+             (["--set", "finetune.num_classes=3"], "no identity label")]
+    for i, (extra, said) in enumerate(cases):
+        assert main([*base, "--output", str(tmp_path / f"run{i}"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / f"run{i}" / "checkpoints").exists()
+
+
+def test_layer_decay_groups_scale_the_lr_by_depth():
+    from pacofr.config import load_config
+    from pacofr.engine.finetune import layer_decay_groups
+    from pacofr.model.recognition import build_recognizer
+
+    model = build_recognizer(load_config("tiny", SMALL), 16)  # depth 2
+    groups = layer_decay_groups(model, 1.0, 0.05, 0.5)
+    scale = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert scale[id(named["encoder.patch_embed.proj.weight"])] == (0.125, 0.05)
+    assert scale[id(named["encoder.cls_token"])] == (0.125, 0.0)
+    assert scale[id(named["encoder.blocks.0.attn.qkv.weight"])] == (0.25, 0.05)
+    assert scale[id(named["encoder.blocks.1.mlp.fc1.bias"])] == (0.5, 0.0)
+    assert scale[id(named["head.fc.weight"])] == (1.0, 0.05) and scale[id(named["encoder.norm.weight"])] == (1.0, 0.0)
+    assert id(named["head.features.weight"]) not in scale and id(named["encoder.pos_embed"]) not in scale  # frozen
+    assert groups[0]["lr"] == 1.0 and len(scale) == sum(p.requires_grad for p in model.parameters())

@@ -214,7 +214,7 @@ class FinetuneTask:
         finally:
             self.model.train(was_training)
         if monitor is not None:
-            row = {"step": step, **{f"{name}_{k}": float(v) for name, r in self.verification.items()
+            row = {"step": step, **{f"{name}_{k}": float(r[k]) for name, r in self.verification.items()
                                     for k in ("accuracy", "accuracy_std") if k in r}}
             monitor.log(row)
             log.info("verification at step %d: %s", step, ", ".join(
