@@ -1,7 +1,7 @@
 """`pacofr train ...` (also `python -m pacofr`, `python train.py ...`, `torchrun ... train.py`,
 `deepspeed train.py`), `pacofr finetune-recognition ...` (pacofr/engine/finetune.py; the same
-launchers with `-m pacofr finetune-recognition`), `pacofr eval-alignment|eval-parsing|eval-attributes ...` (probes of a
-pretrained encoder, pacofr/eval), `pacofr export ...` (a checkpoint's encoder with its config,
+launchers with `-m pacofr finetune-recognition`), `pacofr eval-alignment|eval-parsing|eval-attributes
+...` (probes of a pretrained encoder, pacofr/eval), `pacofr export ...` (a checkpoint's encoder with its config,
 pacofr/export.py), `pacofr data prepare ...` (images to WebDataset shards, pacofr/data/prepare.py)."""
 
 import argparse

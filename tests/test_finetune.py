@@ -8,7 +8,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -92,7 +91,8 @@ def test_partial_fc_on_two_ranks_is_the_full_softmax(tmp_path, margin, m):
     of every sample and the gradients of the embeddings and of every centre are those of one
     softmax over all classes in one process."""
     g = torch.Generator().manual_seed(1)
-    classes, x, w = 7, torch.randn(5, 6, generator=g, dtype=torch.float64), torch.randn(7, 6, generator=g, dtype=torch.float64)
+    classes = 7
+    x, w = (torch.randn(n, 6, generator=g, dtype=torch.float64) for n in (5, classes))
     y = torch.tensor([0, 6, 3, 4, 0])
     torch.save({"rows": [[0, 1, 2], [3, 4]], "classes": classes, "x": x, "w": w, "y": y, "margin": margin, "m": m},
                tmp_path / "in.pt")

@@ -240,13 +240,13 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
                       output / "checkpoints", found)
     trainer.fit()
     encoder = output / "encoder.safetensors"
-    summary = _finish(trainer, output, list(model.parameters()), {"encoder": encoder},
-                      lambda: save_encoder(model.encoder.state_dict(), encoder, cfg.model, output.resolve(), state["step"]))
+    summary = _finish(trainer, output, list(model.parameters()), {"encoder": encoder}, lambda: save_encoder(
+        model.encoder.state_dict(), encoder, cfg.model, output.resolve(), state["step"]))
     strategy.shutdown()
     return summary
 
 
-def _load(found: Path, model: PaCoFR, cfg: Config, device: torch.device) -> dict:
+def _load(found: Path, model: torch.nn.Module, cfg: Config, device: torch.device) -> dict:
     """The checkpoint's state, its weights loaded into `model`. A checkpoint of another model
     fails in one line naming the model keys its run's config.yaml sets otherwise (or else the
     first tensor that differs)."""
@@ -271,8 +271,9 @@ def _banner(cfg: Config, model: torch.nn.Module, loader: Loader, strategy, d, st
 
     samples = f"{len(loader.dataset)} samples" if loader.batches is not None else "a stream"
     log.info("pacofr %s: %s x %d rank(s), %s, %.1fM parameters, %s from %s; steps %d to %d%s",
-             title, d.device, d.world, type(strategy).__name__, sum(p.numel() for p in model.parameters()) / 1e6, samples,
-             cfg.data.source, state["step"], total_steps, f", resumed from {found}" if found is not None else "")
+             title, d.device, d.world, type(strategy).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
+             samples, cfg.data.source, state["step"], total_steps,
+             f", resumed from {found}" if found is not None else "")
     log.info("fused ops: %s", "; ".join(ops.explain(op, d.device) for op in fused))
 
 
