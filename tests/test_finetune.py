@@ -241,7 +241,7 @@ def test_finetuning_resumes_exactly_and_saves_a_loadable_model(tmp_path):
 def _same_run(x: Path, y: Path, steps: int) -> None:
     """The losses and gradient norms of every step (AdamW's steps hardly show a gradient's scale),
     the model's parameters and the class centres agree."""
-    for key in ("loss", "grad_norm"):
+    for key in ("loss", "grad_norm", "centres_grad_norm"):
         a, b = _losses(x, key), _losses(y, key)
         assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, steps + 1))
         for (_, u), (_, v) in zip(a, b):

@@ -39,7 +39,7 @@ __all__ = ["finetune", "FinetuneTask", "WithCentres", "layer_decay_groups"]
 
 log = logging.getLogger("pacofr.train")
 MODEL_FILE = "recognizer.safetensors"
-FIELDS = ["step", "epoch", "loss", "l_cls", "lr", "grad_norm", "images_per_s", "skipped_steps"]
+FIELDS = ["step", "epoch", "loss", "l_cls", "lr", "grad_norm", "centres_grad_norm", "images_per_s", "skipped_steps"]
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
@@ -155,6 +155,7 @@ class FinetuneTask:
                  total_steps: int, evaluate=None):
         self.cfg, self.model, self.fc, self.device, self.world = cfg, model, fc, device, world
         self.total_steps, self.evaluate, self.verification = total_steps, evaluate, {}
+        self.centres_grad_norm = 0.0
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def start_epoch(self, epoch: int, epoch_step: int, strategy) -> None:
@@ -186,10 +187,13 @@ class FinetuneTask:
         return {"l_cls": ce[own].mean(), "loss": whole + (mine - whole).detach()}
 
     def finish_step(self, strategy) -> None:
-        pass
+        """The norm of the step's gradient of all the centres (over every rank's shard)."""
+        grad = self.fc.weight.grad
+        square = grad.detach().float().square().sum() if grad is not None else torch.zeros((), device=self.device)
+        self.centres_grad_norm = float(distributed.all_sum(square)) ** 0.5
 
     def log_values(self) -> dict:
-        return {}
+        return {"centres_grad_norm": self.centres_grad_norm}
 
     def after_step(self, step: int, group: list, strategy, monitor) -> None:
         every = self.cfg.finetune.eval_every

@@ -71,21 +71,21 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _counts(count: int, device: torch.device) -> list[int]:
+def _counts(count: int, device: torch.device, group) -> list[int]:
     """Every rank's row count, in rank order."""
     size = torch.tensor([count], device=device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, size)
+    dist.all_gather(sizes, size, group=group)
     return [int(n) for n in sizes]
 
 
-def _gather(x: Tensor, counts: list[int]) -> Tensor:
+def _gather(x: Tensor, counts: list[int], group) -> Tensor:
     """Every rank's rows (`counts` of them), in rank order: padded to the largest count for
     the collective."""
     padded = x.new_zeros(max(counts), *x.shape[1:])
     padded[: x.shape[0]] = x
     parts = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(parts, padded)
+    dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:n] for p, n in zip(parts, counts)])
 
 
@@ -94,16 +94,16 @@ class _Gather(torch.autograd.Function):
     its classes' part), this rank's rows, times `scale`."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, counts: list[int], scale: float) -> Tensor:
-        ctx.counts, ctx.rank, ctx.scale = counts, dist.get_rank(), scale
-        return _gather(x, counts)
+    def forward(ctx, x: Tensor, counts: list[int], scale: float, group) -> Tensor:
+        ctx.counts, ctx.rank, ctx.scale, ctx.group = counts, dist.get_rank(), scale, group
+        return _gather(x, counts, group)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=ctx.group)
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start : start + ctx.counts[ctx.rank]] * ctx.scale, None, None
+        return grad[start : start + ctx.counts[ctx.rank]] * ctx.scale, None, None, None
 
 
 class _ReduceReplicated(torch.autograd.Function):
@@ -111,14 +111,14 @@ class _ReduceReplicated(torch.autograd.Function):
     is the same on every rank and passes back as it is."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, group) -> Tensor:
         out = x.clone()
-        dist.all_reduce(out)
+        dist.all_reduce(out, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad
+        return grad, None
 
 
 class PartialFC(nn.Module):
@@ -141,6 +141,9 @@ class PartialFC(nn.Module):
         self.num_classes, self.margin, self.m, self.s, self.easy_margin = num_classes, margin, m, s, easy_margin
         self.start, self.end = shard(num_classes, self.rank, self.world)
         self.weight = nn.Parameter(init_centres(num_classes, dim, self.start, self.end, seed))
+        # a process group of its own (made by every rank alike): the collectives of the loss, some
+        # in the backward, never share one with the data-parallel wrapper's asynchronous ones
+        self.group = dist.new_group() if self.world > 1 else None
 
     def forward(self, embeddings: Tensor, labels: Tensor, embedding_grad_scale: float = 1.0) -> tuple[Tensor, slice]:
         """`embedding_grad_scale` multiplies the gradient passed back to this rank's
@@ -150,20 +153,22 @@ class PartialFC(nn.Module):
         with torch.autocast(embeddings.device.type, enabled=False):
             x = embeddings.to(self.weight.dtype)
             if self.world > 1:
-                counts = _counts(x.shape[0], x.device)
-                x, labels = _Gather.apply(x, counts, embedding_grad_scale), _gather(labels, counts)
+                counts = _counts(x.shape[0], x.device, self.group)
+                x = _Gather.apply(x, counts, embedding_grad_scale, self.group)
+                labels = _gather(labels, counts, self.group)
                 own = slice(sum(counts[: self.rank]), sum(counts[: self.rank + 1]))
             local = torch.where((labels >= self.start) & (labels < self.end), labels - self.start, -1)
             cos = F.linear(F.normalize(x, dim=1), F.normalize(self.weight, dim=1)).clamp(-1, 1)
             logits = margin_logits(cos, local, self.margin, self.m, self.s, self.easy_margin)
             top = logits.detach().max(1).values
             if self.world > 1:  # (a shift of the exponent only: no gradient goes through it)
-                dist.all_reduce(top, op=dist.ReduceOp.MAX)
+                dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.group)
             sum_exp = (logits - top[:, None]).exp().sum(1)
             rows = torch.nonzero(local >= 0).squeeze(1)
             target = logits.new_zeros(x.shape[0]).index_put((rows,), logits[rows, local[rows]])
             if self.world > 1:
-                sum_exp, target = _ReduceReplicated.apply(sum_exp), _ReduceReplicated.apply(target)
+                sum_exp = _ReduceReplicated.apply(sum_exp, self.group)
+                target = _ReduceReplicated.apply(target, self.group)
             return sum_exp.log() + top - target, own
 
 
