@@ -1,8 +1,9 @@
 """`pacofr train ...` (also `python -m pacofr`, `python train.py ...`, `torchrun ... train.py`,
-`deepspeed train.py`), `pacofr eval-alignment|eval-parsing|eval-attributes|eval-pose ...` (probes of a
-pretrained encoder, pacofr/eval), `pacofr eval-verification ...` (face verification, pacofr/eval),
-`pacofr export ...` (a checkpoint's encoder with its config, pacofr/export.py), `pacofr data prepare ...`
-(images to WebDataset shards, pacofr/data/prepare.py)."""
+`deepspeed train.py`), `pacofr finetune-recognition ...` (pacofr/engine/finetune.py; the same
+launchers with `-m pacofr finetune-recognition`), `pacofr eval-alignment|eval-parsing|eval-attributes|eval-pose
+...` (probes of a pretrained encoder, pacofr/eval), `pacofr eval-verification ...` (face verification,
+pacofr/eval), `pacofr export ...` (a checkpoint's encoder with its config, pacofr/export.py), `pacofr data
+prepare ...` (images to WebDataset shards, pacofr/data/prepare.py)."""
 
 import argparse
 import json
@@ -19,12 +20,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="pretrain PaCo-FR")
-    p.add_argument("--config", default="vit_base_patch16_224",
-                   help="a preset (vit_base_patch16_224, tiny, demo) or a YAML file")
+def _run_flags(p, output: str) -> None:
+    """The options of a training run (pretraining, fine-tuning)."""
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
-    p.add_argument("--output", default="runs/pacofr", help="run directory")
+    p.add_argument("--output", default=output, help="run directory")
     p.add_argument("--resume", default=None, help="'auto' (newest checkpoint in --output) or a checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="clear a run that --output holds (without it, such a "
                                                              "folder is refused unless --resume continues it)")
@@ -35,6 +34,26 @@ def _train_parser(sub) -> None:
                         "the same as --set train.deepspeed=JSON")
     p.add_argument("--deepspeed", action="store_true", help=argparse.SUPPRESS)  # DeepSpeed's usual switch
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="pretrain PaCo-FR")
+    p.add_argument("--config", default="vit_base_patch16_224",
+                   help="a preset (vit_base_patch16_224, tiny, demo) or a YAML file")
+    _run_flags(p, "runs/pacofr")
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune-recognition", help="fine-tune an encoder for face recognition (margin softmax, "
+                                                    "class centres sharded over the ranks)")
+    p.add_argument("--encoder", required=True, help="pacofr weights: an encoder.safetensors, a checkpoint "
+                                                    "(ckpt-*/ or its model.safetensors) or a run folder")
+    p.add_argument("--config", default=None, help="a preset or YAML file for the rest of the config (default: the "
+                                                   "model the encoder carries, the defaults otherwise)")
+    p.add_argument("--eval-bin", action="append", default=[], metavar="BIN",
+                   help="an insightface verification set (lfw.bin, ...), scored every finetune.eval_every steps; "
+                        "repeatable")
+    _run_flags(p, "runs/finetune")
 
 
 def _encoder_args(p):
@@ -427,6 +446,16 @@ def _report(args, result: dict) -> None:
         write_csv(skipped_csv(args.output), files, ("path", "reason", "split"))
 
 
+def _finetune(args, overrides: list[str]) -> None:
+    from .engine.finetune import finetune
+    from .model import weights_config
+
+    if args.eval_bin:
+        overrides.append(f"finetune.eval_bins={json.dumps(','.join(args.eval_bin))}")
+    cfg = weights_config(args.encoder, args.config, overrides)
+    finetune(cfg, args.encoder, args.output, args.resume, overwrite=args.overwrite)
+
+
 def finite_floats(value):
     """A JSON-able value with NaN and inf floats as None (null): strict JSON."""
     if isinstance(value, float):
@@ -456,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="pacofr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    _finetune_parser(sub)
     _eval_parser(sub)
     _parsing_parser(sub)
     _attributes_parser(sub)
@@ -470,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
 
     user_errors = (ConfigError, ValueError, *PATH_ERRORS)
 
-    if args.command != "train":
+    if args.command not in ("train", "finetune-recognition"):
         run = {"eval-alignment": _eval_alignment, "eval-parsing": _eval_parsing, "eval-attributes": _eval_attributes,
                "eval-verification": _eval_verification, "eval-pose": _eval_pose, "export": _export,
                "data": _data}[args.command]
@@ -496,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
     try:
-        cfg = load_config(args.config, overrides)
-        pretrain(cfg, args.output, args.resume, overwrite=args.overwrite)
+        if args.command == "train":
+            pretrain(load_config(args.config, overrides), args.output, args.resume, overwrite=args.overwrite)
+        else:
+            _finetune(args, overrides)
     except (*user_errors, NonFiniteLossError) as err:
         print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
         return 2

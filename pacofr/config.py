@@ -16,6 +16,7 @@ which is resolved here to its path, so the engine always reads a file.
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -135,12 +136,35 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Recognition fine-tuning (`pacofr finetune-recognition`, engine/finetune.py). epochs, blr,
+    warmup_epochs and weight_decay take the place of train's; the other train keys apply."""
+    num_classes: int = 0  # identities; 0 = the dataset's num_classes (RecordIO's header says it)
+    embedding_size: int = 512
+    dropout: float = 0.0  # in the head, before its linear map
+    margin: str = "arcface"  # arcface | cosface
+    arcface_m: float = 0.5  # additive angular margin
+    cosface_m: float = 0.35  # additive cosine margin
+    s: float = 64.0  # logit scale
+    easy_margin: bool = False  # arcface: the margin only where cos(theta) > 0 (else insightface's fallback)
+    layer_decay: float = 0.75  # lr of encoder block i: lr * layer_decay ** (depth + 1 - (i + 1)); the head's: lr
+    epochs: int = 20
+    blr: float = 1e-3  # lr = blr * batch_size / 256
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    eval_every: int = 2000  # steps between verification runs (0 = at the end only)
+    eval_bins: str = ""  # insightface .bin verification sets, comma-separated (--eval-bin)
+    eval_batch_size: int = 64
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 # Presets are overrides of the defaults; the defaults are the paper-scale ViT-B/16 at 224 px.
@@ -308,6 +332,10 @@ _RANGES = [
     *[(f"train.{k}", 0, None) for k in ("max_steps", "incubation_epochs", "warmup_epochs", "min_lr", "weight_decay",
                                          "clip_grad", "keep_last", "image_every")],
     ("train.blr", (0,), None), ("train.beta1", 0, (1,)), ("train.beta2", 0, (1,)),
+    *[(f"finetune.{k}", 0, None) for k in ("num_classes", "warmup_epochs", "weight_decay", "eval_every")],
+    *[(f"finetune.{k}", 1, None) for k in ("embedding_size", "epochs", "eval_batch_size")],
+    ("finetune.dropout", 0, (1,)), ("finetune.arcface_m", 0, (math.pi,)), ("finetune.cosface_m", 0, 2),
+    ("finetune.s", (0,), None), ("finetune.layer_decay", (0,), 1), ("finetune.blr", (0,), None),
 ]
 
 
@@ -349,6 +377,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.align must be 'none' or 'arcface', got '{cfg.data.align}'")
     if cfg.data.dali_device not in ("auto", "mixed", "cpu"):
         raise ConfigError(f"data.dali_device must be 'auto', 'mixed' or 'cpu', got '{cfg.data.dali_device}'")
+    if cfg.finetune.margin not in ("arcface", "cosface"):
+        raise ConfigError(f"finetune.margin must be 'arcface' or 'cosface', got '{cfg.finetune.margin}'")
     if m.codebook.mixing not in ("soft", "gumbel"):
         raise ConfigError(f"model.codebook.mixing must be 'soft' or 'gumbel', got '{m.codebook.mixing}'")
 

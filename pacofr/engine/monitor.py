@@ -16,8 +16,8 @@ FIELDS = ["step", "epoch", "loss", "l_pix", "l_sc", "l_belief", "l_commit", "lr"
 
 
 class Monitor:
-    def __init__(self, output: Path, resume_step: int | None):
-        self.output = output
+    def __init__(self, output: Path, resume_step: int | None, fields: list[str] = FIELDS):
+        self.output, self.fields = output, fields
         self.csv_path = output / "metrics.csv"
         self.image_dir = output / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
@@ -27,7 +27,7 @@ class Monitor:
             with open(self.csv_path, newline="") as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
         self._file = open(self.csv_path, "w", newline="")
-        self._csv = csv.DictWriter(self._file, fieldnames=FIELDS)
+        self._csv = csv.DictWriter(self._file, fieldnames=fields)
         self._csv.writeheader()
         self._csv.writerows(rows)
         self._file.flush()
@@ -39,7 +39,7 @@ class Monitor:
             self.tensorboard = None
 
     def log(self, row: dict) -> None:
-        self._csv.writerow({k: row.get(k, "") for k in FIELDS})
+        self._csv.writerow({k: row.get(k, "") for k in self.fields})
         self._file.flush()
         if self.tensorboard is not None:
             for k, v in row.items():

@@ -168,7 +168,8 @@ class _LoggedLoader(Loader):
             raise self.log.nothing_usable(self.cfg.data.source)
 
 
-def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
+def _loader(cfg: Config, dataset, d: distributed.Dist, collate=None) -> Loader:
+    """The run's loader; `collate` (an object with an `epoch`) in place of the masking one."""
     t = cfg.train
     if t.batch_size % (d.world * t.accum_steps):
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by ranks ({d.world}) x "
@@ -188,7 +189,7 @@ def _loader(cfg: Config, dataset, d: distributed.Dist) -> Loader:
 
         decoder = DaliDecoder(cfg.model.img_size, per_rank, cfg.data.dali_device, cfg.data.dali_threads,
                               d.device.index if d.device.type == "cuda" else None)
-    return _LoggedLoader(cfg, dataset, batches, MaskingCollate(cfg, sample_masks), per_rank, decoder)
+    return _LoggedLoader(cfg, dataset, batches, collate or MaskingCollate(cfg, sample_masks), per_rank, decoder)
 
 
 def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset=None, overwrite: bool = False) -> dict:
@@ -200,9 +201,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     t, output = cfg.train, Path(output)
     check_output_path(output, "--output", folder=True)
     checkpoint.claim_output(output, resume, overwrite, d.main)
-    say = (lambda line: print(line, flush=True)) if d.main else (lambda line: None)
-    found, manifest = checkpoint.resolve(resume, output, say) or (None, None)
-    changed = resuming.changes(manifest.get("config", {}), cfg, found) if found is not None else []
+    found, changed, say = _resume_point(cfg, resume, output, d)
     if dataset is None:
         dataset = build_dataset(cfg.data, cfg.model.img_size, seed=t.seed, rank=d.rank, world_size=d.world)
     loader = _loader(cfg, dataset, d)
@@ -215,7 +214,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr, betas=(t.beta1, t.beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule_steps, warmup, t.min_lr / lr))
     hyperparameters = resuming.current_hyperparameters(optimizer)
-    state = {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}, "health": health.new_record()}
+    state = new_state()
     if found is not None:  # (the weights before ZeRO copies them into its partitions)
         saved = checkpoint.load(found, model, d.device)
         scheduler.load_state_dict(saved["scheduler"])
@@ -240,9 +239,25 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
     trainer = Trainer(cfg, task, strategy, loader, scheduler, state, total_steps, d, monitor,
                       output / "checkpoints", found)
     trainer.fit()
-    summary = _finish(trainer, model, output)
+    encoder = output / "encoder.safetensors"
+    summary = _finish(trainer, output, list(model.parameters()), {"encoder": encoder}, lambda: save_encoder(
+        model.encoder.state_dict(), encoder, cfg.model, output.resolve(), state["step"]))
     strategy.shutdown()
     return summary
+
+
+def new_state() -> dict:
+    """A run's state before its first step."""
+    return {"step": 0, "epoch": 0, "epoch_step": 0, "skipped_steps": 0, "issues": {}, "health": health.new_record()}
+
+
+def _resume_point(cfg: Config, resume: str | None, output: Path, d):
+    """(the checkpoint `resume` names, verified (None: a fresh start), the settings `cfg`
+    changes from its run's (a changed fixed one refused), the main rank's printer)."""
+    say = (lambda line: print(line, flush=True)) if d.main else (lambda line: None)
+    found, manifest = checkpoint.resolve(resume, output, say) or (None, None)
+    changed = resuming.changes(manifest.get("config", {}), cfg, found) if found is not None else []
+    return found, changed, say
 
 
 def _say_resume(say, resume: str, found: Path | None, state: dict, output: Path, changed: list[str], d) -> None:
@@ -263,40 +278,41 @@ def _say_resume(say, resume: str, found: Path | None, state: dict, output: Path,
             f"{moved[0].parent}: {', '.join(p.name for p in moved)}")
 
 
-def _banner(cfg: Config, model: PaCoFR, loader: Loader, strategy, d, state: dict, found, total_steps: int) -> None:
+def _banner(cfg: Config, model: torch.nn.Module, loader: Loader, strategy, d, state: dict, found, total_steps: int,
+            title: str = "pretraining", fused=("codebook_topk", "masked_attention", "patch_pixel_loss")) -> None:
     """What the run is about to do, in the log: a batch job's log says it without a terminal."""
     from .. import ops
 
     samples = f"{len(loader.dataset)} samples" if loader.batches is not None else "a stream"
-    log.info("pacofr pretraining: %s x %d rank(s), %s, %.1fM parameters, %s from %s; steps %d to %d%s",
-             d.device, d.world, type(strategy).__name__, sum(p.numel() for p in model.parameters()) / 1e6, samples,
-             cfg.data.source, state["step"], total_steps, f", resumed from {found}" if found is not None else "")
-    log.info("fused ops: %s", "; ".join(ops.explain(op, d.device) for op in
-                                        ("codebook_topk", "masked_attention", "patch_pixel_loss")))
+    log.info("pacofr %s: %s x %d rank(s), %s, %.1fM parameters, %s from %s; steps %d to %d%s",
+             title, d.device, d.world, type(strategy).__name__, sum(p.numel() for p in model.parameters()) / 1e6,
+             samples, cfg.data.source, state["step"], total_steps,
+             f", resumed from {found}" if found is not None else "")
+    log.info("fused ops: %s", "; ".join(ops.explain(op, d.device) for op in fused))
 
 
-def _finish(trainer: Trainer, model: PaCoFR, output: Path) -> dict:
-    """Writes the encoder (timm-loadable, its config in the metadata), the files skipped by every
-    rank and the summary; prints it."""
+def _finish(trainer: Trainer, output: Path, params: list, written: dict[str, Path], write, title: str = "pretraining",
+            extra: dict | None = None) -> dict:
+    """Writes the model (`write()`, on the main rank with `params` gathered: the files
+    `written` names), the files skipped by every rank and the summary (with `extra`); prints it."""
     s, d, log = trainer.state, trainer.d, trainer.loader.log
     log.write(set().union(*distributed.gather_objects(log.rows)))
     summary = {"steps": s["step"], "epochs_started": s["epoch"] + 1, "skipped_steps": s["skipped_steps"],
                "skipped_or_repaired_samples": dict(sorted(s["issues"].items())),
                "output": str(output), "last_checkpoint": str(trainer.last_ckpt),
-               "last_good_checkpoint": str(trainer.newest_good)}
-    with trainer.strategy.gathered():
+               "last_good_checkpoint": str(trainer.newest_good), **(extra or {})}
+    with trainer.strategy.gathered(params):
         if d.main:
-            save_encoder(model.encoder.state_dict(), output / "encoder.safetensors", trainer.cfg.model,
-                         output.resolve(), s["step"])
+            write()
     if not d.main:
         return summary
-    summary.update(encoder=str(output / "encoder.safetensors"), metrics=str(output / "metrics.csv"),
+    summary.update({k: str(v) for k, v in written.items()}, metrics=str(output / "metrics.csv"),
                    images=str(output / "images"), tensorboard=str(output / "tensorboard"),
                    skipped_files=str(output / SKIPPED))
     (output / "summary.yaml").write_text(yaml.safe_dump(summary, sort_keys=False))
     trainer.monitor.close()
-    print("\npretraining finished")
-    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "last_good_checkpoint", "encoder", "metrics",
+    print(f"\n{title} finished")
+    for key in ("steps", "skipped_steps", "output", "last_checkpoint", "last_good_checkpoint", *written, "metrics",
                 "images", "tensorboard", "skipped_files"):
         print(f"  {key:<21} {summary[key]}")
     if summary["last_good_checkpoint"] != summary["last_checkpoint"]:

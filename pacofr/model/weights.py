@@ -136,13 +136,14 @@ def encoder_config(m) -> dict:
 
 
 def save_encoder(weights: dict[str, Tensor], path: str | Path, m, source: str | Path | None = None,
-                 step: int | None = None) -> Path:
+                 step: int | None = None, metadata: dict[str, str] | None = None) -> Path:
     """Writes an encoder state dict to `path` (safetensors) with the encoder's config of `m`
-    (`cfg.model`) and where it came from in the metadata; atomically (a temporary name, then a
-    rename), so an interrupted write leaves no half file under the name."""
+    (`cfg.model`) and where it came from in the metadata (and `metadata`'s entries);
+    atomically (a temporary name, then a rename), so an interrupted write leaves no half file
+    under the name."""
     path = Path(path)
     metadata = {"format": "pt", CONFIG_KEY: json.dumps(encoder_config(m)), "timm.kwargs": json.dumps(timm_kwargs(m)),
-                "pacofr.version": __version__}
+                "pacofr.version": __version__, **(metadata or {})}
     if source is not None:
         metadata["pacofr.source"] = str(source)
     if step is not None:
