@@ -84,9 +84,21 @@ class AttributeImages(FaceImages):
     """(image [3, S, S] normalized, targets [A] in {0, 1}) or None with the skip reason: no
     labels row, an unusable row ("labels_invalid"), an unreadable image."""
 
-    def __init__(self, source: str, labels: str, img_size: int, what: str = "--train", max_pixels: int = MAX_PIXELS):
+    protocol = {"protocol": "csv", "conventions": {
+        "crop": "the centred square, resized to the model's input", "prediction": "the ridge's output above 0.5"}}
+
+    def __init__(self, source: str, labels: str, img_size: int, what: str = "--train", max_pixels: int = MAX_PIXELS,
+                 split: tuple[list[str], dict] | None = None):
+        """`split`: (names, {key: targets}) of a benchmark's split, already read: only the images
+        it names are used; without it the CSV `labels` is read."""
         super().__init__(source, img_size, what, max_pixels)
-        self.names, table = load_attribute_file(labels, f"{what}-labels")
+        self.names, table = load_attribute_file(labels, f"{what}-labels") if split is None else split
+        if split is not None:
+            where = dict(zip(self.keys, self.paths))
+            self.keys = [k for k in table if k in where]
+            self.paths = [where[k] for k in self.keys]
+            if not self.keys:
+                raise ValueError(f"{what} '{source}': none of the {len(table)} images of its split is in this folder")
         if not any(k in table for k in self.keys):
             raise ValueError(f"{what}-labels '{labels}': none of its paths names a file of '{source}' "
                              f"(e.g. '{self.keys[0]}'); paths are relative to the folder or list")
@@ -152,7 +164,7 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
         raise ValueError(f"no usable test image (skipped: {skipped_test.counts})")
     check_test_size(n_test, min_test, test)
     accuracy, prior = 100 * correct / n_test, 100 * floor / n_test
-    return {"mean_accuracy": float(accuracy.mean()), "majority_mean_accuracy": float(prior.mean()),
+    return {**test.protocol, "mean_accuracy": float(accuracy.mean()), "majority_mean_accuracy": float(prior.mean()),
             "accuracy": dict(zip(train.names, accuracy.tolist())), "majority": dict(zip(train.names, prior.tolist())),
             "attributes": a, "train_images": fit.n + val.n, "test_images": n_test, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,

@@ -1,7 +1,9 @@
 """A PNG of a few test faces with a probe's predictions drawn over them, for a person to look
-at: landmarks (truth green, prediction red) or head pose axes (x red, y green, z blue; the
-prediction large at the centre, the truth small in the top-left corner)."""
+at: landmarks (truth green, prediction red), head pose axes (x red, y green, z blue; the
+prediction large at the centre, the truth small in the top-left corner) or the parsing
+probe's classes."""
 
+import colorsys
 import math
 
 import numpy as np
@@ -43,6 +45,17 @@ def draw_pose(draw: ImageDraw.ImageDraw, pred, truth, size: int) -> None:
             draw.line((cx, cy, cx + length * dx, cy + length * dy), fill=colour, width=width)
 
 
+def draw_parsing(draw: ImageDraw.ImageDraw, pred, truth, size: int) -> None:
+    """The predicted classes [S, S] blended over the face, one colour each (background left
+    clear); `truth` is not drawn."""
+    ids = Image.fromarray(pred.numpy().astype(np.uint8), "L").resize((size, size), Image.NEAREST)
+    ids = np.asarray(ids)
+    for c in np.unique(ids[ids > 0]).tolist():
+        hue = (c * 0.618034) % 1.0  # (golden-ratio hues: neighbouring ids far apart)
+        colour = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.9, 1.0))
+        draw.bitmap((0, 0), Image.fromarray(((ids == c) * 110).astype(np.uint8), "L"), fill=colour)
+
+
 def write_preview(path, dataset, items, drawer) -> None:
     """`items`: (face index in `dataset`, prediction, truth) in the crop's pixels (landmarks) or
     degrees (pose); `drawer`: draw_landmarks or draw_pose. Faces that no longer read are left out."""
@@ -66,4 +79,4 @@ def write_preview(path, dataset, items, drawer) -> None:
     sheet.save(path)
 
 
-__all__ = ["write_preview", "draw_landmarks", "draw_pose", "axes"]
+__all__ = ["write_preview", "draw_landmarks", "draw_pose", "draw_parsing", "axes"]
