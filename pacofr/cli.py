@@ -266,6 +266,7 @@ def _attribute_sets(args):
 
 def _eval_attributes(args) -> None:
     from .eval.attributes import evaluate
+    from .eval.overlay import attribute_drawer
 
     encoder, train, test = _probe_inputs(args, _attribute_sets(args), "labels")
     result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args))
@@ -273,6 +274,7 @@ def _eval_attributes(args) -> None:
           f"majority: {result['majority_mean_accuracy']:.2f}%   "
           f"train {result['train_images']} / test {result['test_images']} images")
     print("  " + "  ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
+    _preview(args, result.pop("preview_images"), result, attribute_drawer(list(result["accuracy"])))
     _report(args, result)
 
 

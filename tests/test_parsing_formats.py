@@ -248,3 +248,4 @@ def test_celeba_attributes_end_to_end_floor_against_a_hand_count(encoder, tmp_pa
         hits = sum(1 for r in kept if values[r, a] == majority)
         assert result["majority"][name] == pytest.approx(100 * hits / len(kept))
     assert result["mean_accuracy"] == pytest.approx(sum(result["accuracy"].values()) / 40)
+    assert Image.open(tmp_path / "celeba.preview.png").size[0] > 0

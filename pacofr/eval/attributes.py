@@ -24,6 +24,7 @@ import torch
 
 from ..data.items import MAX_PIXELS
 from ..data.landmarks import norm_key
+from .alignment import PREVIEW
 from .common import (MIN_TEST, FaceImages, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out,
                      held_out, skipped_files)
 
@@ -154,11 +155,13 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
     majority = positives / (fit.n + val.n) > 0.5  # each attribute's more frequent value in train
 
     correct, floor, n_test = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64), 0
+    preview = []
     for images, targets in batches(test, batch_size, workers, skipped_test):
         pred = (features(encoder, images, device).double() @ w + b).cpu() > 0.5
         truth = targets > 0.5
         correct += (pred == truth).double().sum(0)
         floor += (majority == truth).double().sum(0)
+        preview += list(zip(images, pred, truth))[: PREVIEW - len(preview)]
         n_test += images.shape[0]
     if not n_test:
         raise ValueError(f"no usable test image (skipped: {skipped_test.counts})")
@@ -168,7 +171,9 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
             "accuracy": dict(zip(train.names, accuracy.tolist())), "majority": dict(zip(train.names, prior.tolist())),
             "attributes": a, "train_images": fit.n + val.n, "test_images": n_test, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-            "skipped_files": skipped_files(train=skipped_train, test=skipped_test)}
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
+            "preview": [(k, p.float(), t.float()) for k, (_, p, t) in enumerate(preview)],
+            "preview_images": [((x,), None) for x, _, _ in preview]}
 
 
 __all__ = ["AttributeImages", "load_attribute_file", "features", "evaluate"]
