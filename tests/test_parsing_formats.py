@@ -249,3 +249,27 @@ def test_celeba_attributes_end_to_end_floor_against_a_hand_count(encoder, tmp_pa
         assert result["majority"][name] == pytest.approx(100 * hits / len(kept))
     assert result["mean_accuracy"] == pytest.approx(sum(result["accuracy"].values()) / 40)
     assert Image.open(tmp_path / "celeba.preview.png").size[0] > 0
+
+
+def test_celebamask_end_to_end(encoder, tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:64, :64]
+
+    def parts(i):
+        if i == 7:  # a test image without any part mask
+            return {}
+        cx = 32 + rng.uniform(-4, 4)
+        return {"skin": (xx - cx) ** 2 + (yy - 32) ** 2 < 400, "hair": yy < 14, "nose": abs(xx - cx) + abs(yy - 34) < 4}
+
+    _celebamask(tmp_path, 32, rng, parts)
+    out = tmp_path / "celebamask.json"
+    rc = main(["eval-parsing", "--config", "tiny", "--encoder", str(encoder), "--format", "celebamask",
+               "--train", str(tmp_path), "--test", str(tmp_path), "--workers", "0", "--min-test", "5",
+               "--output", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    result = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"non-strict JSON: {c}"))
+    assert result["protocol"] == "celebamask" and result["classes"] == 19
+    assert list(result["f1_by_class"])[:3] == ["background", "skin", "nose"]
+    assert result["train_images"] == 16 and result["test_images"] == 7 and result["skipped_test"] == {"no_labels": 1}
+    present = [k for k, v in result["f1_by_class"].items() if v is not None]
+    assert present == ["background", "skin", "nose", "hair"]

@@ -93,6 +93,10 @@ class ParsingImages(FaceImages):
         ids = np.array(Image.fromarray(ids.astype(np.int32), "I").resize((s, s), Image.NEAREST, box=box), dtype=np.int64)
         return (x, torch.from_numpy(ids)), None
 
+    def labelled(self) -> list[int]:
+        """The indices of the images with a label map (those the held-out tenth is drawn from)."""
+        return [i for i, path in enumerate(self.labels) if os.path.isfile(path)]
+
     def confusions(self, preds: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
         """The confusion of each prediction [B, S, S] against a batch's labels, the crops' here."""
         return [_confusion(p, labels, self.num_classes) for p in preds]
@@ -186,7 +190,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
         raise ValueError(f"--classes differs between train ({train.num_classes}) and test ({test.num_classes})")
     c, device = train.num_classes, next(encoder.parameters()).device
     p, s = encoder.patch_size, train.transform.size
-    labelled = [i for i, path in enumerate(train.labels) if os.path.isfile(path)]
+    labelled = train.labelled()
     held, rest = held_out(labelled, len(train), holdout, seed)
     width = encoder.embed_dim
     fit, val = Stats(width, c, device), Stats(width, c, device)

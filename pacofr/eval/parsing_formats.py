@@ -85,6 +85,11 @@ class WarpedParsing(FaceImages):
     def ids(self, index: int):
         raise NotImplementedError
 
+    def labelled(self) -> list[int]:
+        """The indices the held-out tenth is drawn from: every face (a face without labels is
+        found out, and counted, when it is read)."""
+        return list(range(len(self)))
+
     def matrix(self, index: int, width: int, height: int):
         raise NotImplementedError
 
@@ -166,6 +171,9 @@ class LapaFaces(WarpedParsing):
         self.landmarks = [os.path.join(folders[2], s + ".txt") for s in stems]
         maps = {os.path.normpath(p) for p in self.labels}
         self.orphans = [(p, "no_image") for p in _label_maps(folders[1]) if os.path.normpath(p) not in maps]
+
+    def labelled(self) -> list[int]:
+        return [i for i, path in enumerate(self.labels) if os.path.isfile(path)]
 
     def ids(self, index: int):
         if not os.path.isfile(self.labels[index]):
