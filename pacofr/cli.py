@@ -60,7 +60,43 @@ def _probe_parser(sub, name: str, help: str, targets: str, targets_help: str, ba
                    "(default 20)")
     p.add_argument("--output", default=None, help="also write the result to this JSON file, and the files "
                    "skipped to FILE.skipped.csv beside it")
+    p.add_argument("--occlude", default=None, metavar="LEVELS",
+                   help="also score the test set under seeded synthetic occluders covering these fractions of the "
+                        "face crop (e.g. 0,0.1,0.2,0.3,0.4,0.5): the result's robustness table, and with --output "
+                        "FILE.robustness.png (the curve) and FILE.occluded.png (occluded test faces) beside it")
+    p.add_argument("--occluder", default=None, choices=["eyes", "mouth", "random"],
+                   help="where --occlude draws: over the eyes, the mouth (from the landmarks, else the template's "
+                        "positions) or anywhere (default random)")
+    p.add_argument("--occlude-seed", type=int, default=0, help="the occluders' seed (the same for every encoder)")
     return p
+
+
+def _occlusion(args):
+    """The probe's occlusion sweep of --occlude and --occluder, or None."""
+    if args.occlude is None:
+        if args.occluder is not None:
+            raise ValueError("--occluder goes with --occlude LEVELS (e.g. --occlude 0,0.1,0.2,0.3,0.4,0.5)")
+        return None
+    from .eval.occlusion import Occlusion, parse_levels
+
+    return Occlusion(parse_levels(args.occlude), args.occluder or "random", args.occlude_seed)
+
+
+def _robustness(args, test, result: dict, occlusion) -> None:
+    """The metric at each occlusion level, printed; with --output, the curve and occluded faces as PNGs."""
+    table = result.get("robustness")
+    if table is None:
+        return
+    print(f"  {table['metric']} under {table['occluder']} occluders: " + "   ".join(
+        f"{100 * float(k):g}% {'-' if v is None else format(v, '.2f')}" for k, v in table["levels"].items()))
+    if args.output:
+        from .eval.occlusion import write_plot, write_preview
+
+        plot, faces = beside(args.output, ".robustness.png"), beside(args.output, ".occluded.png")
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        write_plot(plot, table)
+        write_preview(faces, test, occlusion)
+        print(f"  robustness curve in {plot}, occluded test faces in {faces}")
 
 
 def _eval_parser(sub) -> None:
@@ -99,9 +135,10 @@ def _eval_benchmark(args) -> None:
     from .eval.benchmarks import evaluate
     from .eval.overlay import draw_landmarks
 
+    occlusion = _occlusion(args)
     encoder, train, test = _probe_inputs(args, _benchmark_faces(args.format), "landmarks")
     result = evaluate(encoder, args.format, train, test, args.grid, args.batch_size, args.workers,
-                      min_test=_min_test(args))
+                      min_test=_min_test(args), occlusion=occlusion)
     for norm, parts in result["nme"].items():
         print(f"{args.format} NME ({norm}): " + "   ".join(
             f"{name} {'-' if s['nme'] is None else format(s['nme'], '.2f')}% (FR {s['fr']:.1f}%, AUC {s['auc']:.1f}%, "
@@ -113,6 +150,7 @@ def _eval_benchmark(args) -> None:
     print("  mean shape NME: " + "   ".join(f"{n} {pct(v)}" for n, v in result["mean_shape_nme"].items())
           + f"   train {result['train_faces']} / test {result['test_faces']} faces")
     _preview(args, test, result, draw_landmarks)
+    _robustness(args, test, result, occlusion)
     _report(args, result)
 
 
@@ -141,13 +179,16 @@ def _eval_pose(args) -> None:
     def read(images, labels, size, what, budget):  # (the angle limit drops test faces only)
         return PoseFaces(images, labels, size, what, budget, LIMIT if what == "--test" else None)
 
+    occlusion = _occlusion(args)
     encoder, train, test = _probe_inputs(args, read, "labels")
-    result = evaluate(encoder, train, test, args.grid, args.batch_size, args.workers, min_test=_min_test(args))
+    result = evaluate(encoder, train, test, args.grid, args.batch_size, args.workers, min_test=_min_test(args),
+                      occlusion=occlusion)
     m, floor = result["mae"], result["mean_pose_mae"]
     print(f"pose MAE (degrees): yaw {m['yaw']:.2f}   pitch {m['pitch']:.2f}   roll {m['roll']:.2f}   "
           f"mean {m['mean']:.2f}   (mean pose: {floor['mean']:.2f})   "
           f"train {result['train_images']} / test {result['test_images']} images")
     _preview(args, test, result, draw_pose)
+    _robustness(args, test, result, occlusion)
     _report(args, result)
 
 
@@ -159,16 +200,17 @@ def _eval_alignment(args) -> None:
         if args.norm is not None:
             raise ValueError(f"--norm is for --format csv: --format {args.format} scores by its own normalizations")
         return _eval_benchmark(args)
-    norm = args.norm or "inter_ocular"
+    norm, occlusion = args.norm or "inter_ocular", _occlusion(args)
     encoder, train, test = _probe_inputs(args, AlignmentImages, "landmarks", norm)
     result = evaluate(encoder, train, test, norm, args.grid, args.batch_size, args.workers,
-                      min_test=_min_test(args))
+                      min_test=_min_test(args), occlusion=occlusion)
     print(f"NME ({result['norm']}, {result['points']} points): {result['nme']:.2f}%   "
           f"mean shape: {result['mean_shape_nme']:.2f}%   FR@10%: {result['failure_rate_10']:.1f}%   "
           f"train {result['train_faces']} / test {result['test_faces']} faces")
     if result["test_faces_with_points_outside_the_crop"]:
         print(f"  test faces with points outside the crop: {result['test_faces_with_points_outside_the_crop']}")
     _preview(args, test, result, draw_landmarks)
+    _robustness(args, test, result, occlusion)
     _report(args, result)
 
 
@@ -214,8 +256,10 @@ def _eval_parsing(args) -> None:
 
     if args.partition is not None and args.format != "celebamask":
         raise ValueError("--partition is for --format celebamask")
+    occlusion = _occlusion(args)
     encoder, train, test = _probe_inputs(args, _parsing_sets(args), "labels")
-    result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args))
+    result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args),
+                      occlusion=occlusion)
     pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
     present = sum(v is not None for v in result["f1"][1:])
     print(f"{result['protocol']} mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
@@ -225,6 +269,7 @@ def _eval_parsing(args) -> None:
     names = result.get("f1_by_class") or dict(enumerate(result["f1"]))
     print("  F1 per class: " + " ".join(f"{k} {pct(v)}" for k, v in names.items()))
     _preview(args, result.pop("preview_images"), result, draw_parsing)
+    _robustness(args, test, result, occlusion)
     _report(args, result)
 
 
@@ -268,13 +313,16 @@ def _eval_attributes(args) -> None:
     from .eval.attributes import evaluate
     from .eval.overlay import attribute_drawer
 
+    occlusion = _occlusion(args)
     encoder, train, test = _probe_inputs(args, _attribute_sets(args), "labels")
-    result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args))
+    result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args),
+                      occlusion=occlusion)
     print(f"{result['protocol']} mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
           f"majority: {result['majority_mean_accuracy']:.2f}%   "
           f"train {result['train_images']} / test {result['test_images']} images")
     print("  " + "  ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
     _preview(args, result.pop("preview_images"), result, attribute_drawer(list(result["accuracy"])))
+    _robustness(args, test, result, occlusion)
     _report(args, result)
 
 

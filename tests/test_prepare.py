@@ -150,6 +150,7 @@ def test_recordio_to_shards(recordio, tmp_path, capsys):
     assert len(samples) == 6
     for sample, i in zip(samples, kept):
         assert torch.equal(sample.image, make_item(images[i][1], None, transform, 32, 0).image)
+    assert [sample.label for sample in samples] == [0, 0, 7, 1, 3, 3]  # (the .cls members, as identities)
     assert sum(len(b.images) for b in DataLoader(build_dataset(DataConfig(source=str(out), num_workers=2), 64),
                                                  batch_size=4, collate_fn=collate, num_workers=2)) == 6
 
@@ -334,3 +335,24 @@ def test_an_image_over_the_pixel_budget_is_skipped_undecoded(tmp_path):
     assert (report["samples"], report["skipped"], report["skips"]) == (1, 1, {"too_large": 1})
     rows = {r["source"].rsplit("/", 1)[-1]: r for r in csv_module.DictReader(open(tmp_path / "out" / "prepare.csv"))}
     assert rows["large.jpg"]["reasons"] == "too_large" and rows["small.png"]["status"] == "kept"
+
+
+def test_a_shard_label_that_is_no_identity_is_a_bad_record(tmp_path):
+    """A .cls member that is not a whole number >= 0 is skipped as bad_record; none means no label."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(png, "PNG")
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for key, cls in (("a", b"4"), ("b", b"-1"), ("c", b"x"), ("d", None)):
+            for ext, data in (("png", png.getvalue()), ("cls", cls)):
+                if data is not None:
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    samples = _loaded(tmp_path / "s.tar")
+    assert [(s.label, s.issues) for s in samples] == [(4, ("landmarks_missing",)), (None, ("bad_record",)),
+                                                      (None, ("bad_record",)), (None, ("landmarks_missing",))]

@@ -54,6 +54,18 @@ def _shard_points(raw_json) -> np.ndarray | None:
     return parse_points(value)
 
 
+def _shard_label(raw_cls) -> int | None:
+    """The .cls member (an identity, as `pacofr data prepare` writes RecordIO's): an int >= 0,
+    None without one, -1 when it is not a whole number >= 0."""
+    if raw_cls is None:
+        return None
+    try:
+        label = int(raw_cls.decode() if isinstance(raw_cls, bytes) else raw_cls)
+    except (ValueError, UnicodeDecodeError):
+        return -1
+    return label if label >= 0 else -1
+
+
 def expand_shards(source: str) -> list[str] | None:
     """'a-{000..003}.tar' / 'a.tar' / 'dir/*.tar' / a folder holding .tar files (as `pacofr data
     prepare` writes them; its images, if any, are not read) -> paths, or None when not shards."""
@@ -153,7 +165,11 @@ class ShardDataset(IterableDataset):
             return skipped("not_an_image")
         seed = sample_seed(self.seed, self.epoch, shard, pos)
         points = _shard_points(sample.get("json"))
+        label = _shard_label(sample.get("cls"))
+        if label == -1:
+            return skipped("bad_record")
         item = self.make_item(raw, points, self.transform, self.min_size, seed, self.max_pixels)
+        item.label = label
         return landmarks_missing(item) if points is None else item
 
     def __iter__(self):

@@ -223,6 +223,10 @@ class AlignmentImages(FaceImages):
             return None, reason
         return (read[:2], None) if check_landmarks(points, *read[3]) else (None, "landmarks_outside")
 
+    def crop_points(self, index: int, item) -> torch.Tensor:
+        """The landmarks [K, 2] in the crop's pixels of the `index`-th face's item (occlusion.py)."""
+        return item[1]
+
 
 @torch.no_grad()
 def features(encoder: ViTEncoder, images: torch.Tensor, grid: int) -> torch.Tensor:
@@ -267,9 +271,11 @@ def _preview(encoder, model: Ridge, test: AlignmentImages, grid: int, device) ->
 
 
 def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages, norm: str = "inter_ocular",
-             grid: int = 7, batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+             grid: int = 7, batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST,
+             occlusion=None) -> dict:
     """Fits the probe on `train`, scores it and the mean shape on `test` (NME in %); fewer
-    than `min_test` usable test faces are refused."""
+    than `min_test` usable test faces are refused. `occlusion` (occlusion.Occlusion): the NME
+    of the occluded test set at each of its levels too (`robustness`)."""
     if train.num_points != test.num_points:
         raise ValueError(f"train faces have {train.num_points} points, test faces {test.num_points}")
     if train.norm != norm or test.norm != norm:
@@ -283,6 +289,13 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
     check_test_size(len(y_test), min_test, test)
     model, search = fit_ridge(x_train, y_train, norm, seed=seed)
     pred = model.predict(x_test).view_as(y_test).float()
+    robustness = {}
+    if occlusion is not None:
+        def nme_of(dataset) -> float:
+            x, y, _ = extract(encoder, dataset, grid, batch_size, workers, device)
+            return scores(model.predict(x).view_as(y).float(), y, norm)["nme"]
+
+        robustness["robustness"] = occlusion.sweep(test, nme_of, "nme", lower_is_better=True)
     size = test.transform.size
     outside = ((y_test < 0) | (y_test >= size)).any(-1).any(-1)
     preview = _preview(encoder, model, test, grid, device)
@@ -293,7 +306,7 @@ def evaluate(encoder: ViTEncoder, train: AlignmentImages, test: AlignmentImages,
         "test_faces_with_points_outside_the_crop": int(outside.sum()), "features": x_train.shape[1], "grid": grid,
         "penalty": search["penalty"], "val_nme": [100 * v for v in search["val_nme"]],
         "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-        "skipped_files": skipped_files(train=skipped_train, test=skipped_test), "preview": preview,
+        "skipped_files": skipped_files(train=skipped_train, test=skipped_test), "preview": preview, **robustness,
     }
 
 

@@ -134,9 +134,10 @@ def features(encoder, images: torch.Tensor, device) -> torch.Tensor:
 
 
 def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size: int = 64, workers: int = 2,
-             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST, occlusion=None) -> dict:
     """Fits the probe on `train` (one pass), scores it and the majority classes on `test`;
-    fewer than `min_test` usable test images are refused."""
+    fewer than `min_test` usable test images are refused. `occlusion` (occlusion.Occlusion):
+    the mean accuracy at each of its levels too."""
     test.reorder(train.names)
     a, device = len(train.names), next(encoder.parameters()).device
     width = 2 * encoder.embed_dim
@@ -154,24 +155,35 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
     (w, b), search = fit_on_held_out(fit, val)
     majority = positives / (fit.n + val.n) > 0.5  # each attribute's more frequent value in train
 
-    correct, floor, n_test = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64), 0
+
+    def accuracies(dataset, skipped: Skipped, preview: list | None = None):
+        """Each attribute's accuracy (%) of the probe and of the majority over `dataset`, and
+        its usable images' count; the first PREVIEW (image, prediction, truth) into `preview`."""
+        correct, floor, n_test = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64), 0
+        for images, targets in batches(dataset, batch_size, workers, skipped):
+            pred = (features(encoder, images, device).double() @ w + b).cpu() > 0.5
+            truth = targets > 0.5
+            correct += (pred == truth).double().sum(0)
+            floor += (majority == truth).double().sum(0)
+            if preview is not None:
+                preview += list(zip(images, pred, truth))[: PREVIEW - len(preview)]
+            n_test += images.shape[0]
+        if not n_test:
+            raise ValueError(f"no usable test image (skipped: {skipped.counts})")
+        return 100 * correct / n_test, 100 * floor / n_test, n_test
+
     preview = []
-    for images, targets in batches(test, batch_size, workers, skipped_test):
-        pred = (features(encoder, images, device).double() @ w + b).cpu() > 0.5
-        truth = targets > 0.5
-        correct += (pred == truth).double().sum(0)
-        floor += (majority == truth).double().sum(0)
-        preview += list(zip(images, pred, truth))[: PREVIEW - len(preview)]
-        n_test += images.shape[0]
-    if not n_test:
-        raise ValueError(f"no usable test image (skipped: {skipped_test.counts})")
+    accuracy, prior, n_test = accuracies(test, skipped_test, preview)
     check_test_size(n_test, min_test, test)
-    accuracy, prior = 100 * correct / n_test, 100 * floor / n_test
+    robustness = {}
+    if occlusion is not None:
+        mean_accuracy = lambda dataset: float(accuracies(dataset, Skipped(test))[0].mean())  # noqa: E731
+        robustness["robustness"] = occlusion.sweep(test, mean_accuracy, "mean_accuracy", lower_is_better=False)
     return {**test.protocol, "mean_accuracy": float(accuracy.mean()), "majority_mean_accuracy": float(prior.mean()),
             "accuracy": dict(zip(train.names, accuracy.tolist())), "majority": dict(zip(train.names, prior.tolist())),
             "attributes": a, "train_images": fit.n + val.n, "test_images": n_test, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-            "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test), **robustness,
             "preview": [(k, p.float(), t.float()) for k, (_, p, t) in enumerate(preview)],
             "preview_images": [((x,), None) for x, _, _ in preview]}
 

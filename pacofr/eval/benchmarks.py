@@ -15,6 +15,8 @@ annotations, with each benchmark's normalization, threshold and subsets:
   and AUC at 0.07 (AUC_box@0.07); full and frontal.
 """
 
+from functools import partial
+
 import numpy as np
 import torch
 
@@ -69,27 +71,37 @@ def _scales(points, faces, norms) -> dict:
     return {n: benchmark_scale(points, n, boxes) for n in norms}
 
 
+def _test_faces(encoder, test: BoxedFaces, norms, grid: int, batch_size: int, workers: int, device):
+    """(features, landmarks [N, K, 2], crop boxes, faces, scales {norm: [N]}, item meta, Skipped) of
+    the usable test faces; those with a zero scale are skipped ("degenerate_scale")."""
+    x_test, meta_test, skipped_test = extract(encoder, test, grid, batch_size, workers, device)
+    y_test, boxes_test, faces = face_targets(test, meta_test)
+    scales = _scales(y_test, faces, norms)
+    keep = torch.stack([(s > 0) & torch.isfinite(s) for s in scales.values()]).all(0)
+    for k in (~keep).nonzero().flatten().tolist():
+        skipped_test.add(test.paths[int(meta_test[k, 0])], "degenerate_scale")
+    return (x_test[keep], y_test[keep], boxes_test[keep], [f for f, k in zip(faces, keep) if k],
+            {n: s[keep] for n, s in scales.items()}, meta_test[keep], skipped_test)
+
+
 def evaluate(encoder: ViTEncoder, protocol: str, train: BoxedFaces, test: BoxedFaces, grid: int = 7,
-             batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST) -> dict:
-    """Fits the probe on `train`'s crops, scores it and the mean shape on `test` by `protocol`."""
+             batch_size: int = 64, workers: int = 2, seed: int = 0, min_test: int = MIN_TEST, occlusion=None) -> dict:
+    """Fits the probe on `train`'s crops, scores it and the mean shape on `test` by `protocol`;
+    `occlusion` (occlusion.Occlusion): the full set's NME (first norm) at each of its levels too."""
     spec = PROTOCOLS[protocol]
     device = next(encoder.parameters()).device
     grid = min(grid, *encoder.grid)
     x_train, meta_train, skipped_train = extract(encoder, train, grid, batch_size, workers, device)
-    x_test, meta_test, skipped_test = extract(encoder, test, grid, batch_size, workers, device)
     y_train, boxes_train, _ = face_targets(train, meta_train)
-    y_test, boxes_test, faces = face_targets(test, meta_test)
-    scales = _scales(y_test, faces, spec["norms"])
-    keep = torch.stack([(s > 0) & torch.isfinite(s) for s in scales.values()]).all(0)
-    for k in (~keep).nonzero().flatten().tolist():
-        skipped_test.add(test.paths[int(meta_test[k, 0])], "degenerate_scale")
-    x_test, y_test, boxes_test = x_test[keep], y_test[keep], boxes_test[keep]
-    faces, scales = [f for f, k in zip(faces, keep) if k], {n: s[keep] for n, s in scales.items()}
+    test_faces = partial(_test_faces, encoder, norms=spec["norms"], grid=grid, batch_size=batch_size,
+                         workers=workers, device=device)
+    x_test, y_test, boxes_test, faces, scales, meta_test, skipped_test = test_faces(test)
     check_test_size(len(faces), min_test, test)
 
     crop_train = train.to_crop(y_train, boxes_train).float()
     model, search = fit_ridge(x_train, crop_train, "diag", seed=seed)  # (penalty chosen by NME_diag in the crops)
-    pred = test.to_image(model.predict(x_test).view(len(faces), -1, 2), boxes_test)
+    predict = lambda x, boxes: test.to_image(model.predict(x).view(len(x), -1, 2), boxes)  # noqa: E731
+    pred = predict(x_test, boxes_test)
     mean_shape = test.to_image(crop_train.double().mean(0, keepdim=True).expand(len(faces), -1, -1), boxes_test)
     dist, floor = (pred - y_test).norm(dim=-1), (mean_shape - y_test).norm(dim=-1)
     t = spec["threshold"]
@@ -109,12 +121,21 @@ def evaluate(encoder: ViTEncoder, protocol: str, train: BoxedFaces, test: BoxedF
     if protocol == "cofw":
         occluded = torch.tensor(np.array([f.occluded for f in faces]), dtype=torch.bool)
         result.update(split_nme(dist, scales["inter_ocular"], occluded))
+    if occlusion is not None:
+        first = spec["norms"][0]
+
+        def nme_of(dataset) -> float:
+            x, y, boxes, _, s, _, _ = test_faces(dataset)
+            everyone = {"full": torch.ones(len(y), dtype=torch.bool)}
+            return scored((predict(x, boxes) - y).norm(dim=-1), {first: s[first]}, everyone, t)[first]["full"]["nme"]
+
+        result["robustness"] = occlusion.sweep(test, nme_of, f"nme_{first}", lower_is_better=True)
     show = list(range(min(PREVIEW, len(faces))))
     return {**result, "train_faces": len(y_train), "test_faces": len(faces), "features": x_train.shape[1],
             "grid": grid, "penalty": search["penalty"], "val_nme_diag": [100 * v for v in search["val_nme"]],
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
             "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
-            "preview": [(int(meta_test[keep][i, 0]), test.to_crop(pred[i:i + 1], boxes_test[i:i + 1])[0],
+            "preview": [(int(meta_test[i, 0]), test.to_crop(pred[i:i + 1], boxes_test[i:i + 1])[0],
                          test.to_crop(y_test[i:i + 1], boxes_test[i:i + 1])[0]) for i in show]}
 
 

@@ -236,6 +236,11 @@ class BoxedFaces(FaceImages):
             return None, reason
         return (read[0], torch.tensor([index, *read[2]["box"]], dtype=torch.float64)), None
 
+    def crop_points(self, index: int, item) -> torch.Tensor | None:
+        """The `index`-th face's landmarks [K, 2] in the crop's pixels of its item (occlusion.py)."""
+        points = self.faces[index].points
+        return None if points is None else self.to_crop(torch.from_numpy(points)[None], item[1][None, 1:])[0]
+
     def to_crop(self, points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """[N, K, 2] image pixels -> crop pixels, for crop boxes [N, 4] (x0, y0, w, h)."""
         s = self.transform.size

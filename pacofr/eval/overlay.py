@@ -16,7 +16,7 @@ COLUMNS = 4
 TILE = 192  # pixels a tile is drawn at, at least
 
 
-def _tile(x: torch.Tensor) -> Image.Image:
+def face_tile(x: torch.Tensor) -> Image.Image:
     return Image.fromarray((denormalize(x).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
@@ -78,7 +78,7 @@ def write_preview(path, dataset, items, drawer) -> None:
         item, _ = dataset[index]
         if item is None:
             continue
-        tile = _tile(item[0])
+        tile = face_tile(item[0])
         zoom = max(1, TILE // tile.size[0])  # (small inputs drawn larger, to be seen)
         tile = tile.resize((tile.size[0] * zoom,) * 2, Image.NEAREST)
         drawer(ImageDraw.Draw(tile), pred * zoom if pred.shape[-1] == 2 else pred,
@@ -93,4 +93,4 @@ def write_preview(path, dataset, items, drawer) -> None:
     sheet.save(path)
 
 
-__all__ = ["write_preview", "draw_landmarks", "draw_pose", "draw_parsing", "attribute_drawer", "axes"]
+__all__ = ["write_preview", "face_tile", "draw_landmarks", "draw_pose", "draw_parsing", "attribute_drawer", "axes"]

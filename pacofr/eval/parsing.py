@@ -183,9 +183,10 @@ def _tokens(encoder, images: torch.Tensor, device) -> torch.Tensor:
 
 
 def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int = 32, workers: int = 2,
-             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST) -> dict:
+             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST, occlusion=None) -> dict:
     """Fits the probe on `train` (one pass), scores it and the position prior on `test`;
-    fewer than `min_test` usable test images are refused."""
+    fewer than `min_test` usable test images are refused. `occlusion` (occlusion.Occlusion):
+    the mean F1 at each of its levels too."""
     if train.num_classes != test.num_classes:
         raise ValueError(f"--classes differs between train ({train.num_classes}) and test ({test.num_classes})")
     c, device = train.num_classes, next(encoder.parameters()).device
@@ -211,26 +212,39 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     (w, b), search = fit_on_held_out(fit, val)
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
-    probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
-    test_images, preview = 0, []
-    for images, labels in batches(test, batch_size, workers, skipped_test):
-        pred = upsample_scores((_tokens(encoder, images, device).double() @ w + b).float(), encoder.grid, s).cpu()
-        ours, prior_ = test.confusions([pred, position_prior.expand_as(pred)], labels)
-        probe += ours
-        floor += prior_
-        preview += list(zip(images, pred))[: PREVIEW - len(preview)]
-        test_images += images.shape[0]
-    if not test_images:
-        raise ValueError(f"no usable test image (skipped: {skipped_test.counts})")
+
+    def confusions(dataset, skipped: Skipped, preview: list | None = None):
+        """The probe's and the prior's confusions over `dataset` (by its own `confusions`), and
+        its usable images' count; the first PREVIEW (image, prediction) into `preview`."""
+        probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
+        test_images = 0
+        for images, labels in batches(dataset, batch_size, workers, skipped):
+            pred = upsample_scores((_tokens(encoder, images, device).double() @ w + b).float(), encoder.grid, s).cpu()
+            ours, prior_ = dataset.confusions([pred, position_prior.expand_as(pred)], labels)
+            probe += ours
+            floor += prior_
+            if preview is not None:
+                preview += list(zip(images, pred))[: PREVIEW - len(preview)]
+            test_images += images.shape[0]
+        if not test_images:
+            raise ValueError(f"no usable test image (skipped: {skipped.counts})")
+        return probe, floor, test_images
+
+    preview = []
+    probe, floor, test_images = confusions(test, skipped_test, preview)
     check_test_size(test_images, min_test, test)
     prior_scores, scores = confusion_scores(floor), confusion_scores(probe)
     if test.class_names:
         scores.update({f"{k}_by_class": dict(zip(test.class_names, scores[k])) for k in ("f1", "iou")})
+    robustness = {}
+    if occlusion is not None:
+        mean_f1 = lambda dataset: confusion_scores(confusions(dataset, Skipped(test))[0])["mean_f1"]  # noqa: E731
+        robustness["robustness"] = occlusion.sweep(test, mean_f1, "mean_f1", lower_is_better=False)
     return {**test.protocol, **scores, "prior_mean_f1": prior_scores["mean_f1"],
             "prior_mean_iou": prior_scores["mean_iou"], "classes": c, "train_images": sum(images_seen),
             "test_images": test_images, "train_patches": fit.n + val.n, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-            "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test), **robustness,
             "preview": [(k, p, p) for k, (_, p) in enumerate(preview)],
             "preview_images": [((x,), None) for x, _ in preview]}
 

@@ -117,8 +117,9 @@ def mae(pred: torch.Tensor, truth: torch.Tensor) -> dict:
 
 
 def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_size: int = 64, workers: int = 2,
-             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST) -> dict:
-    """Fits the probe on `train` (one pass), scores it and the train mean pose on `test`."""
+             holdout: float = 0.1, seed: int = 0, min_test: int = MIN_TEST, occlusion=None) -> dict:
+    """Fits the probe on `train` (one pass), scores it and the train mean pose on `test`;
+    `occlusion` (occlusion.Occlusion): the mean MAE at each of its levels too."""
     device = next(encoder.parameters()).device
     grid = min(grid, *encoder.grid)
     width = grid * grid * encoder.embed_dim
@@ -134,16 +135,25 @@ def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_si
                          f"(skipped: {skipped_train.counts})")
     (w, b), search = fit_on_held_out(fit, val)
     mean_pose = (fit.sy + val.sy) / (fit.n + val.n)
-    preds, truths, index = [], [], []
-    for images, meta in batches(test, batch_size, workers, skipped_test):
-        preds.append((_features(encoder, images, grid, device).double() @ w + b).cpu())
-        truths.append(meta[:, 5:])
-        index.append(meta[:, 0].long())
-    n = sum(len(t) for t in truths)
-    if not n:
-        raise ValueError(f"{test.what} '{test.source}': no usable test face (skipped: {skipped_test.counts})")
+
+    def predict(dataset, skipped: Skipped):
+        """(predictions, truths [N, 3], face indices) of `dataset`'s usable faces."""
+        preds, truths, index = [], [], []
+        for images, meta in batches(dataset, batch_size, workers, skipped):
+            preds.append((_features(encoder, images, grid, device).double() @ w + b).cpu())
+            truths.append(meta[:, 5:])
+            index.append(meta[:, 0].long())
+        if not truths:
+            raise ValueError(f"{test.what} '{test.source}': no usable test face (skipped: {skipped.counts})")
+        return torch.cat(preds), torch.cat(truths), torch.cat(index)
+
+    pred, truth, index = predict(test, skipped_test)
+    n = len(truth)
     check_test_size(n, min_test, test)
-    pred, truth = torch.cat(preds), torch.cat(truths)
+    robustness = {}
+    if occlusion is not None:
+        mean_mae = lambda dataset: mae(*predict(dataset, Skipped(test))[:2])["mean"]  # noqa: E731
+        robustness["robustness"] = occlusion.sweep(test, mean_mae, "mae_mean", lower_is_better=True)
     return {"protocol": "300W-LP -> AFLW2000-3D head pose (Hopenet's)", "angles": list(ANGLES),
             "conventions": {"angles": "Pose_Para[:3] = pitch, yaw, roll in radians, reported in degrees",
                             "face_box": "pt3d_68 (x, y rows), else pt2d without negative points",
@@ -154,7 +164,7 @@ def evaluate(encoder, train: PoseFaces, test: PoseFaces, grid: int = 2, batch_si
             "train_images": fit.n + val.n, "test_images": n, "features": width, "grid": grid, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
             "skipped_files": skipped_files(train=skipped_train, test=skipped_test),
-            "preview": [(int(i), p, t) for i, p, t in zip(torch.cat(index), pred, truth)][:PREVIEW]}
+            "preview": [(int(i), p, t) for i, p, t in zip(index, pred, truth)][:PREVIEW], **robustness}
 
 
 __all__ = ["PoseFaces", "read_pose", "mae", "evaluate", "ANGLES", "LIMIT"]
