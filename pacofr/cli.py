@@ -235,44 +235,112 @@ def _eval_alignment(args) -> None:
 
 def _parsing_parser(sub) -> None:
     p = _probe_parser(sub, "eval-parsing", "face parsing probe of a pretrained encoder (F1)", "labels",
-                      "folder of label PNGs (class ids)", 32)
-    p.add_argument("--classes", type=int, required=True, help="number of classes, background (0) included")
+                      "folder of label PNGs (class ids; --format pngs)", 32, targets_required=False)
+    p.add_argument("--classes", type=int, default=None, help="number of classes, background (0) included "
+                                                             "(--format pngs; the formats know theirs)")
+    p.add_argument("--format", default="pngs", choices=["pngs", "lapa", "celebamask"],
+                   help="label PNGs of class ids beside a folder of images (centre crops), or a benchmark's own "
+                        "layout, scored by its protocol (docs/evaluation.md)")
+    p.add_argument("--partition", default=None, help="CelebA's list_eval_partition.txt (--format celebamask; "
+                                                     "default: in the CelebAMask-HQ folder)")
+
+
+def _parsing_sets(args):
+    """The eval-parsing reader of --format (with the options it does not take refused)."""
+    from .eval.parsing import ParsingImages
+    from .eval.parsing_formats import LAPA_CLASSES, CelebAMaskFaces, LapaFaces
+
+    if args.format == "pngs":
+        missing = next((f for f in ("--classes", "--train-labels", "--test-labels")
+                        if getattr(args, f[2:].replace("-", "_")) is None), None)
+        if missing:
+            raise ValueError(f"--format pngs needs {missing}")
+        return lambda images, labels, size, what, budget: ParsingImages(images, labels, size, args.classes, what,
+                                                                        budget)
+    given = next((f for f in ("--train-labels", "--test-labels") if getattr(args, f[2:].replace("-", "_"))), None)
+    if given:
+        raise ValueError(f"{given} is for --format pngs: --format {args.format} finds the labels in {given[:-7]}")
+    if args.format == "lapa":
+        if args.classes not in (None, len(LAPA_CLASSES)):
+            raise ValueError(f"--classes {args.classes}: LaPa has {len(LAPA_CLASSES)} (leave --classes out)")
+        return lambda images, labels, size, what, budget: LapaFaces(images, size, what, budget)
+    if args.classes is not None:
+        raise ValueError("--classes is for --format pngs: CelebAMask-HQ has its 19 (leave --classes out)")
+    return lambda images, labels, size, what, budget: CelebAMaskFaces(images, args.partition, size, what, budget)
 
 
 def _eval_parsing(args) -> None:
-    from .eval.parsing import ParsingImages, evaluate
+    from .eval.overlay import draw_parsing
+    from .eval.parsing import evaluate
 
+    if args.partition is not None and args.format != "celebamask":
+        raise ValueError("--partition is for --format celebamask")
     occlusion = _occlusion(args)
-    encoder, train, test = _probe_inputs(args, ParsingImages, "labels", args.classes)
+    encoder, train, test = _probe_inputs(args, _parsing_sets(args), "labels")
     result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args),
                       occlusion=occlusion)
     pct = lambda v: "-" if v is None else f"{v:.2f}%"  # noqa: E731 (None: no such class in the test labels)
     present = sum(v is not None for v in result["f1"][1:])
-    print(f"mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
+    print(f"{result['protocol']} mean F1 ({present} of classes 1-{result['classes'] - 1}: those in the test labels): "
           f"{pct(result['mean_f1'])}   mean IoU: {pct(result['mean_iou'])}   "
           f"pixel accuracy: {pct(result['pixel_accuracy'])}   position prior mean F1: {pct(result['prior_mean_f1'])}   "
           f"train {result['train_images']} / test {result['test_images']} images")
-    print("  F1 per class: " + " ".join(pct(v) for v in result["f1"]))
+    names = result.get("f1_by_class") or dict(enumerate(result["f1"]))
+    print("  F1 per class: " + " ".join(f"{k} {pct(v)}" for k, v in names.items()))
+    _preview(args, result.pop("preview_images"), result, draw_parsing)
     _robustness(args, test, result, occlusion)
     _report(args, result)
 
 
 def _attributes_parser(sub) -> None:
-    _probe_parser(sub, "eval-attributes", "binary attribute probe of a pretrained encoder (accuracy)", "labels",
-                  "CSV of attributes (header: path,name,...)", 64)
+    p = _probe_parser(sub, "eval-attributes", "binary attribute probe of a pretrained encoder (accuracy)", "labels",
+                      "CSV of attributes (header: path,name,...), or CelebA's list_attr_celeba.txt", 64)
+    p.add_argument("--format", default="csv", choices=["csv", "celeba"],
+                   help="the labels: a CSV per split, or CelebA's list_attr_celeba.txt split by its partition file")
+    p.add_argument("--partition", default=None, help="CelebA's list_eval_partition.txt (--format celeba; default: "
+                                                     "beside --train-labels)")
+    p.add_argument("--max-train", type=int, default=None, metavar="N",
+                   help="--format celeba: fit on the first N images of the train partition only")
+
+
+def _attribute_sets(args):
+    """The eval-attributes reader of --format."""
+    import os
+
+    from .eval.attributes import AttributeImages
+    from .eval.celeba import attribute_protocol, attribute_split
+
+    if args.format == "csv":
+        if args.partition is not None or args.max_train is not None:
+            raise ValueError("--partition and --max-train are for --format celeba")
+        return AttributeImages
+    if args.max_train is not None and args.max_train < 1:
+        raise ValueError(f"--max-train must be >= 1, got {args.max_train}")
+    partition = args.partition or os.path.join(os.path.dirname(args.train_labels), "list_eval_partition.txt")
+
+    def read(images, labels, size, what, budget):
+        split = what.lstrip("-")
+        table = attribute_split(labels, partition, split, what, args.max_train if split == "train" else None)
+        dataset = AttributeImages(images, labels, size, what, budget, split=table)
+        dataset.protocol = attribute_protocol(args.max_train)
+        return dataset
+
+    return read
 
 
 def _eval_attributes(args) -> None:
-    from .eval.attributes import AttributeImages, evaluate
+    from .eval.attributes import evaluate
+    from .eval.overlay import attribute_drawer
 
     occlusion = _occlusion(args)
-    encoder, train, test = _probe_inputs(args, AttributeImages, "labels")
+    encoder, train, test = _probe_inputs(args, _attribute_sets(args), "labels")
     result = evaluate(encoder, train, test, args.batch_size, args.workers, min_test=_min_test(args),
                       occlusion=occlusion)
-    print(f"mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
+    print(f"{result['protocol']} mean accuracy ({result['attributes']} attributes): {result['mean_accuracy']:.2f}%   "
           f"majority: {result['majority_mean_accuracy']:.2f}%   "
           f"train {result['train_images']} / test {result['test_images']} images")
     print("  " + "  ".join(f"{k} {v:.1f}" for k, v in result["accuracy"].items()))
+    _preview(args, result.pop("preview_images"), result, attribute_drawer(list(result["accuracy"])))
     _robustness(args, test, result, occlusion)
     _report(args, result)
 

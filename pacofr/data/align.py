@@ -52,9 +52,15 @@ def align(im: Image.Image, points: np.ndarray, size: int = TEMPLATE_SIZE) -> tup
     """An RGB image and its five landmarks -> (the S x S aligned crop, the landmarks in it,
     float32 [5, 2]). Pixels the warp takes from outside the image are black."""
     matrix = similarity(points, template(size))
+    return warp(im, matrix, (size, size)), transform_points(matrix, points).astype(np.float32)
+
+
+def warp(im: Image.Image, matrix: np.ndarray, size: tuple[int, int], resample=Image.Resampling.BILINEAR,
+         fill=0) -> Image.Image:
+    """`im` through the 2 x 3 matrix (its pixels -> the output's, continuous coordinates) into a
+    width x height image; output pixels the matrix takes from outside `im` are `fill`."""
     inverse = np.linalg.inv(np.vstack([matrix, [0.0, 0.0, 1.0]]))[:2]  # (PIL maps output to input pixels)
-    out = im.transform((size, size), Image.Transform.AFFINE, tuple(inverse.ravel()), Image.Resampling.BILINEAR)
-    return out, transform_points(matrix, points).astype(np.float32)
+    return im.transform(size, Image.Transform.AFFINE, tuple(inverse.ravel()), resample, fillcolor=fill)
 
 
-__all__ = ["ARCFACE_112", "TEMPLATE_SIZE", "ALIGNMENTS", "template", "similarity", "transform_points", "align"]
+__all__ = ["ARCFACE_112", "TEMPLATE_SIZE", "ALIGNMENTS", "template", "similarity", "transform_points", "align", "warp"]

@@ -24,6 +24,7 @@ import torch
 
 from ..data.items import MAX_PIXELS
 from ..data.landmarks import norm_key
+from .alignment import PREVIEW
 from .common import (MIN_TEST, FaceImages, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out,
                      held_out, skipped_files)
 
@@ -84,9 +85,21 @@ class AttributeImages(FaceImages):
     """(image [3, S, S] normalized, targets [A] in {0, 1}) or None with the skip reason: no
     labels row, an unusable row ("labels_invalid"), an unreadable image."""
 
-    def __init__(self, source: str, labels: str, img_size: int, what: str = "--train", max_pixels: int = MAX_PIXELS):
+    protocol = {"protocol": "csv", "conventions": {
+        "crop": "the centred square, resized to the model's input", "prediction": "the ridge's output above 0.5"}}
+
+    def __init__(self, source: str, labels: str, img_size: int, what: str = "--train", max_pixels: int = MAX_PIXELS,
+                 split: tuple[list[str], dict] | None = None):
+        """`split`: (names, {key: targets}) of a benchmark's split, already read: only the images
+        it names are used; without it the CSV `labels` is read."""
         super().__init__(source, img_size, what, max_pixels)
-        self.names, table = load_attribute_file(labels, f"{what}-labels")
+        self.names, table = load_attribute_file(labels, f"{what}-labels") if split is None else split
+        if split is not None:
+            where = dict(zip(self.keys, self.paths))
+            self.keys = [k for k in table if k in where]
+            self.paths = [where[k] for k in self.keys]
+            if not self.keys:
+                raise ValueError(f"{what} '{source}': none of the {len(table)} images of its split is in this folder")
         if not any(k in table for k in self.keys):
             raise ValueError(f"{what}-labels '{labels}': none of its paths names a file of '{source}' "
                              f"(e.g. '{self.keys[0]}'); paths are relative to the folder or list")
@@ -143,31 +156,36 @@ def evaluate(encoder, train: AttributeImages, test: AttributeImages, batch_size:
     majority = positives / (fit.n + val.n) > 0.5  # each attribute's more frequent value in train
 
 
-    def accuracies(dataset, skipped: Skipped):
+    def accuracies(dataset, skipped: Skipped, preview: list | None = None):
         """Each attribute's accuracy (%) of the probe and of the majority over `dataset`, and
-        its usable images' count."""
+        its usable images' count; the first PREVIEW (image, prediction, truth) into `preview`."""
         correct, floor, n_test = torch.zeros(a, dtype=torch.float64), torch.zeros(a, dtype=torch.float64), 0
         for images, targets in batches(dataset, batch_size, workers, skipped):
             pred = (features(encoder, images, device).double() @ w + b).cpu() > 0.5
             truth = targets > 0.5
             correct += (pred == truth).double().sum(0)
             floor += (majority == truth).double().sum(0)
+            if preview is not None:
+                preview += list(zip(images, pred, truth))[: PREVIEW - len(preview)]
             n_test += images.shape[0]
         if not n_test:
             raise ValueError(f"no usable test image (skipped: {skipped.counts})")
         return 100 * correct / n_test, 100 * floor / n_test, n_test
 
-    accuracy, prior, n_test = accuracies(test, skipped_test)
+    preview = []
+    accuracy, prior, n_test = accuracies(test, skipped_test, preview)
     check_test_size(n_test, min_test, test)
     robustness = {}
     if occlusion is not None:
         mean_accuracy = lambda dataset: float(accuracies(dataset, Skipped(test))[0].mean())  # noqa: E731
         robustness["robustness"] = occlusion.sweep(test, mean_accuracy, "mean_accuracy", lower_is_better=False)
-    return {"mean_accuracy": float(accuracy.mean()), "majority_mean_accuracy": float(prior.mean()),
+    return {**test.protocol, "mean_accuracy": float(accuracy.mean()), "majority_mean_accuracy": float(prior.mean()),
             "accuracy": dict(zip(train.names, accuracy.tolist())), "majority": dict(zip(train.names, prior.tolist())),
             "attributes": a, "train_images": fit.n + val.n, "test_images": n_test, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-            "skipped_files": skipped_files(train=skipped_train, test=skipped_test), **robustness}
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test), **robustness,
+            "preview": [(k, p.float(), t.float()) for k, (_, p, t) in enumerate(preview)],
+            "preview_images": [((x,), None) for x, _, _ in preview]}
 
 
 __all__ = ["AttributeImages", "load_attribute_file", "features", "evaluate"]

@@ -1,7 +1,9 @@
 """A PNG of a few test faces with a probe's predictions drawn over them, for a person to look
-at: landmarks (truth green, prediction red) or head pose axes (x red, y green, z blue; the
-prediction large at the centre, the truth small in the top-left corner)."""
+at: landmarks (truth green, prediction red), head pose axes (x red, y green, z blue; the
+prediction large at the centre, the truth small in the top-left corner) , the parsing
+probe's classes or the attribute probe's answers."""
 
+import colorsys
 import math
 
 import numpy as np
@@ -43,6 +45,31 @@ def draw_pose(draw: ImageDraw.ImageDraw, pred, truth, size: int) -> None:
             draw.line((cx, cy, cx + length * dx, cy + length * dy), fill=colour, width=width)
 
 
+def draw_parsing(draw: ImageDraw.ImageDraw, pred, truth, size: int) -> None:
+    """The predicted classes [S, S] blended over the face, one colour each (background left
+    clear); `truth` is not drawn."""
+    ids = Image.fromarray(pred.numpy().astype(np.uint8), "L").resize((size, size), Image.NEAREST)
+    ids = np.asarray(ids)
+    for c in np.unique(ids[ids > 0]).tolist():
+        hue = (c * 0.618034) % 1.0  # (golden-ratio hues: neighbouring ids far apart)
+        colour = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.9, 1.0))
+        draw.bitmap((0, 0), Image.fromarray(((ids == c) * 110).astype(np.uint8), "L"), fill=colour)
+
+
+def attribute_drawer(names: list[str]):
+    """A drawer of binary attributes [A] (1 present) by `names`: each predicted present, green
+    when right, red when wrong, then each missed one in yellow."""
+
+    def draw_attributes(draw: ImageDraw.ImageDraw, pred, truth, size: int) -> None:
+        lines = [(n, (0, 255, 0) if t > 0 else (255, 0, 0)) for n, p, t in zip(names, pred.tolist(), truth.tolist())
+                 if p > 0]
+        lines += [(n, (255, 255, 0)) for n, p, t in zip(names, pred.tolist(), truth.tolist()) if t > 0 and p <= 0]
+        for k, (name, colour) in enumerate(lines[: size // 12]):
+            draw.text((2, 1 + 12 * k), name, fill=colour)
+
+    return draw_attributes
+
+
 def write_preview(path, dataset, items, drawer) -> None:
     """`items`: (face index in `dataset`, prediction, truth) in the crop's pixels (landmarks) or
     degrees (pose); `drawer`: draw_landmarks or draw_pose. Faces that no longer read are left out."""
@@ -66,4 +93,4 @@ def write_preview(path, dataset, items, drawer) -> None:
     sheet.save(path)
 
 
-__all__ = ["write_preview", "face_tile", "draw_landmarks", "draw_pose", "axes"]
+__all__ = ["write_preview", "face_tile", "draw_landmarks", "draw_pose", "draw_parsing", "attribute_drawer", "axes"]

@@ -20,7 +20,8 @@ reported), and pixel accuracy.
 Beside them, the position prior: each pixel's most frequent train class at its position, the
 floor a probe must beat. A linear probe compares encoders; it is not the fine-tuned parsing
 model behind the paper's LaPa figures. Label maps of no image of the folder are counted
-("no_image", named by the label map).
+("no_image", named by the label map). LaPa's and CelebAMask-HQ's own layouts, warped crops and
+scores at the labels' resolution: parsing_formats.py (a test set's `confusions` scores it).
 """
 
 import os
@@ -31,6 +32,7 @@ from PIL import Image
 
 from ..data.decode import load, open_image, read_bytes
 from ..data.items import MAX_PIXELS
+from .alignment import PREVIEW
 from .common import (MIN_TEST, FaceImages, Skipped, Stats, autocast, batches, check_test_size, fit_on_held_out,
                      held_out, skipped_files)
 
@@ -40,8 +42,8 @@ IGNORE = 255
 class ParsingImages(FaceImages):
     """(image [3, S, S] normalized, labels [S, S] int64) or None with the skip reason: an
     unreadable image or label map, no label map, a label map of another shape than its image
-    (one at another resolution, CelebAMask-HQ's 512 px masks of 1024 px images, is scaled;
-    that dataset's per-part masks are merged into one class-id map per image beforehand),
+    (one at another resolution of the same shape is scaled; CelebAMask-HQ's per-part masks are
+    read by parsing_formats.py),
     a label map that is not of class ids (colours), one over the pixel budget ("too_large":
     label maps are never drafted)."""
 
@@ -62,43 +64,66 @@ class ParsingImages(FaceImages):
             raise ValueError(f"{what}-labels '{labels}': no label map for any image (e.g. '{self.labels[0]}')")
         if not 2 <= num_classes < IGNORE:
             raise ValueError(f"--classes must be in [2, {IGNORE}), got {num_classes}")
-        self.num_classes = num_classes
+        self.num_classes, self.class_names = num_classes, None
+        self.protocol = {"protocol": "pngs", "conventions": {
+            "crop": "the centred square of the image and of its label map, resized to the model's input "
+                    "(labels by nearest neighbour)",
+            "scoring": "all test pixels of the crops at the model's input size",
+            "mean": "over the classes other than 0 present in the test labels"}}
         maps = {os.path.normpath(p) for p in self.labels}
         self.orphans = [(p, "no_image") for p in _label_maps(labels) if os.path.normpath(p) not in maps]
 
     def __getitem__(self, index: int):
         if not os.path.isfile(self.labels[index]):
             return None, "no_labels"
-        label, reason = open_image(read_bytes(self.labels[index])[0], 1)
-        if label is None:
+        ids, reason = read_ids(self.labels[index], self.num_classes, self.max_pixels)
+        if ids is None:
             return None, reason
-        if label.size[0] * label.size[1] > self.max_pixels:
-            return None, "too_large"
         read, reason = self.crop(index)
         if read is None:
             return None, reason
         x, _, params, (iw, ih) = read
-        lw, lh = label.size
+        lh, lw = ids.shape
         if abs(lw * ih - lh * iw) > max(iw, ih):  # (another aspect, beyond a pixel's rounding)
             return None, "labels_size_mismatch"
-        reason = load(label)
-        if reason:
-            return None, reason
-        ids = np.asarray(label).astype(np.int64)
-        if ids.ndim == 3:  # ids written as gray RGB(A); colour renderings of the classes are refused
-            if not (ids[..., :3] == ids[..., :1]).all():
-                return None, "labels_not_ids"
-            ids = ids[..., 0]
-        bad = (ids >= self.num_classes) & (ids != IGNORE)
-        if bad.any() or (ids < 0).any():
-            raise ValueError(f"{self.labels[index]}: class id {int(ids[bad | (ids < 0)][0])} outside "
-                             f"[0, --classes {self.num_classes}) and not {IGNORE}")
         s = self.transform.size
         fx, fy = lw / iw, lh / ih
         x0, y0, w, h = params["box"]
         box = (x0 * fx, y0 * fy, (x0 + w) * fx, (y0 + h) * fy)
         ids = np.array(Image.fromarray(ids.astype(np.int32), "I").resize((s, s), Image.NEAREST, box=box), dtype=np.int64)
         return (x, torch.from_numpy(ids)), None
+
+    def labelled(self) -> list[int]:
+        """The indices of the images with a label map (those the held-out tenth is drawn from)."""
+        return [i for i, path in enumerate(self.labels) if os.path.isfile(path)]
+
+    def confusions(self, preds: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+        """The confusion of each prediction [B, S, S] against a batch's labels, the crops' here."""
+        return [_confusion(p, labels, self.num_classes) for p in preds]
+
+
+def read_ids(path: str, num_classes: int, max_pixels: int) -> tuple[np.ndarray | None, str | None]:
+    """A label map of class ids (int64 [H, W]) or (None, skip reason): unreadable, over the pixel
+    budget ("too_large": never drafted), colours rather than ids ("labels_not_ids"). An id
+    outside [0, num_classes) other than IGNORE is an error naming the file."""
+    label, reason = open_image(read_bytes(path)[0], 1)
+    if label is None:
+        return None, reason
+    if label.size[0] * label.size[1] > max_pixels:
+        return None, "too_large"
+    reason = load(label)
+    if reason:
+        return None, reason
+    ids = np.asarray(label).astype(np.int64)
+    if ids.ndim == 3:  # ids written as gray RGB(A); colour renderings of the classes are refused
+        if not (ids[..., :3] == ids[..., :1]).all():
+            return None, "labels_not_ids"
+        ids = ids[..., 0]
+    bad = (ids >= num_classes) & (ids != IGNORE)
+    if bad.any() or (ids < 0).any():
+        raise ValueError(f"{path}: class id {int(ids[bad | (ids < 0)][0])} outside "
+                         f"[0, --classes {num_classes}) and not {IGNORE}")
+    return ids, None
 
 
 def _label_maps(folder: str) -> list[str]:
@@ -166,7 +191,7 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
         raise ValueError(f"--classes differs between train ({train.num_classes}) and test ({test.num_classes})")
     c, device = train.num_classes, next(encoder.parameters()).device
     p, s = encoder.patch_size, train.transform.size
-    labelled = [i for i, path in enumerate(train.labels) if os.path.isfile(path)]
+    labelled = train.labelled()
     held, rest = held_out(labelled, len(train), holdout, seed)
     width = encoder.embed_dim
     fit, val = Stats(width, c, device), Stats(width, c, device)
@@ -188,31 +213,40 @@ def evaluate(encoder, train: ParsingImages, test: ParsingImages, batch_size: int
     position_prior = prior[..., :c].argmax(-1)  # (the ignored count left out)
 
 
-    def confusions(dataset, skipped: Skipped):
-        """The probe's and the prior's confusions over `dataset`, and its usable images' count."""
+    def confusions(dataset, skipped: Skipped, preview: list | None = None):
+        """The probe's and the prior's confusions over `dataset` (by its own `confusions`), and
+        its usable images' count; the first PREVIEW (image, prediction) into `preview`."""
         probe, floor = torch.zeros(c, c, dtype=torch.long), torch.zeros(c, c, dtype=torch.long)
         test_images = 0
         for images, labels in batches(dataset, batch_size, workers, skipped):
-            pred = upsample_scores((_tokens(encoder, images, device).double() @ w + b).float(), encoder.grid, s)
-            probe += _confusion(pred.cpu(), labels, c)
-            floor += _confusion(position_prior.expand_as(labels), labels, c)
+            pred = upsample_scores((_tokens(encoder, images, device).double() @ w + b).float(), encoder.grid, s).cpu()
+            ours, prior_ = dataset.confusions([pred, position_prior.expand_as(pred)], labels)
+            probe += ours
+            floor += prior_
+            if preview is not None:
+                preview += list(zip(images, pred))[: PREVIEW - len(preview)]
             test_images += images.shape[0]
         if not test_images:
             raise ValueError(f"no usable test image (skipped: {skipped.counts})")
         return probe, floor, test_images
 
-    probe, floor, test_images = confusions(test, skipped_test)
+    preview = []
+    probe, floor, test_images = confusions(test, skipped_test, preview)
     check_test_size(test_images, min_test, test)
-    prior_scores = confusion_scores(floor)
+    prior_scores, scores = confusion_scores(floor), confusion_scores(probe)
+    if test.class_names:
+        scores.update({f"{k}_by_class": dict(zip(test.class_names, scores[k])) for k in ("f1", "iou")})
     robustness = {}
     if occlusion is not None:
         mean_f1 = lambda dataset: confusion_scores(confusions(dataset, Skipped(test))[0])["mean_f1"]  # noqa: E731
         robustness["robustness"] = occlusion.sweep(test, mean_f1, "mean_f1", lower_is_better=False)
-    return {**confusion_scores(probe), "prior_mean_f1": prior_scores["mean_f1"],
+    return {**test.protocol, **scores, "prior_mean_f1": prior_scores["mean_f1"],
             "prior_mean_iou": prior_scores["mean_iou"], "classes": c, "train_images": sum(images_seen),
             "test_images": test_images, "train_patches": fit.n + val.n, **search,
             "skipped_train": skipped_train.counts, "skipped_test": skipped_test.counts,
-            "skipped_files": skipped_files(train=skipped_train, test=skipped_test), **robustness}
+            "skipped_files": skipped_files(train=skipped_train, test=skipped_test), **robustness,
+            "preview": [(k, p, p) for k, (_, p) in enumerate(preview)],
+            "preview_images": [((x,), None) for x, _ in preview]}
 
 
-__all__ = ["ParsingImages", "patch_fractions", "confusion_scores", "upsample_scores", "evaluate", "IGNORE"]
+__all__ = ["ParsingImages", "patch_fractions", "confusion_scores", "upsample_scores", "evaluate", "read_ids", "IGNORE"]
