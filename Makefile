@@ -1,11 +1,12 @@
 # Each target creates .venv on first use and installs what it needs: `make demo` the package
-# alone, `make test` (and `make install`) also the test tools, Triton, DALI, DeepSpeed and timm.
+# alone, `make eval-demo` also the demo-labels extra (dlib), `make test` (and `make install`) the
+# test tools, Triton, DALI, DeepSpeed and timm.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-.PHONY: demo test bench install clean
+.PHONY: demo eval-demo test bench install clean
 
 # The package and what the demo run needs (CPU torch, no DALI, Triton or DeepSpeed).
 $(VENV)/.base: setup.py Makefile
@@ -28,6 +29,17 @@ install: $(VENV)/.installed
 demo: $(VENV)/.base
 	$(PY) train.py --config demo --output runs/demo
 
+runs/demo/encoder.safetensors:
+	$(MAKE) demo
+
+# The demo encoder against a random-init one on the embedded faces, with dlib's pseudo-labels.
+$(VENV)/.demo-labels: $(VENV)/.base
+	$(PIP) install -q "numpy<2.4" -e ".[demo-labels]"
+	touch $@
+
+eval-demo: $(VENV)/.demo-labels runs/demo/encoder.safetensors
+	$(PY) -m pacofr.eval.demo --encoder runs/demo/encoder.safetensors --output runs/eval-demo
+
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
@@ -35,4 +47,4 @@ bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks/
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache runs/demo build dist
+	rm -rf $(VENV) *.egg-info .pytest_cache runs/demo runs/eval-demo build dist

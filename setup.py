@@ -44,6 +44,8 @@ setup(
         # What the default test run needs; `make test` adds dali and deepspeed so their tests run
         # too (they skip, saying why, without them). setuptools: tests/test_packaging.py builds a wheel.
         "test": ["pytest", "pytest-benchmark", "setuptools>=77"],
+        # `make eval-demo`'s pseudo-labels: dlib's 68-point shape predictor (CC0 models).
+        "demo-labels": ["face-recognition-models==0.3.0", "dlib-bin"],
     },
     entry_points={"console_scripts": ["pacofr = pacofr.cli:main"]},
 )
