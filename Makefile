@@ -26,8 +26,9 @@ $(VENV)/.installed: $(VENV)/.base
 
 install: $(VENV)/.installed
 
+# A rerun replaces the last demo run (--overwrite).
 demo: $(VENV)/.base
-	$(PY) train.py --config demo --output runs/demo
+	$(PY) train.py --config demo --output runs/demo --overwrite
 
 runs/demo/encoder.safetensors:
 	$(MAKE) demo
