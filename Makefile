@@ -39,7 +39,7 @@ $(VENV)/.demo-labels: $(VENV)/.base
 	touch $@
 
 eval-demo: $(VENV)/.demo-labels runs/demo/encoder.safetensors
-	$(PY) -m pacofr.eval.demo --encoder runs/demo/encoder.safetensors --output runs/eval-demo
+	$(PY) -m pacofr.eval_demo --encoder runs/demo/encoder.safetensors --output runs/eval-demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pacofr.eval import demo
+from pacofr import eval_demo as demo
 
 
 def _rx(a):

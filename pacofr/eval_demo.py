@@ -1,7 +1,7 @@
 """`make eval-demo`: the `make demo` encoder against a random-init encoder of the same config,
 through the probes' own commands, on the real faces that ship offline.
 
-    python -m pacofr.eval.demo [--encoder runs/demo/encoder.safetensors] [--output runs/eval-demo]
+    python -m pacofr.eval_demo [--encoder runs/demo/encoder.safetensors] [--output runs/eval-demo]
 
 Faces: scikit-image's lfw_subset() (100 LFW faces and 100 non-faces, 25 x 25 gray) and the
 astronaut's face (pacofr.data.sources), each resized to UPSCALE px (bicubic) so that dlib's
@@ -61,7 +61,7 @@ def demo_images() -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndar
     UPSCALE px image, 1 or 0)], lfw_subset's 200 images, unpadded)."""
     from skimage import data
 
-    from ..data.sources import ASTRONAUT_FACE_BOX, N_LFW_FACES
+    from .data.sources import ASTRONAUT_FACE_BOX, N_LFW_FACES
 
     lfw = data.lfw_subset()
     labelled = [(f"lfw_{i:03d}", _rgb(a), int(i < N_LFW_FACES)) for i, a in enumerate(lfw)]
@@ -221,7 +221,7 @@ PROBES = (("alignment", "eval-alignment", "faces", "--{s}-landmarks", lambda d, 
 def run_probes(inputs: Path, encoder: str | Path, out: Path, min_test: int | None = None) -> dict:
     """Each probe's command run on `encoder` -> {probe: its JSON}; its printout to out/PROBE.log.
     A failed command raises, naming its log."""
-    from ..cli import main
+    from .cli import main
 
     out.mkdir(parents=True, exist_ok=True)
     results = {}
@@ -245,7 +245,7 @@ def run_probes(inputs: Path, encoder: str | Path, out: Path, min_test: int | Non
 
 def random_encoder(pretrained: str | Path, out: Path, seed: int = 0) -> Path:
     """An encoder of the pretrained one's config with its initial (random) weights, seeded."""
-    from ..model import ViTEncoder, save_encoder, weights_config
+    from .model import ViTEncoder, save_encoder, weights_config
 
     cfg = weights_config(pretrained)
     torch.manual_seed(seed)
@@ -321,7 +321,7 @@ def run_demo(encoder: str | Path, output: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pacofr.eval.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pacofr.eval_demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", default="runs/demo/encoder.safetensors", help="the pretrained encoder (make demo's)")
     p.add_argument("--output", default="runs/eval-demo", help="folder of the inputs, labels and results.json")
     args = p.parse_args(argv)
