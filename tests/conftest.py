@@ -40,3 +40,15 @@ def faces64():
     faces = torch.from_numpy(data.lfw_subset()[:8]).float()
     x = F.interpolate(faces[:, None], size=64, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
     return ((x - 0.45) / 0.25).contiguous()
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    """A tiny pacofr encoder file (seed 0), its config in the metadata as a run writes it."""
+    from pacofr.config import load_config
+    from pacofr.model import PaCoFR, save_encoder
+
+    torch.manual_seed(0)
+    cfg = load_config("tiny")
+    return save_encoder(PaCoFR(cfg).encoder.state_dict(), tmp_path_factory.mktemp("enc") / "encoder.safetensors",
+                        cfg.model)

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
-from safetensors.torch import save_file
 
 from pacofr.cli import main
-from pacofr.config import load_config
 from pacofr.eval import benchmarks, formats
 from pacofr.eval.alignment import auc, benchmark_scale, failure_rate
 from test_data import POINTS
@@ -53,16 +51,6 @@ def _scene(path, faces5, size=(160, 160)):
 
 def _box(points, pad=8.0):
     return (*(points.min(0) - pad), *(points.max(0) + pad))
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    torch.manual_seed(0)
-    from pacofr.model import PaCoFR
-
-    path = tmp_path_factory.mktemp("enc") / "encoder.safetensors"
-    save_file({k: v.contiguous() for k, v in PaCoFR(load_config("tiny")).encoder.state_dict().items()}, str(path))
-    return path
 
 
 def _run(encoder, fmt, train, train_lm, test, test_lm, out):

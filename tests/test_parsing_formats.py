@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from pacofr.cli import main
-from pacofr.config import load_config
 from pacofr.eval import celeba
 from pacofr.eval.parsing import confusion_scores
 from pacofr.eval.parsing_formats import LAPA_FIVE, CelebAMaskFaces, LapaFaces, head_template
@@ -22,16 +20,6 @@ S = 64  # the tiny config's input size
 # the release's conversion script's order (class k + 1 for the k-th), written out independently
 SCRIPT_ORDER = ["skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth", "u_lip",
                 "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth"]
-
-
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
-    torch.manual_seed(0)
-    from pacofr.model import PaCoFR
-
-    path = tmp_path_factory.mktemp("enc") / "encoder.safetensors"
-    save_file({k: v.contiguous() for k, v in PaCoFR(load_config("tiny")).encoder.state_dict().items()}, str(path))
-    return path
 
 
 def _shapes(h, w, rng):
