@@ -170,6 +170,25 @@ def test_alignment_images_follow_the_crop_and_skip(probe_data):
     assert torch.allclose(lm, torch.from_numpy(POINTS) * (64 / 96), atol=1e-4)  # the 136-px face cropped to 96
 
 
+def test_feature_batches_show_progress_on_a_terminal_only(probe_data, monkeypatch, capsys):
+    """The probes' feature passes draw a progress bar on a terminal, and nothing in a batch job's
+    log; the batches and the skips are the same either way."""
+    import sys
+
+    from pacofr.eval.common import Skipped, batches
+
+    _, train, _ = probe_data
+    ds = AlignmentImages(str(train), str(train / "lm.json"), 64, what="--train")
+    runs = {}
+    for tty in (False, True):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+        skipped = Skipped(ds)
+        runs[tty] = ([b.shape for _, b in batches(ds, 4, 0, skipped)], sorted(skipped.rows))
+        runs[tty, "err"] = capsys.readouterr().err
+    assert runs[True] == runs[False] and runs[False][1]
+    assert runs[False, "err"] == "" and "--train features" in runs[True, "err"]
+
+
 def _probe(command, encoder, kind, train, train_targets, test, test_targets, out, *extra):
     """Runs `pacofr <command>` on the tiny config; returns its JSON result."""
     rc = main([command, "--config", "tiny", "--encoder", str(encoder), "--train", str(train),

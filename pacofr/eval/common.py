@@ -2,11 +2,14 @@
 the list of what was skipped, the test set's minimum size, autocast, and ridge regression from
 streamed statistics with its penalty chosen on held-out rows."""
 
+import math
 import os
+import sys
 from collections import Counter
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
 
 from ..data.datasets import image_files
 from ..data.decode import decode_rgb, draft, open_image, read_bytes
@@ -115,12 +118,19 @@ def collate_pairs(items):
     return torch.stack([a for a, _ in kept]), torch.stack([b for _, b in kept]), reasons
 
 
+def progress(iterable, **kwargs):
+    """tqdm over `iterable` when stderr is a terminal (a batch job's log gets no redraws)."""
+    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+
+
 def batches(dataset, batch_size: int, workers: int, skipped: Skipped, indices: list[int] | None = None):
     """The (a, b) batches of the usable items of `dataset` (or of its `indices`), adding each
-    skipped item (its path and reason) to `skipped`."""
+    skipped item (its path and reason) to `skipped`; a progress bar on a terminal."""
     part = dataset if indices is None else Subset(dataset, indices)
     order, at = (range(len(dataset)) if indices is None else indices), 0
-    for a, b, reasons in DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs):
+    loader = DataLoader(part, batch_size=batch_size, num_workers=workers, collate_fn=collate_pairs)
+    for a, b, reasons in progress(loader, desc=f"{getattr(dataset, 'what', '')} features".strip(), unit="batch",
+                                  total=math.ceil(len(part) / batch_size), leave=False):
         for k, r in enumerate(reasons):
             if r is not None:
                 skipped.add(dataset.paths[order[at + k]], r)

@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.align import align as warp
 from ..data.decode import read_bytes
 from ..data.items import MAX_PIXELS
-from .verification import decode, embed_batch, progress, tar_at_far
+from .common import progress
+from .verification import decode, embed_batch, tar_at_far
 
 def align(im: Image.Image, points: np.ndarray, size: int) -> np.ndarray:
     """The face of `im` with landmarks `points` [5, 2] (IJB's: pixel centres at integers) warped

@@ -18,17 +18,16 @@ the other 9 folds, the FAR of each threshold 0, 0.001, ..., 3.999 is interpolate
 """
 
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from ..data.decode import decode_rgb, draft, open_image, read_bytes
 from ..data.items import MAX_PIXELS
 from ..data.transforms import FaceTransform, normalize
+from .common import progress
 
 ACC_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -132,11 +131,6 @@ def _normalized(images: torch.Tensor, size: int) -> torch.Tensor:
         images = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True,
                                align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
     return normalize(images.permute(0, 2, 3, 1))
-
-
-def progress(iterable, **kwargs):
-    """tqdm over `iterable` when stderr is a terminal."""
-    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
 @torch.no_grad()
