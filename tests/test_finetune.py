@@ -319,3 +319,36 @@ def test_layer_decay_groups_scale_the_lr_by_depth():
     assert scale[id(named["head.fc.weight"])] == (1.0, 0.05) and scale[id(named["encoder.norm.weight"])] == (1.0, 0.0)
     assert id(named["head.features.weight"]) not in scale and id(named["encoder.pos_embed"]) not in scale  # frozen
     assert groups[0]["lr"] == 1.0 and len(scale) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_cli_finetunes_on_an_insightface_recordio_pair(tmp_path, capsys):
+    """`pacofr finetune-recognition` end to end on a train.rec/.idx written byte for byte (the
+    writer of tests/test_prepare.py): the identities and their count come from the records, the
+    bad ones are skipped and listed, and the model file is written and loads."""
+    from test_prepare import _frame, _jpeg, _pack
+
+    from pacofr.cli import main
+    from pacofr.model.recognition import load_recognizer
+
+    # header record 0 (images 1..12, identity records 13..15), 4 images of each of 3 identities,
+    # record 12 a JPEG cut short
+    images = {i: (float((i - 1) // 4), _jpeg(i, (64, 64))) for i in range(1, 13)}
+    images[12] = (2.0, images[12][1][:300])
+    records = {0: _pack((13.0, 16.0)), **{i: _pack(label, data, id_=i) for i, (label, data) in images.items()},
+               **{13 + k: _pack((1.0 + 4 * k, 5.0 + 4 * k)) for k in range(3)}}
+    rec, offsets = b"", {}
+    for i, payload in records.items():
+        offsets[i] = len(rec)
+        rec += _frame(payload)
+    (tmp_path / "train.rec").write_bytes(rec)
+    (tmp_path / "train.idx").write_text("".join(f"{i}\t{o}\n" for i, o in offsets.items()))
+    out = tmp_path / "run"
+    overrides = [f"data.source={tmp_path / 'train.rec'}", "data.num_workers=0", "train.batch_size=4",
+                 "finetune.embedding_size=16", "train.ckpt_every=2", *SMALL]
+    args = ["finetune-recognition", "--encoder", str(_encoder(tmp_path)), "--output", str(out), "--max-steps", "3"]
+    assert main([*args, *(x for o in overrides for x in ("--set", o))]) == 0, capsys.readouterr().err
+    summary = yaml.safe_load((out / "summary.yaml").read_text())
+    assert summary["steps"] == 3 and summary["skipped_or_repaired_samples"] == {"unreadable": 1}
+    assert (out / "skipped.csv").read_text().splitlines()[1:] == [f"{tmp_path / 'train.rec'}#12,unreadable"]
+    model = load_recognizer(out / "recognizer.safetensors")
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 16)
