@@ -16,13 +16,10 @@ import torch
 from pacofr.ops import codebook_topk
 
 from .utils import (BF16, CODEBOOK_RTOL, DEVICE, F16, F32, F64, GRAD_TOL, assert_close_scaled,
-                    assert_grids_grow_only_along_axis_0, backends_of, check_topk, codebook_scores,
-                    codebook_selected_scores, device_for, needs_triton, skip_fp64_unless_reference, triton_kernels)
+                    assert_grids_grow_only_along_axis_0, check_topk, codebook_scores, codebook_selected_scores,
+                    device_for, op_under_test, skip_fp64_unless_reference)
 
-BACKENDS = backends_of("codebook_topk")
-kernel = triton_kernels("codebook_topk")  # None where Triton cannot run here
-requires_kernel = needs_triton(kernel)
-SWEEP = kernel.SWEEP if kernel else []
+BACKENDS, kernel, requires_kernel, SWEEP = op_under_test("codebook_topk")  # (kernel None where Triton cannot run)
 
 
 # ============================================================================================

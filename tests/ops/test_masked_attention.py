@@ -14,12 +14,9 @@ from pacofr.ops import masked_attention, masked_attention_qkv, reference
 
 from .utils import (ATTENTION_GRAD_TOL, ATTENTION_OUT_TOL, BF16, DEVICE, F16, F32, F64, assert_close_scaled,
                     assert_grids_grow_only_along_axis_0, attention_inputs, attention_ref, attention_sdpa_ref,
-                    attention_zero_sets, backends_of, needs_triton, skip_fp64_unless_reference, triton_kernels)
+                    attention_zero_sets, op_under_test, skip_fp64_unless_reference)
 
-BACKENDS = backends_of("masked_attention")
-kernel = triton_kernels("masked_attention")  # None where Triton cannot run here
-requires_kernel = needs_triton(kernel)
-SWEEP = kernel.SWEEP if kernel else []
+BACKENDS, kernel, requires_kernel, SWEEP = op_under_test("masked_attention")  # (kernel None where Triton cannot run)
 
 
 # ============================================================================================

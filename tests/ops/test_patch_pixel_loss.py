@@ -13,13 +13,10 @@ import torch
 from pacofr.ops import patch_pixel_loss, patch_pixel_loss_terms, reference
 
 from .utils import (BF16, DEVICE, F16, F32, F64, GRAD_TOL, LOSS_RTOL, assert_close_scaled,
-                    assert_grids_grow_only_along_axis_0, backends_of, device_for, needs_triton, patch_pixel_loss_ref,
-                    patchify_loops, skip_fp64_unless_reference, triton_kernels)
+                    assert_grids_grow_only_along_axis_0, device_for, op_under_test, patch_pixel_loss_ref,
+                    patchify_loops, skip_fp64_unless_reference)
 
-BACKENDS = backends_of("patch_pixel_loss")
-kernel = triton_kernels("patch_pixel_loss")  # None where Triton cannot run here
-requires_kernel = needs_triton(kernel)
-SWEEP = kernel.SWEEP if kernel else []
+BACKENDS, kernel, requires_kernel, SWEEP = op_under_test("patch_pixel_loss")  # (kernel None where Triton cannot run)
 
 
 # ============================================================================================

@@ -77,6 +77,13 @@ def needs_triton(kernel):
     return pytest.mark.skipif(kernel is None, reason="Triton cannot run here")
 
 
+def op_under_test(op):
+    """(the op's backends here, its Triton kernel module or None, the skip mark of the kernel
+    tests, the kernel's SWEEP of launch configurations or [])."""
+    kernel = triton_kernels(op)
+    return backends_of(op), kernel, needs_triton(kernel), kernel.SWEEP if kernel else []
+
+
 def skip_fp64_unless_reference(backend):
     # float64 is not one of the ops' specified dtypes; gradcheck needs it, so it runs on the
     # reference backend (the other backends' backward passes are checked against float64
