@@ -3,7 +3,7 @@ pipeline, ptxas included, with the launch configurations the wrappers pick on a 
 the kernels' logic but never compiles them: code that only a compiler rejects (a global that
 is not constexpr, shared memory over the per-block limit) and register spills show up here.
 
-The compile runs in a subprocess (benchmarks/compile_report.py) because this session's
+The compile runs in a subprocess (benchmarks/compile_report.py) because the test process's
 Triton is in interpreter mode."""
 
 import ast
