@@ -6,7 +6,10 @@ replace set drawn among the visible patches. Everything is vectorized over the b
 draws only from the given `torch.Generator`, so a mask is reproducible on CPU or GPU.
 """
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -87,8 +90,27 @@ def patch_regions(points: Tensor, grid: tuple[int, int], patch_size: int) -> Ten
     return torch.where(inside, nearest, torch.full_like(nearest, BACKGROUND))
 
 
-def _uniform(shape, generator, device) -> Tensor:
-    return torch.rand(shape, generator=generator, device=device)
+# A source of uniform draws: shape -> a tensor of that shape. Every mask is built from the draws
+# of one such source, in a fixed order and count (see `_draw_count`).
+Draw = Callable[[tuple[int, ...]], Tensor]
+
+
+def _generator_draw(generator, device) -> Draw:
+    return lambda shape: torch.rand(shape, generator=generator, device=device)
+
+
+class _RowDraws:
+    """Draws served from pre-drawn uniforms [B, total], column by column: row i holds what its
+    own generator would have produced call after call (each float is one draw of the stream)."""
+
+    def __init__(self, uniforms: Tensor):
+        self.uniforms, self.used = uniforms, 0
+
+    def __call__(self, shape: tuple[int, ...]) -> Tensor:
+        n = math.prod(shape[1:])
+        out = self.uniforms[:, self.used : self.used + n].reshape(shape)
+        self.used += n
+        return out
 
 
 def _rank(keys: Tensor) -> Tensor:
@@ -97,16 +119,16 @@ def _rank(keys: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(1, order, torch.arange(keys.shape[1], device=keys.device).expand_as(order))
 
 
-def whole_regions(regions: Tensor, n_mask: Tensor, cfg: MaskingConfig, generator, device) -> Tensor:
+def whole_regions(regions: Tensor, n_mask: Tensor, cfg: MaskingConfig, draw: Draw) -> Tensor:
     """[B, L] bool: 1..regions_max whole facial regions per image (with prob. region_prob),
     only regions that fit in the image's masked count."""
-    b = regions.shape[0]
+    b, device = regions.shape[0], regions.device
     n_regions = BACKGROUND  # facial regions only
     onehot = regions[..., None] == torch.arange(n_regions, device=device)  # [B, L, R]
     sizes = onehot.sum(1)  # [B, R]
-    use = _uniform((b,), generator, device) < cfg.region_prob
-    want = 1 + (_uniform((b,), generator, device) * cfg.regions_max).long().clamp_max(cfg.regions_max - 1)
-    order = _uniform((b, n_regions), generator, device).argsort(1)  # random order of regions
+    use = draw((b,)) < cfg.region_prob
+    want = 1 + (draw((b,)) * cfg.regions_max).long().clamp_max(cfg.regions_max - 1)
+    order = draw((b, n_regions)).argsort(1)  # random order of regions
     chosen = torch.zeros(b, n_regions, dtype=torch.bool, device=device)
     count = torch.zeros(b, dtype=torch.long, device=device)
     for j in range(n_regions):  # greedy in random order: take a region if it fits (R = 8 steps)
@@ -118,22 +140,22 @@ def whole_regions(regions: Tensor, n_mask: Tensor, cfg: MaskingConfig, generator
     return (onehot & chosen[:, None, :]).any(-1)
 
 
-def block_priority(batch: int, grid: tuple[int, int], cfg: MaskingConfig, generator, device) -> Tensor:
+def block_priority(batch: int, grid: tuple[int, int], cfg: MaskingConfig, draw: Draw, device) -> Tensor:
     """[B, L] priorities constant on random rectangles (side block_min..block_max patches,
     random aspect and offset per image), so taking the top ones masks whole blocks."""
     gh, gw = grid
     span = cfg.block_max - cfg.block_min + 1
-    bh = cfg.block_min + (_uniform((batch, 1, 1), generator, device) * span).long().clamp_max(span - 1)
-    bw = cfg.block_min + (_uniform((batch, 1, 1), generator, device) * span).long().clamp_max(span - 1)
-    off_y = (_uniform((batch, 1, 1), generator, device) * bh).long()
-    off_x = (_uniform((batch, 1, 1), generator, device) * bw).long()
+    bh = cfg.block_min + (draw((batch, 1, 1)) * span).long().clamp_max(span - 1)
+    bw = cfg.block_min + (draw((batch, 1, 1)) * span).long().clamp_max(span - 1)
+    off_y = (draw((batch, 1, 1)) * bh).long()
+    off_x = (draw((batch, 1, 1)) * bw).long()
     ys = torch.arange(gh, device=device)[None, :, None]
     xs = torch.arange(gw, device=device)[None, None, :]
     cell = ((ys + off_y) // bh) * (gw + 1) + (xs + off_x) // bw  # [B, gh, gw], < (gh + 1) * (gw + 1)
-    cell_value = _uniform((batch, (gh + 1) * (gw + 1)), generator, device)
+    cell_value = draw((batch, (gh + 1) * (gw + 1)))
     coarse = cell_value.gather(1, cell.reshape(batch, -1))
     # A small per-patch jitter orders patches inside the one block that is cut by the count.
-    return coarse + 1e-3 * _uniform((batch, gh * gw), generator, device)
+    return coarse + 1e-3 * draw((batch, gh * gw))
 
 
 def structured_masks(
@@ -149,20 +171,32 @@ def structured_masks(
     crop pixels (x, y), or None for the canonical template."""
     height, width = image_size
     grid = (height // patch_size, width // patch_size)
-    num_patches = grid[0] * grid[1]
     device = torch.device(device)
 
     points = resolve_landmarks(landmarks, batch, height, width, device)
     regions = patch_regions(points, grid, patch_size)
+    return _draw_masks(regions, grid, cfg, _generator_draw(generator, device))
 
-    ratio = cfg.ratio_min + (cfg.ratio_max - cfg.ratio_min) * _uniform((batch,), generator, device)
+
+def _draw_count(grid: tuple[int, int]) -> int:
+    """Uniforms one image's mask consumes, in `_draw_masks`'s order: its ratio; region use, count
+    and order; block height, width and offsets, cell values and jitter; Gumbel keys."""
+    gh, gw = grid
+    return 1 + 2 + BACKGROUND + 4 + (gh + 1) * (gw + 1) + 2 * gh * gw
+
+
+def _draw_masks(regions: Tensor, grid: tuple[int, int], cfg: MaskingConfig, draw: Draw) -> Masks:
+    """Masks for the region maps `regions` [B, L] from `draw`'s uniforms."""
+    batch, num_patches = regions.shape
+    device = regions.device
+    ratio = cfg.ratio_min + (cfg.ratio_max - cfg.ratio_min) * draw((batch,))
     # Round inside [ceil(min * L), floor(max * L)] so every image's ratio stays in range.
     lo = torch.ceil(torch.tensor(cfg.ratio_min * num_patches - 1e-6)).long().item()
     hi = max(lo, int(cfg.ratio_max * num_patches + 1e-6))
     n_mask = torch.round(ratio * num_patches).long().clamp(lo, hi)
 
-    region_mask = whole_regions(regions, n_mask, cfg, generator, device)
-    priority = block_priority(batch, grid, cfg, generator, device)
+    region_mask = whole_regions(regions, n_mask, cfg, draw)
+    priority = block_priority(batch, grid, cfg, draw, device)
     priority = torch.where(region_mask, torch.full_like(priority, 2.0), priority)  # regions first
     mask = _rank(priority) < n_mask[:, None]
 
@@ -171,24 +205,58 @@ def structured_masks(
     n_visible = num_patches - n_mask
     n_replace = torch.round(cfg.replace_ratio * n_visible).long()
     weight = torch.where(regions == BACKGROUND, cfg.background_replace_weight, 1.0)
-    gumbel = -torch.log(-torch.log(_uniform((batch, num_patches), generator, device).clamp(1e-20, 1 - 1e-7)))
+    gumbel = -torch.log(-torch.log(draw((batch, num_patches)).clamp(1e-20, 1 - 1e-7)))
     keys = torch.where(mask | (weight <= 0), -torch.inf, torch.log(weight.clamp_min(1e-20)) + gumbel)
     replace = (_rank(keys) < n_replace[:, None]) & torch.isfinite(keys)  # (never masked, nor of weight 0)
     return Masks(mask=mask, replace=replace, regions=regions)
+
+
+@lru_cache(maxsize=16)
+def _template_regions(height: int, width: int, patch_size: int) -> Tensor:
+    """[L] region map of the canonical template (every image without usable landmarks)."""
+    points = resolve_landmarks(None, 1, height, width, "cpu")
+    return patch_regions(points, (height // patch_size, width // patch_size), patch_size)[0]
+
+
+def _sample_regions(landmarks: Tensor | None, batch: int, image_size: tuple[int, int], patch_size: int) -> Tensor:
+    """[B, L] region maps: the cached template map, or one image's own landmarks computed alone,
+    exactly as `structured_masks` would for a batch of one."""
+    height, width = image_size
+    template = _template_regions(height, width, patch_size)
+    regions = template.expand(batch, -1).clone()
+    if landmarks is None:
+        return regions
+    grid = (height // patch_size, width // patch_size)
+    template_points = resolve_landmarks(None, 1, height, width, "cpu")
+    for i in range(batch):
+        points = resolve_landmarks(landmarks[i : i + 1], 1, height, width, "cpu")
+        if not torch.equal(points, template_points):
+            regions[i] = patch_regions(points, grid, patch_size)[0]
+    return regions
+
+
+def _seeded_uniforms(seeds: list[int], count: int) -> Tensor:
+    """[B, count]: row i is the first `count` uniforms of a generator seeded with seeds[i]."""
+    out = torch.empty(len(seeds), count)
+    generator = torch.Generator()
+    for row, seed in zip(out, seeds):
+        torch.rand(count, generator=generator.manual_seed(int(seed)), out=row)
+    return out
 
 
 def sample_masks(seeds: list[int], image_size: tuple[int, int], patch_size: int, cfg: MaskingConfig,
                  landmarks: Tensor | None = None) -> Masks:
     """Masks drawn per sample, each from a generator seeded with its own `seeds[i]`: a sample's
     mask depends only on its seed, not on the batch or the rank it lands in (so data-parallel
-    and resumed runs see the masks of a single uninterrupted process)."""
-    parts = [
-        structured_masks(1, image_size, patch_size, cfg, None if landmarks is None else landmarks[i : i + 1],
-                         torch.Generator().manual_seed(int(seed)))
-        for i, seed in enumerate(seeds)
-    ]
-    if not parts:
-        num_patches = (image_size[0] // patch_size) * (image_size[1] // patch_size)
-        empty = torch.zeros(0, num_patches, dtype=torch.bool)
+    and resumed runs see the masks of a single uninterrupted process). Bit for bit the masks of
+    `structured_masks` called on each sample alone; the draws of all samples are taken first
+    and the rest runs once for the batch (every step is row-wise, so rows do not interact)."""
+    grid = (image_size[0] // patch_size, image_size[1] // patch_size)
+    if not seeds:
+        empty = torch.zeros(0, grid[0] * grid[1], dtype=torch.bool)
         return Masks(empty, empty.clone(), empty.long())
-    return Masks(*(torch.cat([getattr(p, name) for p in parts]) for name in ("mask", "replace", "regions")))
+    regions = _sample_regions(landmarks, len(seeds), image_size, patch_size)
+    draws = _RowDraws(_seeded_uniforms(seeds, _draw_count(grid)))
+    masks = _draw_masks(regions, grid, cfg, draws)
+    assert draws.used == draws.uniforms.shape[1], "the draw count is out of step with _draw_masks"
+    return masks
