@@ -10,9 +10,12 @@ import math
 import torch
 from torch import Tensor
 
-# Tile sizes of the codebook search: a 2048 x 1024 fp32 tile is 8 MB.
+# Tiles of the codebook search: at most 2^21 scores (8 MB in fp32), up to 8192 codes wide, so
+# that a codebook of that size is searched in one topk per row. The backward's row tile is
+# TOPK_ROW_TILE.
+TOPK_TILE_SCORES = 1 << 21
+TOPK_CODE_TILE = 8192
 TOPK_ROW_TILE = 2048
-TOPK_CODE_TILE = 1024
 
 
 def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
@@ -23,12 +26,21 @@ def accumulation_dtype(*tensors: Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- codebook_topk
 
 
-def _scores(x: Tensor, codes: Tensor, metric: str) -> Tensor:
-    """Scores of every row of x against every code; both already in the accumulation dtype."""
-    dots = x @ codes.T
-    if metric == "ip":
-        return dots
-    return (x * x).sum(1, keepdim=True) - 2.0 * dots + (codes * codes).sum(1)
+def _keys(x: Tensor, x_sq: Tensor | None, codes: Tensor, codes_sq: Tensor | None) -> Tensor:
+    """Scores turned so that higher is better (ip: the scores, l2 when the squared norms are
+    given: minus the squared distances), in place on the product. Negation is exact, so this
+    is bit for bit -((x.x - 2 x.c) + c.c)."""
+    key = x @ codes.T
+    if codes_sq is None:
+        return key
+    return key.mul_(2.0).sub_(x_sq).sub_(codes_sq)
+
+
+def _rank_key(key: Tensor) -> Tensor:
+    """The key the selection ranks by: infinitely bad (-inf) becomes the lowest finite value,
+    NaN -inf, so that NaN ranks last and torch.topk never picks it first; +inf stays."""
+    low = torch.finfo(key.dtype).min
+    return torch.nan_to_num(key.masked_fill(key == -math.inf, low), nan=-math.inf, posinf=math.inf)
 
 
 def _best_positions(key: Tensor, k: int) -> Tensor:
@@ -43,32 +55,56 @@ def _best_positions(key: Tensor, k: int) -> Tensor:
     return pos.gather(1, order)
 
 
+def _tile_best(key: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(positions, rank keys, keys) of the k best columns of each row of a tile, in column order.
+
+    One topk of k + 1 decides most rows: where its k-th and (k+1)-th values differ and none of
+    them is NaN or -inf, the set is exact whatever order topk returns it in. The other rows (a
+    tie at the k-th place, non-finite scores) take the exact tie resolution."""
+    k = min(k, key.shape[1])
+    vals, pos = key.topk(min(k + 1, key.shape[1]), dim=1)
+    hard = ~(vals > -math.inf).all(1)  # NaN or -inf among them (topk ranks NaN first)
+    if vals.shape[1] > k:
+        hard |= vals[:, k - 1] == vals[:, k]
+    rank, vals, pos = vals[:, :k], vals[:, :k].clone(), pos[:, :k].clone()
+    rows = hard.nonzero()[:, 0]
+    if rows.numel():
+        sub = _rank_key(key[rows])
+        sub_pos = _best_positions(sub, k)
+        pos[rows], vals[rows], rank[rows] = sub_pos, key[rows].gather(1, sub_pos), sub.gather(1, sub_pos)
+    pos, order = pos.sort(1)
+    return pos, rank.gather(1, order), vals.gather(1, order)
+
+
 def codebook_topk(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
     """Best k codes per row: l2 = squared distance ascending, ip = inner product descending.
 
-    Tiles are visited in index order and the running best is kept in front of each new tile,
-    so column order is index order and ties go to the lower index. Infinitely bad scores rank
-    after every finite one, NaN scores last.
+    Tiles are visited in index order; each tile's best k (in index order) follow the running
+    best, and a stable sort of those 2k candidates keeps ties to the lower index. Infinitely bad
+    scores rank after every finite one, NaN scores last.
     """
     acc = accumulation_dtype(x, codebook)
     n, k_codes = x.shape[0], codebook.shape[0]
+    codes = codebook.to(acc)
+    codes_sq = (codes * codes).sum(1) if metric == "l2" else None
+    code_tile = max(1, min(k_codes, TOPK_CODE_TILE))
+    row_tile = max(1, TOPK_TILE_SCORES // code_tile)
     scores = torch.empty(n, k, dtype=acc, device=x.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    for r0 in range(0, n, TOPK_ROW_TILE):
-        xr = x[r0 : r0 + TOPK_ROW_TILE].to(acc)
-        best_s = best_i = None
-        for c0 in range(0, k_codes, TOPK_CODE_TILE):
-            codes = codebook[c0 : c0 + TOPK_CODE_TILE].to(acc)
-            s = _scores(xr, codes, metric)
-            i = torch.arange(c0, c0 + codes.shape[0], device=x.device).expand_as(s)
-            if best_s is not None:
-                s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-            key = s if metric == "ip" else -s  # higher is better; -inf above NaN
-            key = torch.nan_to_num(key.masked_fill(key == -math.inf, torch.finfo(key.dtype).min), nan=-math.inf)
-            pos = _best_positions(key, min(k, s.shape[1]))
-            best_s, best_i = s.gather(1, pos), i.gather(1, pos)
-        scores[r0 : r0 + TOPK_ROW_TILE] = best_s
-        idx[r0 : r0 + TOPK_ROW_TILE] = best_i
+    for r0 in range(0, n, row_tile):
+        xr = x[r0 : r0 + row_tile].to(acc)
+        xr_sq = (xr * xr).sum(1, keepdim=True) if metric == "l2" else None
+        best = None  # (indices, rank keys, keys) of the running best, best first
+        for c0 in range(0, k_codes, code_tile):
+            tile_sq = None if codes_sq is None else codes_sq[c0 : c0 + code_tile]
+            pos, rank, vals = _tile_best(_keys(xr, xr_sq, codes[c0 : c0 + code_tile], tile_sq), k)
+            cand = (pos + c0, rank, vals)
+            if best is not None:
+                cand = tuple(torch.cat([b, c], 1) for b, c in zip(best, cand))
+            order = cand[1].sort(dim=1, descending=True, stable=True).indices[:, :k]
+            best = tuple(t.gather(1, order) for t in cand)
+        idx[r0 : r0 + row_tile] = best[0]
+        scores[r0 : r0 + row_tile] = best[2] if metric == "ip" else best[2].neg()
     return scores, idx
 
 

@@ -1,7 +1,8 @@
 """codebook_topk: the public op against the float64 brute force on every backend (shapes, dtypes,
-ties, non-finite scores, gradients, peak memory); then the Triton kernel's launchers on their
-own (a grid of shapes, split-K merging, outputs poisoned before the call, packed keys, the
-deterministic backward, every configuration in its SWEEP) and their host-side launch logic."""
+ties, non-finite scores, gradients, peak memory); the reference's selection over small tiles;
+then the Triton kernel's launchers on their own (a grid of shapes, split-K merging, outputs
+poisoned before the call, packed keys, the deterministic backward, every configuration in its
+SWEEP) and their host-side launch logic."""
 
 import itertools
 import math
@@ -252,6 +253,75 @@ def test_codebook_topk_never_builds_full_matrix(backend, metric):
     delta = int(line.split()[1])
     # a full 20000 x 8192 fp32 distance matrix would be 655 MB
     assert delta < 200e6, f"peak memory above inputs {delta / 1e6:.0f} MB >= 200 MB"
+
+
+# ============================================================================================
+# the reference's tiled selection: small tiles, so that ties and non-finite scores straddle
+# tile borders and the merge of each tile's best with the running best is exercised
+# ============================================================================================
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("layout", ["repeat", "interleave"])
+@pytest.mark.parametrize("k", [1, 5, 32])
+@pytest.mark.parametrize("code_tile", [23, 500])  # 1200 codes: a last tile of 4 (fewer than k) or 200
+def test_reference_ties_across_small_tiles(monkeypatch, use_backend, metric, layout, k, code_tile):
+    from pacofr.ops import reference
+
+    monkeypatch.setattr(reference, "TOPK_CODE_TILE", code_tile)
+    monkeypatch.setattr(reference, "TOPK_TILE_SCORES", 24 * code_tile)  # 64 rows: tiles of 24, 24, 16
+    test_codebook_topk_ties_lower_index_wins(use_backend, "reference", metric, F32, layout, k)
+
+
+def _expected_selection(scores, k, metric):
+    """Python sort of each row: finite scores best first, then infinitely bad ones, then NaN;
+    equal scores by index."""
+    bad = math.inf if metric == "l2" else -math.inf
+
+    def rank(item):
+        j, s = item
+        if math.isnan(s):
+            return (2, 0.0, j)
+        if s == bad:
+            return (1, 0.0, j)
+        return (0, s if metric == "l2" else -s, j)
+
+    return [[j for j, _ in sorted(enumerate(row), key=rank)[:k]] for row in scores.tolist()]
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("code_tile", [7, 64, 300])
+@pytest.mark.parametrize("k", [1, 8])
+def test_reference_selection_of_tied_and_non_finite_scores(monkeypatch, metric, code_tile, k):
+    """The selection alone, on scores given to it: four finite values (ties at the k-th place
+    in most rows), both infinities and NaN, rows made of NaN only, of infinitely bad scores
+    only, and with fewer finite scores than k."""
+    from pacofr.ops import reference
+
+    gen = torch.Generator().manual_seed(code_tile + k)
+    n, kc = 40, 300
+    values = torch.tensor([0.0, 1.0, 2.0, 3.0, math.inf, -math.inf, math.nan])
+    weights = torch.tensor([4.0, 4.0, 4.0, 4.0, 1.0, 1.0, 1.0])
+    scores = values[torch.multinomial(weights, n * kc, replacement=True, generator=gen)].view(n, kc)
+    scores[0] = math.nan
+    scores[1] = math.inf if metric == "l2" else -math.inf
+    scores[2] = math.nan
+    scores[2, [5, 150, 299]] = torch.tensor([2.0, 1.0, 2.0])
+    keys = scores if metric == "ip" else -scores
+
+    def given_keys(x, x_sq, codes, codes_sq):  # x and codes carry their row and code numbers
+        return keys[x[:, 0].long()][:, codes[:, 0].long()]
+
+    monkeypatch.setattr(reference, "_keys", given_keys)
+    monkeypatch.setattr(reference, "TOPK_CODE_TILE", code_tile)
+    monkeypatch.setattr(reference, "TOPK_TILE_SCORES", 16 * code_tile)
+    rows, codes = torch.arange(n, dtype=F32)[:, None], torch.arange(kc, dtype=F32)[:, None]
+    got_s, got_i = reference.codebook_topk(rows, codes, k, metric)
+    want_i = torch.tensor(_expected_selection(scores, k, metric))
+    assert torch.equal(got_i, want_i)
+    want_s = scores.gather(1, want_i)
+    assert torch.equal(got_s.isnan(), want_s.isnan())
+    assert torch.equal(got_s.nan_to_num(), want_s.nan_to_num())
 
 
 # ============================================================================================
