@@ -593,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.seed is not None:
         overrides.append(f"train.seed={args.seed}")
+    code = 0
     try:
         if args.command == "train":
             pretrain(load_config(args.config, overrides), args.output, args.resume, overwrite=args.overwrite)
@@ -600,8 +601,11 @@ def main(argv: list[str] | None = None) -> int:
             _finetune(args, overrides)
     except (*user_errors, NonFiniteLossError) as err:
         print(f"pacofr {args.command}: error: {_message(err)}", file=sys.stderr)
-        return 2
-    return 0
+        code = 2
+    from .engine.distributed import end_rank
+
+    end_rank(code)  # (a rank of a launched multi-process run ends here)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Process-group setup for `torchrun` / `deepspeed` launches (gloo on CPU, nccl on GPU)."""
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,18 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def end_rank(code: int) -> None:
+    """In a rank of a launched multi-process run (WORLD_SIZE > 1), exits now with `code`, output
+    flushed, past the interpreter's teardown: there gloo's threads, still joinable after
+    destroy_process_group, can abort a run that succeeded ("terminate called without an active
+    exception", exit -6). Elsewhere (one process, a caller in Python) it returns."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def shutdown() -> None:

@@ -56,6 +56,13 @@ class Monitor:
             self.tensorboard.add_image("reconstruction", grid, step, dataformats="HWC")
         return path
 
+    def flush(self) -> None:
+        """What is written so far, on disk (a rank of a multi-process run ends without the
+        interpreter's teardown: distributed.end_rank)."""
+        self._file.flush()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
     def close(self) -> None:
         self._file.close()
         if self.tensorboard is not None:
