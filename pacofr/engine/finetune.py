@@ -325,11 +325,7 @@ def finetune(cfg: Config, encoder: str | Path, output: str | Path, resume: str |
     monitor = Monitor(output, state["step"] if found is not None else None, fields) if d.main else None
     trainer = Trainer(cfg, task, strategy, loader, scheduler, state, total_steps, d, monitor,
                       output / "checkpoints", found)
-    try:
-        trainer.fit()
-    finally:  # (a failed run's last metrics reach the disk too)
-        if monitor is not None:
-            monitor.flush()
+    trainer.fit()
     path = output / MODEL_FILE
     summary = _finish(trainer, output, list(model.parameters()), {"model": path},
                       lambda: save_recognizer(model, path, cfg.model, output.resolve(), state["step"]),

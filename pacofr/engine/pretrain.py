@@ -238,11 +238,7 @@ def pretrain(cfg: Config, output: str | Path, resume: str | None = None, dataset
         _banner(cfg, model, loader, strategy, d, state, found, total_steps)
     trainer = Trainer(cfg, task, strategy, loader, scheduler, state, total_steps, d, monitor,
                       output / "checkpoints", found)
-    try:
-        trainer.fit()
-    finally:  # (a failed run's last metrics reach the disk too)
-        if monitor is not None:
-            monitor.flush()
+    trainer.fit()
     encoder = output / "encoder.safetensors"
     summary = _finish(trainer, output, list(model.parameters()), {"encoder": encoder}, lambda: save_encoder(
         model.encoder.state_dict(), encoder, cfg.model, output.resolve(), state["step"]))

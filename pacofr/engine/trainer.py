@@ -95,6 +95,13 @@ class Trainer:
         self.issues = Counter()  # this rank's sample issues since the last merge
 
     def fit(self) -> None:
+        try:
+            self._loop()
+        finally:  # (a failed run's last metrics reach the disk too: a rank may end by os._exit)
+            if self.monitor is not None:
+                self.monitor.flush()
+
+    def _loop(self) -> None:
         s, t = self.state, self.cfg.train
         nonfinite_run = 0
         # a progress bar on a terminal; in a batch job's log, plain lines every train.log_every steps
