@@ -9,14 +9,18 @@ PIP := $(PY) -m pip --disable-pip-version-check
 .PHONY: demo eval-demo test bench install clean
 
 # The package and what the demo run needs (CPU torch, no DALI, Triton or DeepSpeed).
-$(VENV)/.base: setup.py Makefile
+# The package is installed against the venv's torch (--no-build-isolation), so that setup.py builds
+# the C++ backend (csrc/) with it.
+INSTALL := $(PIP) install -q --no-build-isolation --use-pep517 "numpy<2.4" -e
+
+$(VENV)/.base: setup.py Makefile $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q "numpy<2.4" -e .
+	$(PIP) install -q torch==2.13.0 "setuptools>=77" wheel ninja
+	$(INSTALL) .
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.base
-	$(PIP) install -q "numpy<2.4" -e ".[test,dali,deepspeed]"
+	$(INSTALL) ".[test,dali,deepspeed]"
 	# Triton 3.6 (as on the GPU machines) runs the kernels in its interpreter on CPU.
 	$(PIP) install -q "triton==3.6.0"
 	# timm declares torchvision, but PyPI's torchvision wheels are CUDA builds that cannot load
@@ -35,14 +39,15 @@ runs/demo/encoder.safetensors:
 
 # The demo encoder against a random-init one on the embedded faces, with dlib's pseudo-labels.
 $(VENV)/.demo-labels: $(VENV)/.base
-	$(PIP) install -q "numpy<2.4" -e ".[demo-labels]"
+	$(INSTALL) ".[demo-labels]"
 	touch $@
 
 eval-demo: $(VENV)/.demo-labels runs/demo/encoder.safetensors
 	$(PY) -m pacofr.eval_demo --encoder runs/demo/encoder.safetensors --output runs/eval-demo
 
+# PACOFR_EXPECT_NATIVE: the tests fail, rather than skip, if the C++ backend was not built.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	PACOFR_EXPECT_NATIVE=1 $(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
 	$(PY) -m pytest benchmarks/

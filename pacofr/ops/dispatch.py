@@ -62,7 +62,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
-KNOWN = ("reference", "triton")
+KNOWN = ("reference", "native", "triton")
 
 
 def _outside_autocast(fn: Callable) -> Callable:

@@ -41,6 +41,18 @@ def test_interpreter_asked_for_too_late_is_explained():
     assert "TRITON_INTERPRET=1 was set after triton was imported" in out.stdout, out.stdout
 
 
+def test_native_backend_is_built_by_make_test():
+    """`make test` installs the package so that setup.py builds csrc/ (PACOFR_EXPECT_NATIVE=1
+    there): a build that silently failed must not pass as a skipped backend."""
+    from pacofr.ops import native
+
+    why = native.unavailable()
+    if os.environ.get("PACOFR_EXPECT_NATIVE") != "1":
+        pytest.skip(why or "the C++ backend is built; only make test requires it")
+    assert why is None, why
+    assert all("native" in ops.backends(op) for op in ("codebook_topk", "patch_pixel_loss"))
+
+
 def test_backends_listing():
     for op in ("codebook_topk", "masked_attention", "patch_pixel_loss"):
         names = ops.backends(op)

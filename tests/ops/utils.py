@@ -58,9 +58,9 @@ def backends_of(op):
 
 
 def device_for(backend):
-    # the reference runs on CPU; other backends on CUDA when there is one (a Triton backend
-    # listed on a CPU-only machine runs under TRITON_INTERPRET=1 on CPU tensors)
-    if backend == "reference" or not torch.cuda.is_available():
+    # the reference and the native (C++) backend run on CPU; Triton on CUDA when there is one (a
+    # Triton backend listed on a CPU-only machine runs under TRITON_INTERPRET=1 on CPU tensors)
+    if backend in ("reference", "native") or not torch.cuda.is_available():
         return "cpu"
     return "cuda"
 
