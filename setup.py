@@ -48,7 +48,7 @@ setup(
     # pacofr.configs (a source tree gets the same names from pacofr/__init__.py).
     packages=find_packages(include=["pacofr", "pacofr.*"]) + ["pacofr.kernels", "pacofr.configs"],
     package_dir={"pacofr.kernels": "kernels", "pacofr.configs": "configs"},
-    package_data={"pacofr.configs": ["*.yaml", "*.json"]},
+    package_data={"pacofr.configs": ["*.yaml", "*.json"], "pacofr.ops": ["dispatch_table.json"]},
     # torch is installed first by the Makefile (a CPU build here, a CUDA build on GPU machines);
     # the range only guards against a torch too old for torch.library.custom_op.
     install_requires=[

@@ -48,6 +48,7 @@ def test_wheel_carries_configs_kernels_version_license_and_metadata(wheel):
     assert {"__init__.py", "codebook_topk.py", "masked_attention.py", "patch_pixel_loss.py"} <= kernels
     assert {f"pacofr/kernels/{name}" for name in kernels} <= names
     assert "pacofr/__main__.py" in names
+    assert "pacofr/ops/dispatch_table.json" in names  # the dispatch reads it at import
     assert wheel.name == f"pacofr-{pacofr.__version__}-py3-none-any.whl"
     info = f"pacofr-{pacofr.__version__}.dist-info"
     meta = zipfile.ZipFile(wheel).read(f"{info}/METADATA").decode()

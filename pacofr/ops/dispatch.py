@@ -2,16 +2,22 @@
 
 Each op has backends that declare what they support (xformers style): `available()` says why a
 backend cannot run on this machine at all (None when it can), `supports(**inputs)` lists every
-reason it cannot take these inputs (empty when it can). The choice: `PACOFR_OPS=reference|triton`
-forces one (for the ops that have it); otherwise CUDA tensors (or CPU tensors under
-`TRITON_INTERPRET=1`) prefer Triton, everything else the torch reference. `explain()` tells which
-backend an op would use and every reason the others were rejected.
+reason it cannot take these inputs (empty when it can). The order they are tried in comes from
+the dispatch table (dispatch_table.json beside this file): for each op, device and class of
+shapes, the backends fastest first as measured on that device, with the measurement behind
+the order; `benchmarks/dispatch_table.py` refreshes it from the benchmark results.
+`PACOFR_OPS=reference|native|triton|sdpa` forces one (for the ops that have it); CPU tensors
+under `TRITON_INTERPRET=1` prefer Triton (the kernels' tests). `explain()` tells which backend
+an op would use, the measurement that ranked it first, and every reason the others were
+rejected.
 """
 
 import functools
 import importlib
+import json
 import os
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -53,16 +59,20 @@ def _anything(**_inputs) -> list[str]:
 
 @dataclass(frozen=True)
 class Backend:
+    """`forward` and `backward` run inside the op's custom op. A backend that is a plain
+    torch computation autograd differentiates by itself (SDPA) gives `differentiable` instead:
+    the op then calls it in place of its custom op."""
     name: str
-    forward: Callable
-    backward: Callable
+    forward: Callable | None
+    backward: Callable | None
     available: Callable[[], str | None] = _always
     supports: Callable[..., list[str]] = _anything
     extra: dict[str, Callable] = field(default_factory=dict)  # further entry points (fast paths), by name
+    differentiable: Callable | None = None
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
-KNOWN = ("reference", "native", "triton")
+KNOWN = ("reference", "native", "triton", "sdpa")
 
 
 def _outside_autocast(fn: Callable) -> Callable:
@@ -79,8 +89,9 @@ def _outside_autocast(fn: Callable) -> Callable:
 
 
 def register(op: str, backend: Backend) -> None:
-    backend = replace(backend, forward=_outside_autocast(backend.forward), backward=_outside_autocast(backend.backward),
-                      extra={name: _outside_autocast(fn) for name, fn in backend.extra.items()})
+    wrap = lambda fn: fn and _outside_autocast(fn)  # noqa: E731
+    backend = replace(backend, forward=wrap(backend.forward), backward=wrap(backend.backward),
+                      extra={name: wrap(fn) for name, fn in backend.extra.items()})
     _BACKENDS.setdefault(op, {})[backend.name] = backend
     _order.cache_clear()
 
@@ -112,35 +123,66 @@ def backends(op: str) -> list[str]:
     return [name for name, b in _BACKENDS[op].items() if b.available() is None]
 
 
+# The dispatch table's rows: op, device, when (the shape class: `grad`, the inputs need a
+# gradient; `n_max`/`n_min`, bounds on the op's size n), order, measured. Read once, at import
+# (torch.compile traces the dispatch, not file reads).
+TABLE = tuple(json.loads(Path(__file__).with_name("dispatch_table.json").read_text())["rows"])
+
+
+# n, the size a row's bounds apply to: the codebook search's rows, attention's sequence length
+SIZE = {"codebook_topk": lambda i: i["x"].shape[0], "masked_attention": lambda i: i["q"].shape[2]}
+
+
+def _row(op: str, device_type: str, inputs: dict) -> int | None:
+    """Index of the first table row that applies, or None."""
+    n = SIZE[op](inputs) if op in SIZE and inputs else None
+    grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
+    for i, row in enumerate(TABLE):
+        when = row.get("when", {})
+        if row["op"] != op or row["device"] != device_type or ("grad" in when and when["grad"] != grad):
+            continue
+        if n is not None and not when.get("n_min", 0) <= n <= when.get("n_max", n):
+            continue
+        return i
+    return None
+
+
 @functools.cache
-def _order(op: str, device_type: str, forced: str | None, interpreting: bool) -> tuple:
+def _order(op: str, device_type: str, row: int | None, forced: str | None, interpreting: bool) -> tuple:
     """(name, backend or None, why it cannot run here or None) for the backends of `op` in
     order of preference. Cached: it depends only on the arguments and on what is installed,
     and a call per op call would cost host time on every step."""
-    table = _BACKENDS[op]
+    backends = _BACKENDS[op]
     if forced and forced not in KNOWN:
         raise ValueError(f"PACOFR_OPS={forced!r}: known backends are {', '.join(KNOWN)}")
-    if forced in table:
+    if forced in backends:
         names = [forced]
     else:  # not forced, or forced to a backend this op does not have yet
-        first = "triton" if device_type == "cuda" or interpreting else "reference"
-        names = [first] + [name for name in table if name != first]
-    return tuple((name, table.get(name), "not built yet" if name not in table else table[name].available())
+        names = list(TABLE[row]["order"]) if row is not None else ["reference"]
+        if interpreting and device_type != "cuda":
+            names = ["triton"] + [name for name in names if name != "triton"]
+        names += [name for name in backends if name not in names]
+    return tuple((name, backends.get(name), "not built yet" if name not in backends else backends[name].available())
                  for name in names)
 
 
-def _choose(op: str, device: torch.device, inputs: dict) -> tuple[Backend | None, list[str]]:
+def _choose(op: str, device: torch.device, inputs: dict, outside: bool) -> tuple[Backend | None, list[str], int | None]:
     rejected = []
-    for name, backend, unavailable in _order(op, device.type, os.environ.get("PACOFR_OPS"), triton_interpreting()):
+    row = _row(op, device.type, inputs)
+    for name, backend, unavailable in _order(op, device.type, row, os.environ.get("PACOFR_OPS"), triton_interpreting()):
         reasons = [unavailable] if unavailable else backend.supports(**inputs) if inputs else []
+        if not reasons and not outside and backend.forward is None:
+            reasons = ["runs outside the op's custom op only (autograd differentiates it)"]
         if not reasons:
-            return backend, rejected
+            return backend, rejected, row
         rejected.append(f"{name}: {', '.join(reasons)}")
-    return None, rejected
+    return None, rejected, row
 
 
-def choose(op: str, device: torch.device, **inputs) -> Backend:
-    backend, rejected = _choose(op, device, inputs)
+def choose(op: str, device: torch.device, outside: bool = False, **inputs) -> Backend:
+    """The backend that runs `op` on these inputs. `outside`: the op's public function asks,
+    before its custom op, and may take a backend that autograd differentiates by itself."""
+    backend, rejected, _ = _choose(op, device, inputs, outside)
     if backend is None:
         raise RuntimeError(f"no backend of {op} can run these inputs ({'; '.join(rejected)})")
     return backend
@@ -151,6 +193,7 @@ def explain(op: str, device: torch.device | str = "cpu", **inputs) -> str:
     q, k, v, ... as its backends' checks take them), and every reason each other one was not."""
     if op not in _BACKENDS:
         raise ValueError(f"explain: unknown op {op!r} (known: {', '.join(sorted(_BACKENDS))})")
-    backend, rejected = _choose(op, torch.device(device), inputs)
+    backend, rejected, row = _choose(op, torch.device(device), inputs, outside=True)
     chosen = backend.name if backend is not None else "none"
-    return f"{op}: {chosen}" + (f" (rejected {'; '.join(rejected)})" if rejected else "")
+    why = f" [measured: {TABLE[row]['measured']}]" if row is not None and "PACOFR_OPS" not in os.environ else ""
+    return f"{op}: {chosen}{why}" + (f" (rejected {'; '.join(rejected)})" if rejected else "")

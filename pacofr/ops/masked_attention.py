@@ -3,6 +3,7 @@ masked_attention_qkv: the same from a ViT block's packed qkv projection, with it
 written straight into one dqkv buffer."""
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
@@ -33,6 +34,29 @@ def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, ke
 
 
 register_triton("masked_attention", _triton_supports)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None, scale: float) -> Tensor:
+    """The op's semantics through torch's SDPA with a boolean mask, differentiated by autograd.
+    Padding and masked keys are zeroed first (0 * NaN would reach the products), and a
+    query with no valid key gets zeros: its mask row is opened so that SDPA's softmax stays
+    finite, then its output dropped (and with it its gradient)."""
+    if seqlens is None and key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    b, _, n, _ = q.shape
+    query_valid, key_valid = reference.attention_masks(b, n, seqlens, key_mask, q.device)
+    q, k, v = reference._valid_only(q, k, v, query_valid, key_valid)
+    answered = query_valid & key_valid.any(1, keepdim=True)
+    mask = key_valid | ~key_valid.any(1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    return torch.where(answered[:, None, :, None], out, 0.0)
+
+
+def _sdpa_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> list[str]:
+    return ["float64 runs on the reference"] if q.dtype == torch.float64 else []
+
+
+register("masked_attention", Backend("sdpa", None, None, supports=_sdpa_supports, differentiable=_sdpa))
 
 
 def _output_strides(q: Tensor) -> tuple[int, ...]:
@@ -169,6 +193,9 @@ def masked_attention(
     q, k, v = autocast_inputs(q.device.type, q, k, v)
     if not q.dtype == k.dtype == v.dtype:
         raise TypeError(f"masked_attention wants q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    backend = choose("masked_attention", q.device, outside=True, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
+    if backend.differentiable is not None:
+        return backend.differentiable(q, k, v, seqlens, key_mask, scale)
     return _op(q, k, v, seqlens, key_mask, scale)[0]
 
 
@@ -190,4 +217,8 @@ def masked_attention_qkv(
     seqlens, key_mask = _checked_masks("masked_attention_qkv", b, n, qkv.device, seqlens, key_mask)
     scale = float(d**-0.5 if scale is None else scale)
     (qkv,) = autocast_inputs(qkv.device.type, qkv)
+    q, k, v = _split(qkv)
+    backend = choose("masked_attention", qkv.device, outside=True, q=q, k=k, v=v, seqlens=seqlens, key_mask=key_mask)
+    if backend.differentiable is not None:
+        return backend.differentiable(q, k, v, seqlens, key_mask, scale).transpose(1, 2).contiguous()
     return _qkv_op(qkv.contiguous(), seqlens, key_mask, scale)[0]
