@@ -163,6 +163,22 @@ def _triton_attention(q, k, v, seqlens):
         return masked_attention(q, k, v, seqlens=seqlens)
 
 
+def _dispatched_attention(backend):
+    from pacofr.ops import masked_attention
+
+    def run(q, k, v, seqlens):
+        with forced_backend(backend):
+            return masked_attention(q, k, v, seqlens=seqlens)
+    return run
+
+
+def _sdpa_jagged(q, k, v, seqlens):
+    """SDPA over nested jagged tensors: each sample's valid tokens only, no mask."""
+    offsets = F.pad(torch.cumsum(seqlens, 0), (1, 0))
+    q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in _packed(q, k, v, seqlens))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).values()  # [total, H, d]
+
+
 def _attention_baselines(shape):
     from pacofr.ops import reference
 
@@ -173,6 +189,8 @@ def _attention_baselines(shape):
     impls = {
         "triton": _triton_attention,
         "sdpa_bool_mask": sdpa_masked,
+        "sdpa": _dispatched_attention("sdpa"),  # the op's SDPA backend (padding zeroed, empty rows 0)
+        "sdpa_jagged": _sdpa_jagged,
         "sdpa_unmasked": lambda q, k, v, s: F.scaled_dot_product_attention(q, k, v),
         # the same unmasked input through our kernel: what SDPA's flash path is measured against
         "triton_unmasked": lambda q, k, v, s: _triton_attention(q, k, v, None),
@@ -244,8 +262,8 @@ ATTENTION = Case(
     title=lambda shape, backward: "masked_attention " + PASSES[backward], op="masked_attention",
     cpu_shapes=((8, 4, 197, 64),), gpu_shapes=((256, 12, 197, 64), (16, 12, 1024, 64)),
     dtypes=(torch.bfloat16,), passes=(False, True), describe=_describe_attention, inputs=ragged_inputs,
-    impls=("triton", "sdpa_bool_mask", "sdpa_unmasked", "triton_unmasked", "reference", "flash_attn_varlen",
-           "xformers_varlen"),
+    impls=("triton", "sdpa_bool_mask", "sdpa", "sdpa_jagged", "sdpa_unmasked", "triton_unmasked", "reference",
+           "flash_attn_varlen", "xformers_varlen"),
     baselines=_attention_baselines, work=_attention_work, unit="flops", grad_inputs=(0, 1, 2),
     kernel=lambda shape, config: lambda q, k, v, s: _ConfiguredAttention.apply(q, k, v, s, config))
 

@@ -20,8 +20,10 @@ import sys
 from pathlib import Path
 
 TABLE = Path(__file__).resolve().parents[1] / "pacofr" / "ops" / "dispatch_table.json"
-BACKEND = {"triton": "triton", "sdpa_bool_mask": "sdpa", "sdpa": "sdpa", "reference": "reference",
-           "eager": "reference", "native": "native"}
+BACKEND = {"triton": "triton", "sdpa": "sdpa", "reference": "reference", "native": "native"}
+# stand-ins where a report has no row of the backend itself (older reports): SDPA with the
+# bool mask for the sdpa backend, the eager loss for the reference
+PROXY = {"sdpa_bool_mask": "sdpa", "eager": "reference"}
 # the dtype a device's rows are read at where a shape was measured in several: training's there
 DTYPE = {"cuda": "bfloat16", "cpu": "float32"}
 
@@ -47,11 +49,14 @@ def _measurements(report: dict, source: str) -> dict:
                 continue
             shapes.pop(key)
         times, others, _, _ = shapes.setdefault(key, ({}, {}, f"{source}, {row['dtype']}", row["dtype"]))
-        backend = BACKEND.get(row["impl"])
-        if backend:
-            times[backend] = ms
-        elif not row["impl"].startswith("triton "):  # launch-configuration sweep rows are not choices
-            others[row["impl"]] = ms
+        impl = row["impl"]
+        if impl in BACKEND:
+            times[BACKEND[impl]] = ms
+        elif impl in PROXY and not any(row_["impl"] == PROXY[impl] and row_["op"] == row["op"]
+                                       and row_["shape"] == row["shape"] for row_ in report["rows"]):
+            times[PROXY[impl]] = ms
+        if impl not in BACKEND and not impl.startswith("triton "):  # sweep rows are not choices
+            others[impl] = ms
     return {key: value[:3] for key, value in shapes.items() if value[0]}
 
 

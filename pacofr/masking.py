@@ -219,19 +219,17 @@ def _template_regions(height: int, width: int, patch_size: int) -> Tensor:
 
 
 def _sample_regions(landmarks: Tensor | None, batch: int, image_size: tuple[int, int], patch_size: int) -> Tensor:
-    """[B, L] region maps: the cached template map, or one image's own landmarks computed alone,
-    exactly as `structured_masks` would for a batch of one."""
+    """[B, L] region maps: the cached template map, or an image's own landmarks' map, as
+    `structured_masks` computes it for a batch of one (every step is row-wise)."""
     height, width = image_size
     template = _template_regions(height, width, patch_size)
     regions = template.expand(batch, -1).clone()
     if landmarks is None:
         return regions
-    grid = (height // patch_size, width // patch_size)
-    template_points = resolve_landmarks(None, 1, height, width, "cpu")
-    for i in range(batch):
-        points = resolve_landmarks(landmarks[i : i + 1], 1, height, width, "cpu")
-        if not torch.equal(points, template_points):
-            regions[i] = patch_regions(points, grid, patch_size)[0]
+    points = resolve_landmarks(landmarks, batch, height, width, "cpu")
+    own = (points != resolve_landmarks(None, 1, height, width, "cpu")).flatten(1).any(1)
+    if own.any():
+        regions[own] = patch_regions(points[own], (height // patch_size, width // patch_size), patch_size)
     return regions
 
 

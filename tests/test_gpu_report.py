@@ -197,19 +197,21 @@ def test_gpu_session_caps_every_step_at_the_time_left(tmp_path):
     assert run.returncode == 0, run.stderr
     lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     steps = [f"report {op}" for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
-    assert [line.split(":")[0] for line in lines] == steps + ["train_step", "tests_ops"], lines
-    assert lines[0].startswith("report masked_attention: exit 0")
+    assert [line.split(":")[0] for line in lines] == ["build_native"] + steps + ["dispatch table", "train_step",
+                                                                                  "tests_ops"], lines
+    assert lines[0].startswith("build_native: exit 0")
     limits = [int(m.group(1)) for m in map(re.compile(r".*\(limit (\d+) s\)").match, lines) if m]
     assert limits and all(limit <= 32 - 4 - 5 for limit in limits) and limits == sorted(limits, reverse=True), lines
     skipped = [" skipped, " in line for line in lines]
     assert skipped[-1] and skipped == sorted(skipped), lines  # (from the first skip on, all)
-    assert {"gpu.txt", "summary.txt", "report.txt"} <= {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"summary.txt", "report.txt"} <= {p.name for p in (tmp_path / "out").iterdir()}
 
 
 def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
-    """With time to spare (a stand-in python that returns at once): the report once per op,
-    attention first, each writing to OUT_DIR, then the training step, then the op tests on
-    the GPU: `pytest -q tests/ops` (but the compile-only check)."""
+    """With time to spare (a stand-in python that returns at once): the C++ backend's build,
+    the report once per op, attention first, each writing to OUT_DIR, the dispatch table
+    refreshed from those reports and copied there, then the training step, then the op tests
+    on the GPU: `pytest -q tests/ops` (but the compile-only check)."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "python").write_text("#!/bin/sh\nexit 0\n")
@@ -220,9 +222,13 @@ def test_gpu_session_runs_the_report_per_op_then_the_op_tests(tmp_path):
                          timeout=120)
     assert run.returncode == 0, run.stderr
     ran = [line for line in (out / "report.txt").read_text().splitlines() if line.startswith("== ")]
-    assert ran == [f"== report {op}: python benchmarks/gpu_report.py --ops {op} --out {out}"
-                   for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
+    assert ran == (["== build_native: python setup.py -q build_ext --inplace"]
+                   + [f"== report {op}: python benchmarks/gpu_report.py --ops {op} --out {out}"
+                      for op in ("masked_attention", "patch_pixel_loss", "codebook_topk")]
+                   + [f"== dispatch table: bash -c python benchmarks/dispatch_table.py {out}/gpu_report_*.json "
+                      f"&& cp pacofr/ops/dispatch_table.json {out}/"])
+    assert (out / "dispatch_table.json").read_text() == (BENCH.parent / "pacofr/ops/dispatch_table.json").read_text()
     tests = [line.split(": ", 1)[1] for line in (out / "tests.txt").read_text().splitlines() if line.startswith("== ")]
     assert tests == ["python -m pytest -q tests/ops --ignore=tests/ops/test_kernels_compile.py"]
     summary = [line.split(":")[0] for line in (out / "summary.txt").read_text().splitlines()]
-    assert summary.index("train_step") == 3 and len(summary) == 4 + len(tests)
+    assert summary.index("train_step") == 5 and len(summary) == 6 + len(tests)
