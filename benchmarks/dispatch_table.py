@@ -88,7 +88,7 @@ def _rows(op: str, device: str, grad, measured: list) -> list[dict]:
         if rows and n is not None:
             bound = round(math.sqrt(n * measured[i - 1][0]))
             rows[-1]["when"]["n_max"] = bound
-            rows[-1]["measured"] += f" (up to n={bound}: between measured sizes, the geometric mean)"
+            rows[-1]["measured"] += f" (up to n={bound}, the geometric mean of the two measured sizes)"
             when["n_min"] = bound + 1
         rows.append({"op": op, "device": device, "when": when, "order": order, "measured": text})
     return rows
@@ -98,6 +98,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+")
     parser.add_argument("--check", action="store_true", help="print the new rows, write nothing")
+    parser.add_argument("--table", type=Path, default=TABLE, help="the table to refresh (default: the package's)")
     args = parser.parse_args(argv)
     shapes = {}  # a later report's measurement of a shape replaces an earlier one's
     for path in args.reports:
@@ -105,15 +106,15 @@ def main(argv=None) -> int:
     found = _classes(shapes)
     new = [row for key in sorted(found, key=str) for row in _rows(*key, found[key])]
     covered = {(row["op"], row["device"]) for row in new}
-    table = json.loads(TABLE.read_text())
+    table = json.loads(args.table.read_text())
     kept = [row for row in table["rows"] if (row["op"], row["device"]) not in covered]
     table["rows"] = sorted(kept + new, key=lambda r: (r["op"], r["device"], r["when"].get("grad", 2) is False,
                                                       r["when"].get("n_min", 0)))
     for row in new:
         print(json.dumps(row))
     if not args.check:
-        TABLE.write_text(json.dumps(table, indent=1) + "\n")
-        print(f"wrote {TABLE}")
+        args.table.write_text(json.dumps(table, indent=1) + "\n")
+        print(f"wrote {args.table}")
     return 0
 
 

@@ -3,7 +3,9 @@ one explain() picks, inputs every op refuses, second-order gradients refused, au
 custom ops under torch.compile and opcheck, and the launchers' device guard."""
 
 import contextlib
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -283,3 +285,97 @@ def test_launchers_run_with_their_tensors_device_current(monkeypatch):
     for op, names in LAUNCHERS.items():
         for launcher in (getattr(triton_kernels(op), name) for name in names):
             assert launcher.__wrapped__ is not None, launcher.__name__
+
+
+# --------------------------------------------------------------------------- the dispatch table
+
+
+def _cited_times(measured: str) -> list[dict]:
+    """{backend: ms} of each measurement a row cites ("...: a 1.2 ms, b 3.4 ms, ...")."""
+    found = []
+    for part in measured.split("; "):
+        figures = part.split(": ")[-1]
+        times = {}
+        for name, ms, rest in re.findall(r"([\w+.\- ]+?) ([\d.e+-]+) ms( \(not a backend\))?", figures):
+            if not rest:
+                times[name.strip(", ")] = float(ms)
+        assert len(times) >= 2, f"no ranking in {part!r}"
+        found.append(times)
+    return found
+
+
+def test_every_table_row_orders_its_backends_by_the_times_it_cites():
+    """Each row names known backends only, cites a results file that is in the repository, and
+    its order is the order of the times it cites, fastest first, in every measurement."""
+    from pacofr.ops.dispatch import KNOWN, TABLE
+
+    assert TABLE, "the dispatch table is empty"
+    for row in TABLE:
+        assert set(row["order"]) <= set(KNOWN), row
+        source = row["measured"].split(",")[0]
+        assert (ROOT / "benchmarks" / "results" / source).is_file(), f"{source}: not in benchmarks/results"
+        for times in _cited_times(row["measured"]):
+            ranked = sorted((b for b in row["order"] if b in times), key=times.get)
+            assert ranked == [b for b in row["order"] if b in times], (row["op"], row["device"], times)
+
+
+def test_explain_cites_the_measurement_behind_the_choice(monkeypatch):
+    """On CUDA shapes (meta tensors, nothing allocated): training-time attention takes the
+    backend its table row puts first among those that can run, and explain quotes that row."""
+    from pacofr.ops.dispatch import TABLE
+
+    monkeypatch.delenv("PACOFR_OPS", raising=False)
+    (row,) = [r for r in TABLE if r["op"] == "masked_attention" and r["device"] == "cuda" and r["when"].get("grad")]
+    q = torch.empty(2, 12, 197, 64, device="meta", requires_grad=True)
+    line = ops.explain("masked_attention", "cuda", q=q, k=q, v=q, seqlens=None, key_mask=None)
+    runnable = [b for b in row["order"] if b != "triton" or torch.cuda.is_available()]
+    assert line.startswith(f"masked_attention: {runnable[0]} [measured: {row['measured']}]"), line
+
+
+def test_dispatch_table_refresh_splits_sizes_between_measured_winners(tmp_path):
+    """benchmarks/dispatch_table.py on a report where triton wins at N=100 and sdpa at N=900,
+    in both passes: rows for training and inference, the sizes split at sqrt(100 * 900) = 300,
+    each citing its figures; the rows of other ops and devices are kept."""
+    def row(op, shape, impl, ms):
+        return {"op": op, "shape": shape, "impl": impl, "dtype": "bfloat16", "ms": ms}
+
+    rows = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        rows += [row(f"masked_attention {pass_}", "B=2 H=1 N=100 d=8", "triton", 1.0),
+                 row(f"masked_attention {pass_}", "B=2 H=1 N=100 d=8", "sdpa_bool_mask", 2.0),
+                 row(f"masked_attention {pass_}", "B=2 H=1 N=900 d=8", "triton", 5.0),
+                 row(f"masked_attention {pass_}", "B=2 H=1 N=900 d=8", "sdpa_bool_mask", 4.0),
+                 row(f"masked_attention {pass_}", "B=2 H=1 N=900 d=8", "triton 64x64 w4 s2", 0.1)]
+    report = tmp_path / "gpu_report_card.json"
+    report.write_text(json.dumps({"device": "card", "rows": rows}))
+    kept = {"op": "codebook_topk", "device": "cpu", "when": {}, "order": ["reference"], "measured": "x"}
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"rows": [kept]}))
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dispatch_table.py"), str(report),
+                           "--table", str(table)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(table.read_text())["rows"]
+    assert kept in got
+    attention = [(r["when"], r["order"]) for r in got if r["op"] == "masked_attention"]
+    for grad in (True, False):
+        assert ({"grad": grad, "n_max": 300}, ["triton", "sdpa"]) in attention
+        assert ({"grad": grad, "n_min": 301}, ["sdpa", "triton"]) in attention
+    assert len(attention) == 4
+    assert all("triton 64x64" not in r["measured"] for r in got)  # sweep rows are not choices
+
+
+def test_without_the_native_build_the_ops_fall_back_and_explain_says_why():
+    """PACOFR_NATIVE=0 stands for a machine where csrc/ was not built: the op still runs (on
+    the next backend of its row) with the same result, and explain() names the reason."""
+    code = ("import torch, pacofr.ops as ops\n"
+            "x, c = torch.randn(37, 16, generator=torch.Generator().manual_seed(0)), torch.randn(300, 16)\n"
+            "print(ops.explain('codebook_topk', 'cpu', x=x, codebook=c, k=3, metric='l2'))\n"
+            "print(ops.codebook_topk(x, c, 3)[1].tolist())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PACOFR_OPS")}
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "PACOFR_NATIVE": "0"})
+    assert off.returncode == 0, off.stderr[-2000:]
+    line, idx = off.stdout.splitlines()
+    assert "native: switched off (PACOFR_NATIVE=0)" in line and not line.startswith("codebook_topk: native"), line
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert on.returncode == 0 and on.stdout.splitlines()[1] == idx, on.stderr[-2000:]
