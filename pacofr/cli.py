@@ -189,14 +189,25 @@ def _pose_parser(sub) -> None:
     p = _probe_parser(sub, "eval-pose", "head pose probe of a pretrained encoder (MAE of yaw, pitch, roll)", "labels",
                       "folder of the pose .mat files (default: beside the images)", 64, targets_required=False)
     p.add_argument("--grid", type=int, default=2, help="patch tokens are pooled to grid x grid")
+    p.add_argument("--format", default="auto", choices=["auto", "mat", "biwi"],
+                   help="the test set's pose files: a .mat beside each image (AFLW2000-3D), BIWI's per-frame "
+                        "_pose.txt with an rgb.cal a folder, or auto (BIWI when its folders hold rgb.cal); the "
+                        "train set's are found the same way")
 
 
 def _eval_pose(args) -> None:
     from .eval.overlay import draw_pose
-    from .eval.pose import LIMIT, PoseFaces, evaluate
+    from .eval.pose import LIMIT, BiwiFaces, PoseFaces, evaluate, is_biwi
 
     def read(images, labels, size, what, budget):  # (the angle limit drops test faces only)
-        return PoseFaces(images, labels, size, what, budget, LIMIT if what == "--test" else None)
+        limit = LIMIT if what == "--test" else None
+        fmt = args.format if what == "--test" else "auto"
+        if fmt == "biwi" or (fmt == "auto" and is_biwi(images)):
+            if labels is not None:
+                raise ValueError(f"{what}-labels is for .mat pose files: BIWI's _pose.txt files are read beside "
+                                 "its frames")
+            return BiwiFaces(images, size, what, budget, limit)
+        return PoseFaces(images, labels, size, what, budget, limit)
 
     occlusion = _occlusion(args)
     encoder, train, test = _probe_inputs(args, read, "labels")

@@ -85,6 +85,8 @@ def test_scales_by_hand():
         assert float(benchmark_scale(p68, "inter_ocular")[i]) == pytest.approx(np.hypot(*corners))
     p29 = torch.from_numpy(rng.uniform(0, 100, (1, 29, 2)))
     assert float(benchmark_scale(p29, "inter_ocular")[0]) == pytest.approx(float((p29[0, 8] - p29[0, 9]).norm()))
+    # COFW's pupils are its points 17 and 18 counted from 1
+    assert float(benchmark_scale(p29, "inter_pupil")[0]) == pytest.approx(np.hypot(*(p29[0, 16] - p29[0, 17]).numpy()))
     boxes = torch.tensor([[10.0, 20.0, 40.0, 100.0]], dtype=torch.float64)  # w 30, h 80
     assert float(benchmark_scale(p29, "box", boxes)[0]) == pytest.approx(np.sqrt(30 * 80))
     assert float(benchmark_scale(p29, "box_diag", boxes)[0]) == pytest.approx(np.hypot(30, 80))
@@ -230,7 +232,7 @@ def _cofw_mat(path, n, seed, train):
 
 
 def test_cofw_end_to_end(encoder, tmp_path):
-    _cofw_mat(tmp_path / "COFW_train_color.mat", 40, 1, True)
+    train_phis = _cofw_mat(tmp_path / "COFW_train_color.mat", 40, 1, True)
     phis = _cofw_mat(tmp_path / "COFW_test_color.mat", 12, 2, False)
     train, test = tmp_path / "COFW_train_color.mat", tmp_path / "COFW_test_color.mat"
     result = _run(encoder, "cofw", train, train, test, test, tmp_path / "cofw.json")
@@ -238,6 +240,16 @@ def test_cofw_end_to_end(encoder, tmp_path):
     usable = [i for i in range(12) if i != 1]
     assert result["occluded_points"] == int(phis[usable, 58:].sum())
     assert result["occluded_points_nme"] > 0 and result["visible_points_nme"] > 0
+
+    def faces(rows):  # (points, the landmarks' box) of the usable rows
+        pts = [np.stack([row[:29], row[29:58]], 1) for i, row in enumerate(rows) if i != 1]
+        return [(p, (*p.min(0), *p.max(0))) for p in pts]
+
+    pupils = lambda pts, box: np.hypot(*(pts[16] - pts[17]))  # noqa: E731
+    for norm, scale_of in (("inter_pupil", pupils), ("inter_ocular", lambda pts, box: np.hypot(*(pts[8] - pts[9])))):
+        nme, fr, area = _mean_shape_nme(faces(train_phis), faces(phis), scale_of, 0.1)
+        got = result["mean_shape"][norm]["full"]
+        assert (got["nme"], got["fr"], got["auc"]) == pytest.approx((nme, fr, area), rel=1e-4, abs=1e-3)
 
 
 def test_aflw19_and_300w_mean_shape_by_hand(encoder, tmp_path, monkeypatch):

@@ -101,6 +101,36 @@ def test_warp_back_against_a_per_pixel_computation_and_f1_against_loops(tmp_path
         assert (got is None and want is None) or got == pytest.approx(want)
 
 
+# LaPa's 106-point markup (0-based), written out independently of the code: the points the
+# five-point warp must take; 46, the nose tip of another common 106-point markup, is not one
+JD106 = {"left_eye_centre": 104, "right_eye_centre": 105, "nose_tip": 54, "left_mouth_corner": 84,
+         "right_mouth_corner": 90}
+OTHER_MARKUPS_NOSE_TIP = 46
+
+
+def test_lapa_warp_takes_the_markups_eye_centres_nose_tip_and_mouth_corners_to_the_template(tmp_path):
+    """A 106-point face whose markup points sit where a similarity of the template puts them, the
+    other points elsewhere: the warp must land those five exactly."""
+    rng = np.random.default_rng(7)
+    angle, scale, shift = -0.2, 1.7, np.array([3.0, 9.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    five = (head_template(S) - shift) @ np.linalg.inv(rot).T
+    points = rng.uniform(0, 40, (106, 2))
+    for k, index in enumerate(JD106.values()):  # (the template's order: image-left eye first)
+        points[index] = five[k]
+    points[OTHER_MARKUPS_NOSE_TIP] = five[2] + [0.0, -6.0]  # (near the nose, not on its tip)
+    split = tmp_path / "test"
+    for sub in ("images", "labels", "landmarks"):
+        (split / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(split / "images" / "a.jpg")
+    Image.fromarray(np.zeros((40, 40), np.uint8), "L").save(split / "labels" / "a.png")
+    (split / "landmarks" / "a.txt").write_text("106\n" + "".join(f"{x:.6f} {y:.6f}\n" for x, y in points))
+    matrix, reason = LapaFaces(str(split), S, "--test").matrix(0, 40, 40)
+    assert reason is None
+    landed = points[list(JD106.values())] @ matrix[:, :2].T + matrix[:, 2]
+    np.testing.assert_allclose(landed, head_template(S), atol=1e-6)
+
+
 def _celebamask(root, n, rng, parts_of):
     """CelebAMask-HQ's folder: n images (128 px, masks 64 px), part masks from `parts_of(i)`
     ({part: bool [64, 64]}), the mapping, CelebA's partition (HQ image i is CelebA's 'orig_i')."""

@@ -49,9 +49,11 @@ from .common import LAMBDAS, MIN_TEST, FaceImages, Skipped, autocast, batches, c
 # Points whose distance is the inter-ocular scale: iBUG 68 and WFLW 98 outer eye corners, COFW's
 # 29-point pair of HRNet's evaluation, the 5-point eye centres.
 EYE_CORNERS = {5: (0, 1), 29: (8, 9), 68: (36, 45), 98: (60, 72)}
-# The eyes' points whose means are the pupils (inter-pupil scale): iBUG's eye contours, WFLW's pupils.
 PREVIEW = 8  # test faces drawn with their predictions (the CLI's FILE.preview.png)
-EYE_PUPILS = {5: ((0,), (1,)), 68: (tuple(range(36, 42)), tuple(range(42, 48))), 98: ((96,), (97,))}
+# The eyes' points whose means are the pupils (inter-pupil scale): iBUG's eye contours, COFW's and
+# WFLW's pupils (COFW's 17 and 18 counted from 1, the scale of its published NME).
+EYE_PUPILS = {5: ((0,), (1,)), 29: ((16,), (17,)), 68: (tuple(range(36, 42)), tuple(range(42, 48))),
+              98: ((96,), (97,))}
 
 
 # -- the metric ------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ annotations, with each benchmark's normalization, threshold and subsets:
 - 300w: NME by the outer eye corners (36, 45) and by the pupils (the eye contours' means), FR
   and AUC at 0.08 (the 300-W challenge's CED range); common (helen, lfpw), challenging (ibug)
   and full.
-- cofw: NME by points 8 and 9 (HRNet's COFW scale), FR and AUC at 0.1, and the NME of the
-  occluded and of the visible points (each point's error over the face's scale, averaged over
-  the points of that kind of all faces).
+- cofw: NME by points 8 and 9 (HRNet's COFW scale) and by the pupils 16 and 17 (the
+  inter-pupil NME of COFW's own paper and most tables), FR and AUC at 0.1, and the NME of the
+  occluded and of the visible points (each point's error over the face's inter-ocular scale,
+  averaged over the points of that kind of all faces).
 - aflw19: NME by sqrt(w * h) of the annotated box (NME_box) and by its diagonal (NME_diag), FR
   and AUC at 0.07 (AUC_box@0.07); full and frontal.
 """
@@ -31,7 +32,7 @@ PROTOCOLS = {
     "300w": {"points": 68, "norms": ("inter_ocular", "inter_pupil"), "threshold": 0.08,
              "subsets": ("common", "challenging"), "crop": "the landmarks' box",
              "source": "300-W (Sagonas et al.), .pts files; challenging = ibug, common = helen + lfpw test sets"},
-    "cofw": {"points": 29, "norms": ("inter_ocular",), "threshold": 0.1, "subsets": (),
+    "cofw": {"points": 29, "norms": ("inter_ocular", "inter_pupil"), "threshold": 0.1, "subsets": (),
              "crop": "the landmarks' box", "source": "COFW (Burgos-Artizzu et al., ICCV 2013), COFW_*_color.mat"},
     "aflw19": {"points": 19, "norms": ("box", "box_diag"), "threshold": 0.07, "subsets": ("frontal",),
                "crop": "the annotated box", "source": "AFLW-19 (Zhu et al., CVPR 2016), AFLWinfo_release.mat"},

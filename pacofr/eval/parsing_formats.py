@@ -4,9 +4,10 @@
   or `test`) holding `images/NAME.jpg`, `labels/NAME.png` (class ids, LAPA_CLASSES) and
   `landmarks/NAME.txt` (the point count, 106, on the first line, then `x y` a line). Each face
   is warped by the least-squares similarity (no reflection) that takes five of its points, the
-  pupils 104 and 105, the nose tip 46 and the mouth corners 84 and 90 (0-based, the 106-point
-  markup LaPa uses), onto the ArcFace five-point template shrunk by HEAD about the crop's
-  centre (the crop then holds the whole head, hair included).
+  eye centres 104 and 105, the nose tip 54 and the mouth corners 84 and 90 (0-based, in the
+  106-point markup LaPa's release defines, that of JD's 106-point landmark challenge), onto
+  the ArcFace five-point template shrunk by HEAD about the crop's centre (the crop then holds
+  the whole head, hair included).
 - celebamask: CelebAMask-HQ (Lee et al., CVPR 2020). `--train` / `--test` name the release's
   folder: `CelebA-HQ-img/<i>.jpg` (1024 px), `CelebAMask-HQ-mask-anno/<i // 2000>/<iiiii>_<part>.png`
   (one binary 512 px mask per part present) and `CelebA-HQ-to-CelebA-mapping.txt`; the split is
@@ -39,7 +40,7 @@ from .parsing import IGNORE, _confusion, _label_maps, read_ids
 
 LAPA_CLASSES = ("background", "skin", "left_eyebrow", "right_eyebrow", "left_eye", "right_eye", "nose",
                 "upper_lip", "inner_mouth", "lower_lip", "hair")
-LAPA_FIVE = (104, 105, 46, 84, 90)  # pupils, nose tip, mouth corners: the template's order
+LAPA_FIVE = (104, 105, 54, 84, 90)  # eye centres, nose tip, mouth corners (image left first): the template's
 HEAD = 0.5  # the template's scale about the crop's centre
 CELEBAMASK_PARTS = ("skin", "nose", "eye_g", "l_eye", "r_eye", "l_brow", "r_brow", "l_ear", "r_ear", "mouth",
                     "u_lip", "l_lip", "hair", "hat", "ear_r", "neck_l", "neck", "cloth")
@@ -153,8 +154,9 @@ class LapaFaces(WarpedParsing):
     protocol = {"protocol": "lapa",
                 "source": "LaPa (Liu et al., AAAI 2020): {train,val,test}/{images,labels,landmarks}",
                 "conventions": {
-                    "crop": f"the similarity taking the 106 points {list(LAPA_FIVE)} (pupils, nose tip, mouth corners, "
-                            f"0-based) onto the ArcFace template scaled by {HEAD} about the crop's centre",
+                    "crop": f"the similarity taking the 106 points {list(LAPA_FIVE)} (eye centres, nose tip, mouth "
+                            f"corners, 0-based, LaPa's 106-point markup) onto the ArcFace template scaled by {HEAD} "
+                            "about the crop's centre",
                     "scoring": "predictions warped back to each image's resolution (nearest neighbour; outside the "
                                "crop: background) and compared with its label map there",
                     "mean": "over the 10 classes other than background, hair included (as LaPa's tables)"}}
