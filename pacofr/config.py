@@ -106,10 +106,11 @@ class DataConfig:
     hflip: float = 0.5
     color_jitter: float = 0.1  # brightness / contrast / saturation strength
     num_workers: int = 2
-    shuffle_buffer: int = 1000  # WebDataset shards only
+    shuffle_buffer: int = 1000  # WebDataset shards, and DALI's MXNet reader (data.dali_reader=mxnet)
     decoder: str = "pil"  # pil (decode in DataLoader workers) | dali (NVIDIA DALI, pacofr/data/dali.py)
     dali_device: str = "auto"  # dali: mixed (GPU decode) | cpu; auto = mixed on a GPU, cpu otherwise
     dali_threads: int = 4  # dali: CPU threads of its pipeline
+    dali_reader: str = "python"  # dali, RecordIO: python (DataLoader workers read by offset) | mxnet (DALI's reader)
 
 
 @dataclass
@@ -371,6 +372,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attn_impl must be 'pacofr' or 'sdpa', got '{m.attn_impl}'")
     if cfg.data.decoder not in ("pil", "dali"):
         raise ConfigError(f"data.decoder must be 'pil' or 'dali', got '{cfg.data.decoder}'")
+    if cfg.data.dali_reader not in ("python", "mxnet"):
+        raise ConfigError(f"data.dali_reader must be 'python' or 'mxnet', got '{cfg.data.dali_reader}'")
     if cfg.data.labels not in ("none", "folders", "list"):
         raise ConfigError(f"data.labels must be 'none', 'folders' or 'list', got '{cfg.data.labels}'")
     if cfg.data.align not in ("none", "arcface"):

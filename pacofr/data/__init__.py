@@ -18,7 +18,9 @@ training: `Batches` (this rank's indices), `MaskingCollate` (draws the masks),
 
 With data.decoder='dali' the items stay encoded (`EncodedSample`, collated by
 collate_encoded) and dali.DaliDecoder decodes each batch in the main process:
-`batch = DaliDecoder(S, max_batch)(collate_encoded(items))`.
+`batch = DaliDecoder(S, max_batch)(collate_encoded(items))`. With data.dali_reader='mxnet' a
+RecordIO pair is read by DALI's own MXNet reader (dali_reader.MXNetRecordIODataset, whose
+`epoch_batches` micro_batches uses in place of a DataLoader).
 """
 
 from .batch import Batch, collate, collate_encoded

@@ -1,9 +1,10 @@
 """`build_dataset`: a `DataConfig` -> the dataset its source names (sources.py: the embedded
-faces, an image folder, a .txt file list, an insightface RecordIO pair; shards.py: WebDataset
-.tar shards), checked at once."""
+faces, an image folder, a .txt file list, an insightface RecordIO pair; dali_reader.py: that
+pair read by DALI's MXNet reader; shards.py: WebDataset .tar shards), checked at once."""
 
 import os
 
+from .dali_reader import MXNetRecordIODataset
 from .landmarks import load_landmarks_file
 from .shards import ShardDataset, expand_shards
 from .sources import FacesDataset, ImageFilesDataset, RecordIODataset, image_files, labelled_files
@@ -25,6 +26,9 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
     if cfg.labels != "none" and (source == "faces" or shards is not None or source.lower().endswith(".rec")):
         raise ValueError(f"data.labels='{cfg.labels}' is for image folders and .txt lists; data.source '{source}' "
                          "is not one (a RecordIO record carries its identity): use data.labels=none")
+    if cfg.dali_reader == "mxnet" and not (encoded and source.lower().endswith(".rec")):
+        raise ValueError(f"data.dali_reader=mxnet reads an insightface .rec with data.decoder=dali; data.source "
+                         f"'{source}' with data.decoder={cfg.decoder} is not one (use data.dali_reader=python)")
     if source == "faces":
         if cfg.landmarks or align:
             raise ValueError(f"data.{'landmarks' if cfg.landmarks else 'align'} is not used with "
@@ -52,7 +56,11 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
     if source.lower().endswith(".rec"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"data.source '{source}': no such file")
-        dataset = RecordIODataset(source, transform, cfg.min_size, seed, None, encoded, cfg.max_pixels, align)
+        if cfg.dali_reader == "mxnet":
+            dataset = MXNetRecordIODataset(source, transform, cfg.min_size, seed, cfg.max_pixels, align,
+                                           cfg.shuffle_buffer, cfg.dali_threads)
+        else:
+            dataset = RecordIODataset(source, transform, cfg.min_size, seed, None, encoded, cfg.max_pixels, align)
         if cfg.landmarks:
             dataset.set_landmarks(dataset.keys, source_landmarks(cfg.landmarks, dataset.keys, source))
         return dataset

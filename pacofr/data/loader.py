@@ -65,11 +65,15 @@ class MaskingCollate:
 
 def micro_batches(cfg, dataset, batches, collate_fn, per_rank, epoch_step, device, decoder=None):
     """An iterator over this rank's micro-batches (Batch) of the current epoch, from
-    `epoch_step` on. `batches` (Batches) for a map-style dataset, None for a stream; `device`
+    `epoch_step` on. `batches` (Batches) for a map-style dataset, None for a stream (a dataset
+    with `epoch_batches`, DALI's MXNet reader, reads its batches itself); `device`
     (a torch.device) decides pinned memory; `decoder` (a DaliDecoder) decodes each batch in
     this process."""
     pin = device.type == "cuda" and decoder is None
-    if batches is not None:  # map-style: the batch sampler starts at the data position
+    if hasattr(dataset, "epoch_batches"):  # DALI's reader reads the records: no DataLoader
+        batches.epoch = collate_fn.epoch
+        it = dataset.epoch_batches(batches, collate_fn, epoch_step)
+    elif batches is not None:  # map-style: the batch sampler starts at the data position
         batches.epoch, batches.start = collate_fn.epoch, epoch_step
         it = iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
                              num_workers=cfg.data.num_workers, pin_memory=pin))

@@ -139,6 +139,65 @@ def unpack(payload: bytes) -> tuple[IRHeader, bytes]:
     return IRHeader(flag, label, id_, id2), rest
 
 
+def _record_end(f, offset: int, size: int, where: str) -> tuple[int, IRHeader]:
+    """(the offset where the record at `offset` ends, its header), reading only the framing
+    and the header of a record in one part (the common case), the whole of one in several.
+    The header and its labels must lie in the record's first part (DALI's reader reads them
+    there: a record is cut into parts where a label's bytes are the magic)."""
+    f.seek(offset)
+    head = f.read(_HEAD.size + _IR.size + 4)
+    if len(head) < _HEAD.size:
+        raise RecordIOError(f"{where} at offset {offset}: the file ends inside a record header")
+    magic, lrecord = _HEAD.unpack_from(head)
+    if magic != MAGIC:
+        raise RecordIOError(f"{where} at offset {offset}: no RecordIO magic (found 0x{magic:08x})")
+    length, parts = lrecord & ((1 << _LENGTH_BITS) - 1), lrecord >> _LENGTH_BITS
+    if parts not in (0, 1):
+        raise RecordIOError(f"{where} at offset {offset}: a continuation part (flag {parts}), not a record's start")
+    payload = head[_HEAD.size:_HEAD.size + min(length, _IR.size + 4)]
+    if len(payload) < _IR.size:
+        raise RecordIOError(f"{where} at offset {offset}: a first part of {length} bytes, shorter than its header")
+    flag, label, id_, id2 = _IR.unpack_from(payload)
+    if length < _IR.size + 4 * flag:
+        raise RecordIOError(f"{where} at offset {offset}: the header announces {flag} float labels, the "
+                            f"record's first part holds {(length - _IR.size) // 4}")
+    if flag > 0:  # (the first label is the identity: the others are not read)
+        label = struct.unpack_from("<f", payload, _IR.size)
+    if parts == 0:
+        end = offset + _HEAD.size + ((length + 3) & ~3)
+        if end > size:
+            raise RecordIOError(f"{where} at offset {offset}: the file ends inside the record")
+    else:
+        read_record(f, offset, where)
+        end = f.tell()
+    return end, IRHeader(flag, label, id_, id2)
+
+
+def check_records(records: "InsightFaceRecords") -> tuple[list[int], list[tuple[int, str]]]:
+    """(the image records that can be read, (record, why) of the others), from the framing and
+    headers alone: each record is whole within the file, starts with the magic, holds the labels
+    its header announces and a label that is an identity, and ends before the next listed one
+    begins. This is what a reader that trusts the .idx (DALI's) needs to be safe."""
+    size, good, bad, ends = os.fstat(records.file.fileno()).st_size, [], [], {}
+    for index in records.images:
+        where = f"'{records.rec}' record {index}"
+        try:
+            if index not in records.offsets:
+                raise RecordIOError(f"{where}: not in '{records.idx}'")
+            ends[index], header = _record_end(records.file, records.offsets[index], size, where)
+            identity(header, where)
+            good.append(index)
+        except RecordIOError as e:
+            bad.append((index, str(e) if str(e).startswith(where) else f"{where}: {e}"))
+    # records running into each other (a length that lies, an .idx offset inside a record):
+    # which one is wrong cannot be told, and DALI would read the first over the second
+    by_offset = sorted(good, key=records.offsets.get)
+    overlapping = {i for a, b in zip(by_offset, by_offset[1:]) if ends[a] > records.offsets[b] for i in (a, b)}
+    bad += [(i, f"'{records.rec}' record {i} at offset {records.offsets[i]}: it overlaps the record listed next to it")
+            for i in sorted(overlapping)]
+    return [i for i in good if i not in overlapping], sorted(bad)
+
+
 class InsightFaceRecords:
     """An insightface RecordIO pair: `images` (the image records' indices, in order), `read`
     (a record's header and image). Use as a context manager, or call close().
@@ -197,4 +256,4 @@ class InsightFaceRecords:
 
 
 __all__ = ["MAGIC", "BAD_RECORD", "RecordIOError", "IRHeader", "read_index", "read_record", "unpack", "identity",
-           "read_property", "index_of", "InsightFaceRecords"]
+           "read_property", "index_of", "check_records", "InsightFaceRecords"]
