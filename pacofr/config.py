@@ -110,7 +110,9 @@ class DataConfig:
     decoder: str = "pil"  # pil (decode in DataLoader workers) | dali (NVIDIA DALI, pacofr/data/dali.py)
     dali_device: str = "auto"  # dali: mixed (GPU decode) | cpu; auto = mixed on a GPU, cpu otherwise
     dali_threads: int = 4  # dali: CPU threads of its pipeline
-    dali_reader: str = "python"  # dali, RecordIO: python (DataLoader workers read by offset) | mxnet (DALI's reader)
+    # dali, RecordIO: mxnet (DALI's own reader) | python (DataLoader workers read by offset);
+    # auto = mxnet for a .rec under data.decoder=dali, python otherwise
+    dali_reader: str = "auto"
 
 
 @dataclass
@@ -372,8 +374,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.attn_impl must be 'pacofr' or 'sdpa', got '{m.attn_impl}'")
     if cfg.data.decoder not in ("pil", "dali"):
         raise ConfigError(f"data.decoder must be 'pil' or 'dali', got '{cfg.data.decoder}'")
-    if cfg.data.dali_reader not in ("python", "mxnet"):
-        raise ConfigError(f"data.dali_reader must be 'python' or 'mxnet', got '{cfg.data.dali_reader}'")
+    if cfg.data.dali_reader not in ("auto", "python", "mxnet"):
+        raise ConfigError(f"data.dali_reader must be 'auto', 'python' or 'mxnet', got '{cfg.data.dali_reader}'")
     if cfg.data.labels not in ("none", "folders", "list"):
         raise ConfigError(f"data.labels must be 'none', 'folders' or 'list', got '{cfg.data.labels}'")
     if cfg.data.align not in ("none", "arcface"):

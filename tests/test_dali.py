@@ -400,7 +400,7 @@ def test_mxnet_reader_trains_and_resumes_mid_epoch(mxnet_rec, tmp_path):
 
 
 def test_mxnet_reader_is_for_recordio_with_dali(tmp_path):
-    with pytest.raises(ConfigError, match="data.dali_reader must be 'python' or 'mxnet'"):
+    with pytest.raises(ConfigError, match="data.dali_reader must be 'auto', 'python' or 'mxnet'"):
         load_config("tiny", ["data.dali_reader=native"])
     with pytest.raises(ValueError, match="data.dali_reader=mxnet reads an insightface .rec with data.decoder=dali"):
         build_dataset(cfg(source="faces", decoder="dali", dali_reader="mxnet"), S)

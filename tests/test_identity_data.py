@@ -160,7 +160,7 @@ def test_recordio_through_dali_matches_pil(rec):
 
     cfg = DataConfig(source=str(rec), min_size=16)
     pil = build_dataset(cfg, S, seed=3)
-    enc = build_dataset(dataclasses.replace(cfg, decoder="dali"), S, seed=3)
+    enc = build_dataset(dataclasses.replace(cfg, decoder="dali", dali_reader="python"), S, seed=3)
     a = collate([pil[i] for i in range(len(pil))])
     b = DaliDecoder(S, N_IMAGES, "cpu", threads=2)(collate_encoded([enc[i] for i in range(len(enc))]))
     assert b.issues == a.issues == Counter(bad_record=1) and b.skipped == a.skipped

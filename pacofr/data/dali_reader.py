@@ -105,19 +105,27 @@ class MXNetRecordIODataset(RecordIODataset):
         accum, world = batches.accum, batches.world
         per_rank = batches.global_batch // accum // world
         pipe = self._pipeline(per_rank, batches.rank, world, epoch_seed(batches.seed, batches.epoch))
-        for n in range(batches.steps() * accum):
-            try:
-                encoded, labels = pipe.run()
-            except RuntimeError as e:  # (the checks passed: the file changed, or could not be read)
-                raise ConfigError(f"data.source '{self.records.rec}': DALI's MXNet reader stopped ({_why(e)}); "
-                                  "data.dali_reader=python skips and counts a record it cannot read") from None
-            if n < epoch_step * accum:  # (resuming: read to the data position, not decoded)
-                continue
-            batch = collate_fn([self._sample(encoded, labels, k) for k in range(len(encoded))])
-            if n == 0 and batches.rank == 0 and self.bad:
-                batch.issues[BAD_RECORD] += len(self.bad)
-                batch.skipped.extend((f"{self.records.rec}#{r}", BAD_RECORD) for r, _ in self.bad)
-            yield batch
+        try:
+            for n in range(batches.steps() * accum):
+                try:
+                    encoded, labels = pipe.run()
+                except RuntimeError as e:  # (the checks passed: the file changed, or could not be read)
+                    why = _why(e)
+                    del e, pipe  # (the error's frames must not keep the pipeline's threads alive)
+                    raise ConfigError(f"data.source '{self.records.rec}': DALI's MXNet reader stopped ({why}); "
+                                      "data.dali_reader=python skips and counts a record it cannot read") from None
+                if n < epoch_step * accum:  # (resuming: read to the data position, not decoded)
+                    continue
+                batch = collate_fn([self._sample(encoded, labels, k) for k in range(len(encoded))])
+                if n == 0 and batches.rank == 0 and self.bad:
+                    batch.issues[BAD_RECORD] += len(self.bad)
+                    batch.skipped.extend((f"{self.records.rec}#{r}", BAD_RECORD) for r, _ in self.bad)
+                yield batch
+        finally:
+            # The reader's threads read ahead until the pipeline is destroyed: end them with the
+            # epoch, also when it is left early, so that no DALI thread outlives its epoch (a
+            # process that forks later, e.g. for DataLoader workers, must not copy them mid-work).
+            pipe = None
 
 
 __all__ = ["MXNetRecordIODataset", "epoch_seed"]

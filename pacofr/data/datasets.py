@@ -26,7 +26,9 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
     if cfg.labels != "none" and (source == "faces" or shards is not None or source.lower().endswith(".rec")):
         raise ValueError(f"data.labels='{cfg.labels}' is for image folders and .txt lists; data.source '{source}' "
                          "is not one (a RecordIO record carries its identity): use data.labels=none")
-    if cfg.dali_reader == "mxnet" and not (encoded and source.lower().endswith(".rec")):
+    dali_rec = encoded and source.lower().endswith(".rec")
+    mxnet = cfg.dali_reader == "mxnet" or (cfg.dali_reader == "auto" and dali_rec)
+    if cfg.dali_reader == "mxnet" and not dali_rec:
         raise ValueError(f"data.dali_reader=mxnet reads an insightface .rec with data.decoder=dali; data.source "
                          f"'{source}' with data.decoder={cfg.decoder} is not one (use data.dali_reader=python)")
     if source == "faces":
@@ -56,7 +58,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
     if source.lower().endswith(".rec"):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"data.source '{source}': no such file")
-        if cfg.dali_reader == "mxnet":
+        if mxnet:
             dataset = MXNetRecordIODataset(source, transform, cfg.min_size, seed, cfg.max_pixels, align,
                                            cfg.shuffle_buffer, cfg.dali_threads)
         else:
