@@ -180,57 +180,92 @@ PER_ISA void patches(const Pass& s, const P* pred, const I* img, O* out, int64_t
   }
 }
 
-// sum over a pair's line of (u_b - u_a)^2, u = std * r; with `acc`, also adds
-// f * (u_b - u_a) * sq to q's line `e` there
-INLINE float pair(const Geometry& g, const float* rb, float sb, const float* ra, float sa, float* acc, Line e,
-                  float f, float sq, float* diff) {
-  const int64_t line = g.line();
+// sum over a pair's line of (u_b - u_a)^2, u = std * r; with `c`, also adds f * (u_b - u_a)
+// to c (a line of border terms)
+INLINE float pair(const float* rb, float sb, const float* ra, float sa, float* c, float f, int64_t line) {
   float sum = 0.f;
+  if (c) {
 #pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < line; ++k) {
-    diff[k] = rb[k] * sb - ra[k] * sa;
-    sum += diff[k] * diff[k];
+    for (int64_t k = 0; k < line; ++k) {
+      const float d = rb[k] * sb - ra[k] * sa;
+      sum += d * d;
+      c[k] += f * d;
+    }
+  } else {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t k = 0; k < line; ++k) {
+      const float d = rb[k] * sb - ra[k] * sa;
+      sum += d * d;
+    }
   }
-  if (acc) for_line(g, e, [&](int64_t k, int64_t off) { acc[off] += f * diff[k] * sq; });
   return sum;
 }
 
+// A patch's four lines of the gradient: the pixel term f * r plus the border terms c (both
+// [4, p*C]), a corner taking those of its row and of its column, rounded to O once. `row`: p*C
+// floats of scratch.
+template <typename O>
+INLINE void write_lines(const Geometry& g, float f, const float* r, float* c, O* out, float* row) {
+  const int64_t C = g.C, p = g.p, line = g.line();
+  const float* c_left = c + kLeft * line;
+  const float* c_right = c + kRight * line;
+  if (p == 1)  // one row, the top and the bottom one
+    for (int64_t k = 0; k < line; ++k) c[kTop * line + k] += c[kBottom * line + k];
+  for (const Line e : {kTop, kBottom}) {
+    if (e == kBottom && p == 1) break;
+    const int64_t i = e == kTop ? 0 : p - 1;
+    const float* re = r + e * line;
+    const float* ce = c + e * line;
+#pragma omp simd
+    for (int64_t k = 0; k < line; ++k) row[k] = f * re[k] + ce[k];
+    for (int64_t ch = 0; ch < C; ++ch) {
+      row[ch] += c_left[i * C + ch];
+      row[(p - 1) * C + ch] += c_right[i * C + ch];
+    }
+    O* o = out + i * line;
+#pragma omp simd
+    for (int64_t k = 0; k < line; ++k) o[k] = static_cast<O>(row[k]);
+  }
+  for (const Line e : {kLeft, kRight}) {
+    const int64_t j = e == kLeft ? 0 : p - 1;
+    for (int64_t i = 1; i < p - 1; ++i)
+      for (int64_t ch = 0; ch < C; ++ch)
+        out[(i * p + j) * C + ch] = static_cast<O>(f * r[e * line + i * C + ch] + c[e * line + i * C + ch]);
+  }
+}
+
 // Phase 2 over the patches of rows [begin, end): each patch's pairs with its left and upper
-// neighbour (the border loss, stored with the patch), and with `out` the gradient of its four
-// lines: the pixel term again plus every border term, summed in fp32 (a corner has two) and
-// rounded to pred's dtype once.
+// neighbour (the border loss, stored with the patch), and with `out` the gradient on its four
+// lines (write_lines).
 template <typename O>
 PER_ISA void borders(const Pass& s, O* out, int64_t begin, int64_t end) {
   const Geometry& g = s.g;
   const int64_t BL = g.B * g.L(), line = g.line(), n = g.P();
   const float* sd = s.stats_out ? s.stats_out + BL : s.stats_in + BL;
-  auto lines = [&](int64_t q, Line e) { return s.lines + (q * 4 + e) * line; };
-  std::vector<float> diff(line), acc(out ? n : 0);
-  float* aq = out ? acc.data() : nullptr;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t gr = row % g.gh;
+  auto lines = [&](int64_t q) { return s.lines + q * 4 * line; };
+  std::vector<float> terms(out ? 4 * line : 0), row(line);
+  float* c = out ? terms.data() : nullptr;
+  for (int64_t row_ = begin; row_ < end; ++row_) {
+    const int64_t gr = row_ % g.gh;
     for (int64_t gc = 0; gc < g.gw; ++gc) {
-      const int64_t q = row * g.gw + gc;
-      const float f = s.grad.pix * s.w[q];
-      if (aq)  // (a corner is on two lines, with the same r)
-        for (int e = 0; e < 4; ++e) for_line(g, Line(e), [&](int64_t k, int64_t off) { aq[off] = f * lines(q, Line(e))[k]; });
+      const int64_t q = row_ * g.gw + gc;
+      if (c) std::fill(terms.begin(), terms.end(), 0.f);
       // a pair's error is u_b - u_a, b right of or below a: its gradient adds on b's line and
       // takes from a's; the loss counts each pair once, with b
       float part = 0.f;
       auto with = [&](int64_t b, Line eb, int64_t a, Line ea, bool q_is_b) {
         const float pw = std::max(s.w[a], s.w[b]);
-        const float e2 = pair(g, lines(b, eb), sd[b], lines(a, ea), sd[a], aq, q_is_b ? eb : ea,
-                              (q_is_b ? 1.f : -1.f) * s.grad.sc * pw, sd[q], diff.data());
+        float* cq = c ? c + (q_is_b ? eb : ea) * line : nullptr;
+        const float e2 = pair(lines(b) + eb * line, sd[b], lines(a) + ea * line, sd[a], cq,
+                              (q_is_b ? 1.f : -1.f) * s.grad.sc * pw * sd[q], line);
         if (q_is_b) part += pw * e2 / line;
       };
       if (gc > 0) with(q, kLeft, q - 1, kRight, true);
       if (gr > 0) with(q, kTop, q - g.gw, kBottom, true);
-      if (aq && gc + 1 < g.gw) with(q + 1, kLeft, q, kRight, false);
-      if (aq && gr + 1 < g.gh) with(q + g.gw, kTop, q, kBottom, false);
+      if (c && gc + 1 < g.gw) with(q + 1, kLeft, q, kRight, false);
+      if (c && gr + 1 < g.gh) with(q + g.gw, kTop, q, kBottom, false);
       s.sc[q] = part;
-      if (!aq) continue;
-      O* oq = out + q * n;
-      for (int e = 0; e < 4; ++e) for_line(g, Line(e), [&](int64_t, int64_t off) { oq[off] = static_cast<O>(aq[off]); });
+      if (c) write_lines(g, s.grad.pix * s.w[q], lines(q), c, out + q * n, row.data());
     }
   }
 }
