@@ -243,12 +243,12 @@ PER_ISA void borders(const Pass& s, O* out, int64_t begin, int64_t end) {
   const int64_t BL = g.B * g.L(), line = g.line(), n = g.P();
   const float* sd = s.stats_out ? s.stats_out + BL : s.stats_in + BL;
   auto lines = [&](int64_t q) { return s.lines + q * 4 * line; };
-  std::vector<float> terms(out ? 4 * line : 0), row(line);
+  std::vector<float> terms(out ? 4 * line : 0), scratch(line);
   float* c = out ? terms.data() : nullptr;
-  for (int64_t row_ = begin; row_ < end; ++row_) {
-    const int64_t gr = row_ % g.gh;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t gr = row % g.gh;
     for (int64_t gc = 0; gc < g.gw; ++gc) {
-      const int64_t q = row_ * g.gw + gc;
+      const int64_t q = row * g.gw + gc;
       if (c) std::fill(terms.begin(), terms.end(), 0.f);
       // a pair's error is u_b - u_a, b right of or below a: its gradient adds on b's line and
       // takes from a's; the loss counts each pair once, with b
@@ -265,7 +265,7 @@ PER_ISA void borders(const Pass& s, O* out, int64_t begin, int64_t end) {
       if (c && gc + 1 < g.gw) with(q + 1, kLeft, q, kRight, false);
       if (c && gr + 1 < g.gh) with(q + g.gw, kTop, q, kBottom, false);
       s.sc[q] = part;
-      if (c) write_lines(g, s.grad.pix * s.w[q], lines(q), c, out + q * n, row.data());
+      if (c) write_lines(g, s.grad.pix * s.w[q], lines(q), c, out + q * n, scratch.data());
     }
   }
 }
@@ -385,7 +385,7 @@ at::Tensor backward(const at::Tensor& grad_pix, const at::Tensor& grad_sc, const
   const Geometry g = geometry(pred, images, w, p);
   auto f32 = pred.options().dtype(at::kFloat);
   Buffers buf = buffers(g, f32);
-  Pass s = make_pass(g, w, buf, true, 0.0);
+  Pass s = make_pass(g, w, buf, true, 0.0);  // (norm_pix and eps unused: the statistics are given)
   s.stats_in = stats.const_data_ptr<float>();
   const at::Tensor n = norms.to(at::kDouble).cpu();
   const double sw = n[0].item<double>(), spw = n[1].item<double>();
