@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native, reference
 from .autograd import define_op, first_order
 from .checks import as_int, check_inputs
 from .dispatch import Backend, choose, register, register_triton
@@ -33,6 +33,41 @@ def _triton_supports(pred: Tensor, images: Tensor, patch_size: int) -> list[str]
 # forward_with_grad and rescale: the one-pass forward that also writes the gradient, and its
 # backward (see PatchPixelLoss)
 register_triton("patch_pixel_loss", _triton_supports, extra=("forward_with_grad", "rescale"))
+
+
+def _native_supports(pred: Tensor, images: Tensor, patch_size: int) -> list[str]:
+    reasons = [] if pred.device.type == "cpu" else ["CPU tensors only"]
+    if torch.float64 in (pred.dtype, images.dtype):
+        reasons.append("float64 runs on the reference")
+    elif images.dtype not in (torch.float32, pred.dtype):
+        reasons.append(f"images must be float32 or pred's dtype, got {images.dtype} with {pred.dtype} pred")
+    return reasons
+
+
+def _native_forward(pred, images, weight, patch_size, norm_pix, eps):
+    return native.op("patch_pixel_loss_forward")(pred, images, weight, patch_size, norm_pix, eps)
+
+
+def _native_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, norm_pix, eps):
+    # norm_pix and eps are in the forward's statistics
+    return native.op("patch_pixel_loss_backward")(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size)
+
+
+def _native_forward_with_grad(pred, images, weight, patch_size, norm_pix, eps, sc_weight):
+    return native.op("patch_pixel_loss_forward_with_grad")(pred, images, weight, patch_size, norm_pix, eps, sc_weight)
+
+
+def _native_rescale(grad_pix, grad_sc, grad, sc_weight, pred, images, weight, stats, norms, patch_size):
+    """The forward's gradient of l_pix + sc_weight * l_sc for upstream gradients (grad_pix,
+    grad_sc): scaled in place when they are in that ratio (to fp32 rounding), else afresh."""
+    g_pix, g_sc = float(grad_pix), float(grad_sc)
+    if abs(g_sc - sc_weight * g_pix) > 1e-6 * abs(sc_weight * g_pix):
+        return _native_backward(grad_pix, grad_sc, pred, images, weight, stats, norms, patch_size, None, None)
+    return grad if g_pix == 1.0 else grad.mul_(g_pix)
+
+
+register("patch_pixel_loss", Backend("native", _native_forward, _native_backward, native.unavailable, _native_supports,
+                                     {"forward_with_grad": _native_forward_with_grad, "rescale": _native_rescale}))
 
 
 def _backend(pred: Tensor, images: Tensor, patch_size: int) -> Backend:

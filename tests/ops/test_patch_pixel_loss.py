@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from pacofr.ops import explain as ops_explain
 from pacofr.ops import patch_pixel_loss, patch_pixel_loss_terms, reference
 
 from .utils import (BF16, DEVICE, F16, F32, F64, GRAD_TOL, LOSS_RTOL, assert_close_scaled,
@@ -498,3 +499,111 @@ def _launch(batch):
 @requires_kernel
 def test_grids_grow_with_the_batch_only_along_axis_0(monkeypatch):
     assert_grids_grow_only_along_axis_0(monkeypatch, _launch)
+
+
+# ============================================================================================
+# the native (C++) backend's ops against float64
+# ============================================================================================
+
+requires_native = pytest.mark.skipif("native" not in BACKENDS, reason="the C++ extension is not built")
+
+
+def _native(name):
+    from pacofr.ops import native
+
+    return native.op(f"patch_pixel_loss_{name}")
+
+
+def _native_inputs(b, c, h, w, p, pred_dtype, image_dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    L = (h // p) * (w // p)
+    pred = torch.randn(b, L, p * p * c, generator=gen).to(pred_dtype)
+    images = (torch.rand(b, c, h, w, generator=gen) * 3 - 1).to(image_dtype)
+    weight = torch.rand(b, L, generator=gen)
+    weight[torch.rand(b, L, generator=gen) < 0.3] = 0.0
+    weight[-1] = 0.0  # a sample whose patches are all ignored
+    return pred, images, weight
+
+
+# (B, C, H, W, p): non-square grids, p = 8, 14 and 16, one and three channels
+NATIVE_SIZES = [(3, 3, 56, 40, 8), (3, 1, 42, 70, 14), (2, 3, 48, 32, 16), (3, 1, 16, 8, 8)]
+NATIVE_DTYPES = [(F32, F32), (BF16, F32), (F16, F32), (BF16, BF16)]  # (pred, images)
+
+
+@requires_native
+@pytest.mark.parametrize("dtypes", NATIVE_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-{str(d[1])[6:]}")
+@pytest.mark.parametrize("norm_pix", [True, False])
+@pytest.mark.parametrize("size", NATIVE_SIZES, ids=lambda s: "B{}_C{}_{}x{}_p{}".format(*s))
+def test_native_ops_every_element(size, norm_pix, dtypes):
+    """Forward (losses, statistics, normalizers), backward for upstream gradients (0.7, 0.3), and
+    the forward's own gradient of l_pix + 0.5 l_sc, each element against float64 on the
+    rounded inputs; patches with a zero weight and zero-weight neighbours get an exact 0."""
+    b, c, h, w, p = size
+    pred, images, weight = _native_inputs(b, c, h, w, p, *dtypes, seed=sum(size))
+    l_pix, l_sc, stats, norms = _native("forward")(pred, images, weight, p, norm_pix, 1e-6)
+    args64 = (pred.double(), images.double(), weight.double(), p, norm_pix, 1e-6)
+    r_pix, r_sc = reference.patch_pixel_loss(*args64)
+    assert l_pix.dtype == l_sc.dtype == stats.dtype == norms.dtype == F32
+    assert abs(l_pix.item() - r_pix.item()) <= 1e-5 * r_pix.item()
+    assert abs(l_sc.item() - r_sc.item()) <= 1e-5 * r_sc.item()
+    assert torch.allclose(stats.double(), reference.patch_stats(images.double(), p, norm_pix, 1e-6).double(), rtol=1e-5,
+                          atol=1e-6)
+    grid = (h // p, w // p)
+    w64 = weight.double().reshape(b, *grid)
+    pairs = sum(x.sum() for x in reference._border_pairs(w64))
+    assert torch.allclose(norms.double(), torch.stack([w64.sum(), pairs]), rtol=1e-6)
+    # one rounding to pred's dtype (half an ulp), and fp32 arithmetic against the largest element
+    ulp = {F32: 2**-24, BF16: 2**-8, F16: 2**-11}[dtypes[0]]
+    pix = _reference_grad(1.0, 0.0, pred, images, weight, p, norm_pix)
+    border = _reference_grad(0.0, 1.0, pred, images, weight, p, norm_pix)
+    for (g_pix, g_sc), grad in (
+        ((0.7, 0.3), _native("backward")(torch.tensor(0.7), torch.tensor(0.3), pred, images, weight, stats, norms, p)),
+        ((1.0, 0.5), _native("forward_with_grad")(pred, images, weight, p, norm_pix, 1e-6, 0.5)[4]),
+    ):
+        assert grad.dtype == pred.dtype and grad.shape == pred.shape
+        want = g_pix * pix + g_sc * border
+        bound = ulp * want.abs() + 1e-5 * want.abs().max()
+        assert ((grad.double() - want).abs() <= bound).all(), (g_pix, g_sc)
+        assert (grad[-1] == 0).all()  # the sample with no weight
+        assert (grad[want == 0] == 0).all()
+
+
+@requires_native
+def test_native_forward_with_grad_matches_forward_and_backward():
+    """The one-pass forward gives the forward's losses, statistics and normalizers bit for bit,
+    and the backward's gradient for upstream gradients (1, sc_weight) to fp32 rounding."""
+    pred, images, weight = _native_inputs(3, 3, 40, 56, 8, F32, F32, seed=80)
+    with_grad = _native("forward_with_grad")(pred, images, weight, 8, True, 1e-6, 0.1)
+    without = _native("forward")(pred, images, weight, 8, True, 1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(with_grad[:4], without))
+    grad = _native("backward")(torch.tensor(1.0), torch.tensor(0.1), pred, images, weight, *without[2:], 8)
+    assert torch.allclose(with_grad[4], grad, rtol=1e-6, atol=1e-7 * grad.abs().max().item())
+
+
+@requires_native
+def test_native_results_do_not_depend_on_the_threads():
+    """Threads split the (sample, patch row) work; every per-patch value is computed alike and the
+    sums over patches run in a fixed order: 1 and 2 threads give identical bits."""
+    pred, images, weight = _native_inputs(5, 3, 56, 72, 8, BF16, F32, seed=81)
+    runs = []
+    n = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = _native("forward_with_grad")(pred, images, weight, 8, True, 1e-6, 0.3)
+            grad = _native("backward")(torch.tensor(0.4), torch.tensor(1.1), pred, images, weight, *out[2:4], 8)
+            runs.append((*out, grad))
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@requires_native
+@pytest.mark.parametrize("dtypes, why", [((F64, F32), "float64 runs on the reference"),
+                                         ((F32, BF16), "images must be float32 or pred's dtype")])
+def test_native_says_which_inputs_it_leaves_to_the_reference(monkeypatch, dtypes, why):
+    pred, images, _ = _native_inputs(2, 3, 16, 16, 8, *dtypes, seed=82)
+    assert ops_explain("patch_pixel_loss", "cpu", pred=pred, images=images, patch_size=8).startswith(
+        "patch_pixel_loss: reference")
+    monkeypatch.setenv("PACOFR_OPS", "native")
+    assert why in ops_explain("patch_pixel_loss", "cpu", pred=pred, images=images, patch_size=8)
