@@ -1,6 +1,6 @@
 # Each target creates .venv on first use and installs what it needs: `make demo` the package
 # alone, `make eval-demo` also the demo-labels extra (dlib), `make test` (and `make install`) the
-# test tools, Triton, DALI, DeepSpeed and timm.
+# test tools, Triton, DALI, DeepSpeed and timm, `make bench` also the bench extra (faiss).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -49,7 +49,11 @@ eval-demo: $(VENV)/.demo-labels runs/demo/encoder.safetensors
 test: $(VENV)/.installed
 	PACOFR_EXPECT_NATIVE=1 $(PY) -m pytest -q tests
 
-bench: $(VENV)/.installed
+$(VENV)/.bench: $(VENV)/.installed
+	$(INSTALL) ".[bench]"
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) -m pytest benchmarks/
 
 clean:

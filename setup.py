@@ -66,6 +66,8 @@ setup(
         # What the default test run needs; `make test` adds dali and deepspeed so their tests run
         # too (they skip, saying why, without them). setuptools: tests/test_packaging.py builds a wheel.
         "test": ["pytest", "pytest-benchmark", "setuptools>=77"],
+        # `make bench`: faiss's exact search, the CPU baseline of the native codebook_topk
+        "bench": ["faiss-cpu", "pytest-benchmark"],
         # `make eval-demo`'s pseudo-labels: dlib's 68-point shape predictor (CC0 models).
         "demo-labels": ["face-recognition-models==0.3.0", "dlib-bin"],
     },

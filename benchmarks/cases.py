@@ -91,6 +91,16 @@ def torch_mm_topk(x, c, k, metric):
     return torch.topk(s, k, dim=1)
 
 
+def faiss_knn(k, metric):
+    """faiss's exact search (faiss-cpu, the `bench` extra) on CPU tensors, or None without it."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    kind = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    return lambda x, c: faiss.knn(x.numpy(), c.numpy(), k, metric=kind)
+
+
 def _codebook_inputs(shape, dtype):
     n, kc, d, _, _ = shape
     gen = torch.Generator(device=DEVICE).manual_seed(1)
@@ -106,8 +116,26 @@ def _codebook_baselines(shape):
         with forced_backend("triton"):
             return codebook_topk(x, c, k, metric)
 
-    return {"triton": triton, "torch mm+topk": lambda x, c: torch_mm_topk(x, c, k, metric),
-            "reference": lambda x, c: reference.codebook_topk(x, c, k, metric), "bare GEMM": lambda x, c: x @ c.T}
+    impls = {"triton": triton, "torch mm+topk": lambda x, c: torch_mm_topk(x, c, k, metric),
+             "reference": lambda x, c: reference.codebook_topk(x, c, k, metric), "bare GEMM": lambda x, c: x @ c.T}
+    if DEVICE == "cpu":  # the CPU-only implementations
+        impls.update(_cpu_codebook_impls(k, metric))
+    return impls
+
+
+def _cpu_codebook_impls(k, metric):
+    from pacofr.ops import backends, codebook_topk
+
+    impls = {}
+    if "native" in backends("codebook_topk"):
+        def native(x, c):
+            with forced_backend("native"):
+                return codebook_topk(x, c, k, metric)
+
+        impls["native"] = native
+    if (knn := faiss_knn(k, metric)) is not None:
+        impls["faiss"] = knn
+    return impls
 
 
 def _codebook_kernel(shape, config):
@@ -119,10 +147,11 @@ def _codebook_kernel(shape, config):
 
 CODEBOOK = Case(
     title=lambda shape, backward: f"codebook_topk fwd ({shape[4]})", op="codebook_topk",
-    cpu_shapes=((1024, 1024, 64, 4, "ip"), (1024, 1024, 64, 4, "l2")),
+    # the last CPU shape is the native kernel's target (against faiss, docs/design.md)
+    cpu_shapes=((1024, 1024, 64, 4, "ip"), (1024, 1024, 64, 4, "l2"), (20000, 8192, 64, 8, "l2")),
     gpu_shapes=((65536, 8192, 768, 8, "ip"), (16384, 8192, 768, 8, "ip"), (256, 8192, 768, 4, "ip")),
     dtypes=(torch.bfloat16,), passes=(False,), describe=lambda s: "N={} K={} D={} k={}".format(*s[:4]),
-    inputs=_codebook_inputs, impls=("triton", "torch mm+topk", "reference", "bare GEMM"),
+    inputs=_codebook_inputs, impls=("triton", "torch mm+topk", "reference", "bare GEMM", "native", "faiss"),
     baselines=_codebook_baselines, work=lambda impl, s, inputs, backward: 2 * s[0] * s[1] * s[2], unit="flops",
     kernel=_codebook_kernel,
     # not a result: the default kernel without its best-k selection, which splits the kernel's

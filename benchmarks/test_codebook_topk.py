@@ -1,6 +1,6 @@
-"""pytest-benchmark: codebook_topk (cases.CODEBOOK), the Triton op against the torch reference,
-plain torch (matmul, then topk over the full N x K matrix) and the bare GEMM, in TFLOP/s of the
-N x K products. `pytest benchmarks/ --benchmark-group-by=param:shape`."""
+"""pytest-benchmark: codebook_topk (cases.CODEBOOK), the Triton op (on CPU: the native one and
+faiss's exact search) against the torch reference, plain torch (matmul, then topk over the full
+N x K matrix) and the bare GEMM, in TFLOP/s of the N x K products. `pytest benchmarks/ --benchmark-group-by=param:shape`."""
 
 import pytest
 

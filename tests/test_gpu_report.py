@@ -112,8 +112,9 @@ def test_rows_from_the_cases(report):
     shape = case.cpu_shapes[0]
     n, kc, d = shape[:3]
     ceil = {"matmul_tflops": 100.0, "copy_gbps": 1000.0}
-    rows = report.case_rows(case, shape, torch.float32, ceil, timer=_stand_in_timer([2.0, 8.0, 50.0, 1.0]))
-    assert [r["impl"] for r in rows] == list(case.impls)
+    rows = report.case_rows(case, shape, torch.float32, ceil, timer=_stand_in_timer([2.0, 8.0, 50.0, 1.0, 3.0, 3.0]))
+    names = [r["impl"] for r in rows]  # on CPU also the native kernel and faiss, where installed
+    assert names == [impl for impl in case.impls if impl in names] and set(case.impls[:4]) <= set(names)
     recorded = json.loads(RUNS[0].read_text())["rows"]
     layout = [list(r) for r in recorded if r["op"] == "codebook_topk fwd (ip)"][0]
     assert all(list(r) == layout for r in rows)

@@ -3,7 +3,7 @@
 import torch
 from torch import Tensor
 
-from . import reference
+from . import native, reference
 from .autograd import define_op
 from .checks import as_int, autocast_inputs, check_inputs
 from .dispatch import Backend, choose, register, register_triton
@@ -24,6 +24,26 @@ def _triton_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> list[s
 
 
 register_triton("codebook_topk", _triton_supports)
+
+
+def _native_supports(x: Tensor, codebook: Tensor, k: int, metric: str) -> list[str]:
+    reasons = []
+    if x.device.type != "cpu" or codebook.device.type != "cpu":
+        reasons.append("CPU tensors only")
+    if torch.float64 in (x.dtype, codebook.dtype):
+        reasons.append("float64 runs on the reference")
+    if codebook.shape[0] >= 2**31:
+        reasons.append("2^31 codes or more (the kernel's code indices are int32)")
+    return reasons
+
+
+def _native_forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:
+    return native.op("codebook_topk")(x, codebook, k, metric)
+
+
+# The backward is a gather of the selected codes: the reference's does it.
+register("codebook_topk", Backend("native", _native_forward, reference.codebook_topk_backward,
+                                  native.unavailable, _native_supports))
 
 
 def _forward(x: Tensor, codebook: Tensor, k: int, metric: str) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ import types
 import pytest
 import torch
 
+import pacofr.ops as ops
 from pacofr.ops import codebook_topk
 
 from .utils import (BF16, CODEBOOK_RTOL, DEVICE, F16, F32, F64, GRAD_TOL, assert_close_scaled,
@@ -70,6 +71,16 @@ def test_codebook_topk_default_metric_is_l2(use_backend):
     assert (s_def >= 0).all()
 
 
+def _exact_topk(xi, cb, k, metric):
+    """(all scores [N, K] int64, the k best scores float32, their indices) of integer data:
+    every score is exact, so the order (score, then code index) is fully determined."""
+    K = cb.shape[0]
+    exact = codebook_scores(xi.long(), cb.long(), metric)
+    key = (exact if metric == "l2" else -exact) * K + torch.arange(K)[None, :]
+    idx = key.argsort(1)[:, :k]
+    return exact, exact.gather(1, idx).to(F32), idx
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -87,11 +98,7 @@ def test_codebook_topk_ties_lower_index_wins(use_backend, backend, metric, dtype
     else:  # duplicates adjacent
         cb = base.repeat_interleave(3, 0)
     xi = torch.randint(-2, 3, (N, D))
-    K = cb.shape[0]
-    exact = codebook_scores(xi.long(), cb.long(), metric)  # int64, exact
-    key = (exact if metric == "l2" else -exact) * K + torch.arange(K)[None, :]
-    exp_idx = key.argsort(1)[:, :k]
-    exp_scores = exact.gather(1, exp_idx).to(F32)
+    exact, exp_scores, exp_idx = _exact_topk(xi, cb, k, metric)
     # the data must actually contain ties that straddle the selection
     kth = exact.gather(1, exp_idx[:, -1:])
     assert ((exact == kth).sum(1) > 1).any()
@@ -240,7 +247,7 @@ print("DELTA_BYTES", delta)
 @pytest.mark.parametrize("metric", ["l2"])  # "ip" takes the same tiling path; one run keeps the file fast
 def test_codebook_topk_never_builds_full_matrix(backend, metric):
     dev = device_for(backend)
-    if backend != "reference" and dev == "cpu":
+    if backend == "triton" and dev == "cpu":
         pytest.skip("the Triton interpreter's memory use says nothing of the kernel's; measured on CUDA")
     code = _MEM_CODE.format(backend=backend, device=dev, metric=metric)
     # A fixed glibc mmap threshold makes every large buffer its own mapping, returned to the OS
@@ -251,8 +258,10 @@ def test_codebook_topk_never_builds_full_matrix(backend, metric):
     assert res.returncode == 0, res.stderr[-3000:]
     line = [l for l in res.stdout.splitlines() if l.startswith("DELTA_BYTES")][-1]
     delta = int(line.split()[1])
-    # a full 20000 x 8192 fp32 distance matrix would be 655 MB
-    assert delta < 200e6, f"peak memory above inputs {delta / 1e6:.0f} MB >= 200 MB"
+    # a full 20000 x 8192 fp32 distance matrix would be 655 MB; the native kernel holds the
+    # outputs (1.9 MB) and a tile per thread
+    bound = 8e6 if backend == "native" else 200e6
+    assert delta < bound, f"peak memory above inputs {delta / 1e6:.0f} MB >= {bound / 1e6:.0f} MB"
 
 
 # ============================================================================================
@@ -322,6 +331,145 @@ def test_reference_selection_of_tied_and_non_finite_scores(monkeypatch, metric, 
     want_s = scores.gather(1, want_i)
     assert torch.equal(got_s.isnan(), want_s.isnan())
     assert torch.equal(got_s.nan_to_num(), want_s.nan_to_num())
+
+
+# ============================================================================================
+# the native (C++) kernel: tiles of 128 rows x 512 codes (csrc/codebook_topk.cpp), so rows and
+# codes end mid-tile here, ties and non-finite scores straddle code tiles, and two threads must
+# give what one gives
+# ============================================================================================
+
+
+requires_native = pytest.mark.skipif("native" not in BACKENDS, reason="the C++ extension is not built")
+NATIVE_ROWS, NATIVE_CODES = 128, 512
+
+
+@pytest.fixture(params=["simd", "plain"])
+def native_screen(request, monkeypatch):
+    """The kernel screens chunks of a tile with AVX-512 where the CPU has it, else in plain C++;
+    PACOFR_NATIVE_SIMD=0 forces the plain one, so both are tested here."""
+    if request.param == "plain":
+        monkeypatch.setenv("PACOFR_NATIVE_SIMD", "0")
+
+
+@requires_native
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dtype", [F32, BF16, F16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(257, 1100, 33, 8), (130, 513, 7, 32), (129, 512, 3, 1), (3, 20, 5, 20),
+                                   (40, 31, 64, 31)], ids=lambda s: "x".join(map(str, s)))
+def test_native_odd_shapes(use_backend, native_screen, metric, dtype, shape):
+    """Partial row blocks and code tiles, a codebook smaller than a tile, k = K, odd D."""
+    use_backend("native")
+    N, K, D, k = shape
+    gen = torch.Generator().manual_seed(N + K + D + k)
+    x = torch.randn(N, D, generator=gen).to(dtype)
+    c = torch.randn(K, D, generator=gen).to(dtype)
+    scores, idx = codebook_topk(x, c, k, metric=metric)
+    assert check_topk(scores, idx, x, c, k, metric, CODEBOOK_RTOL[dtype]) > 0.5
+
+
+@requires_native
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("k", [1, 4, 32])
+def test_native_ties_across_tile_borders(use_backend, native_screen, metric, k):
+    """Small integers (exact scores); copies of one code sit on both sides of each code-tile
+    border and every third row is that code, so equal best scores fall in different tiles."""
+    use_backend("native")
+    gen = torch.Generator().manual_seed(k)
+    K, D = 2 * NATIVE_CODES + 37, 8
+    cb = torch.randint(-2, 3, (K, D), generator=gen)
+    for border in (NATIVE_CODES, 2 * NATIVE_CODES):
+        cb[border - 3 : border + 3] = cb[5]
+    xi = torch.randint(-2, 3, (NATIVE_ROWS + 9, D), generator=gen)
+    xi[::3] = cb[5]
+    exact, exp_scores, exp_idx = _exact_topk(xi, cb, k, metric)
+    if k > 1:  # some row's equal best scores straddle a border
+        assert ((exp_scores == exp_scores[:, :1]) & (exp_idx >= NATIVE_CODES)).any()
+    scores, idx = codebook_topk(xi.float(), cb.float(), k, metric=metric)
+    assert torch.equal(idx, exp_idx), "tie-breaking across tiles is not 'lower code index first'"
+    assert torch.equal(scores, exp_scores)
+
+
+@requires_native
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_native_non_finite_codes_across_tiles(use_backend, native_screen, metric):
+    """NaN codes fill the first tile; two infinitely bad ones (l2: +inf distance, ip: -inf
+    product) come in later tiles and one finite code last. Best first: the finite one, the
+    infinitely bad ones by index, then NaN by index."""
+    use_backend("native")
+    K = 2 * NATIVE_CODES + 100
+    c = torch.full((K, 4), math.nan)
+    bad = [NATIVE_CODES + 88, 2 * NATIVE_CODES + 3]
+    c[bad] = 1e20 if metric == "l2" else -1e38  # l2: the squared norm overflows; ip: the sum does
+    c[K - 1] = 1.0
+    scores, idx = codebook_topk(torch.ones(3, 4), c, 5, metric=metric)
+    assert idx.tolist() == [[K - 1, *bad, 0, 1]] * 3
+    inf = math.inf if metric == "l2" else -math.inf
+    want = torch.tensor([0.0 if metric == "l2" else 4.0, inf, inf, math.nan, math.nan]).expand(3, 5)
+    assert torch.equal(scores.isnan(), want.isnan()) and torch.equal(scores.nan_to_num(), want.nan_to_num())
+
+
+@requires_native
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_native_non_finite_rows(use_backend, native_screen, monkeypatch, metric):
+    """Rows with NaN, +inf and -inf entries, on both sides of a row-block border: indices and
+    scores as the reference's, and the indices of the float64 brute force's order (finite,
+    infinitely bad, NaN; ties by index) except for l2 rows with an infinite entry (both expand
+    the distance: 2 x.c - x.x is NaN or -inf there, by the sign of the code's entry); the other
+    rows against the float64 brute force."""
+    gen = torch.Generator().manual_seed(3)
+    N, K, k = NATIVE_ROWS + 20, NATIVE_CODES + 40, 6
+    x = torch.randn(N, 16, generator=gen)
+    c = torch.randn(K, 16, generator=gen)
+    odd = [0, NATIVE_ROWS - 1, NATIVE_ROWS, NATIVE_ROWS + 5, N - 1]
+    x[odd[0]] = math.nan
+    x[odd[1], 3] = math.nan
+    x[odd[2], 0] = math.inf
+    x[odd[3], 2] = -math.inf
+    x[odd[4], [1, 7]] = torch.tensor([math.inf, -math.inf])
+    use_backend("native")
+    scores, idx = codebook_topk(x, c, k, metric=metric)
+    use_backend("reference")
+    ref_scores, ref_idx = codebook_topk(x, c, k, metric=metric)
+    assert torch.equal(idx[odd], ref_idx[odd])
+    brute_rows = odd if metric == "ip" else odd[:2]
+    brute = codebook_scores(x[brute_rows].double(), c.double(), metric)
+    assert idx[brute_rows].tolist() == _expected_selection(brute, k, metric)
+    got, want = scores[odd], ref_scores[odd]
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert torch.equal(got.nan_to_num(posinf=0, neginf=0), want.nan_to_num(posinf=0, neginf=0))
+    assert got[0].isnan().all() and got[1].isnan().all()
+    good = [r for r in range(N) if r not in odd]
+    check_topk(scores, idx, x, c, k, metric, CODEBOOK_RTOL[F32], rows=good)
+
+
+@requires_native
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_native_one_and_two_threads_agree(use_backend, metric):
+    """Threads take blocks of rows; each row's result must not depend on how many there are."""
+    use_backend("native")
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(5 * NATIVE_ROWS + 3, 24, generator=gen)
+    c = torch.randn(NATIVE_CODES + 77, 24, generator=gen)
+    c[NATIVE_CODES + 10] = c[3]  # a tie across tiles
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append(codebook_topk(x, c, 8, metric=metric))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    check_topk(*runs[1], x, c, 8, metric, CODEBOOK_RTOL[F32])
+
+
+@requires_native
+def test_native_leaves_float64_and_says_why(use_backend):
+    use_backend("native")
+    x64, c = torch.zeros(2, 3, dtype=F64), torch.zeros(4, 3)
+    assert "native: float64 runs on the reference" in ops.explain("codebook_topk", "cpu", x=x64, codebook=c, k=1,
+                                                                   metric="l2")
 
 
 # ============================================================================================
