@@ -73,11 +73,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, seqlens: Tensor | None = None) -> Tensor:
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        return self.proj(self.attend(qkv, seqlens).reshape(b, n, c))
+
+    def attend(self, qkv: Tensor, seqlens: Tensor | None) -> Tensor:
+        """qkv [B, N, 3, H, d] -> [B, N, H, d] (pacofr.ops.apply_to_timm replaces this part)."""
         if self.attn_impl == "sdpa":
-            x = sdpa_attention(*qkv.permute(2, 0, 3, 1, 4), seqlens).transpose(1, 2)
-        else:
-            x = masked_attention_qkv(qkv, seqlens=seqlens)  # [B, N, H, d]
-        return self.proj(x.reshape(b, n, c))
+            return sdpa_attention(*qkv.permute(2, 0, 3, 1, 4), seqlens).transpose(1, 2)
+        return masked_attention_qkv(qkv, seqlens=seqlens)
 
 
 class Mlp(nn.Module):
