@@ -6,6 +6,7 @@ read by DALI's MXNet reader (data.dali_reader=mxnet): every image record once pe
 the shards, never the header, the unreadable records counted, the python reader's samples."""
 
 import dataclasses
+import gc
 import importlib.util
 import json
 import struct
@@ -28,6 +29,15 @@ from test_train import _cfg, _losses
 
 needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia.dali") is None,
                                 reason="NVIDIA DALI is not installed (pip install nvidia-dali-cuda130)")
+
+
+@pytest.fixture(autouse=True)
+def _no_dali_pipeline_left():
+    """A test's DALI pipelines are destroyed with it: left to the garbage collector, one could
+    be finalized in a DataLoader worker that a later test forks, where its destructor waits for
+    threads that the fork did not copy."""
+    yield
+    gc.collect()
 
 
 def _decoder_size(size, max_batch):

@@ -26,6 +26,7 @@ What DALI's reader does not do by itself, done here:
   and dropped (not decoded): the samples of the uninterrupted run, at the same rank count.
 """
 
+import gc
 import tempfile
 from pathlib import Path
 
@@ -122,10 +123,12 @@ class MXNetRecordIODataset(RecordIODataset):
                     batch.skipped.extend((f"{self.records.rec}#{r}", BAD_RECORD) for r, _ in self.bad)
                 yield batch
         finally:
-            # The reader's threads read ahead until the pipeline is destroyed: end them with the
-            # epoch, also when it is left early, so that no DALI thread outlives its epoch (a
-            # process that forks later, e.g. for DataLoader workers, must not copy them mid-work).
+            # A DALI pipeline sits in reference cycles, so dropping it leaves it to the garbage
+            # collector, which may first run in a process forked later (a DataLoader worker):
+            # there its destructor waits for threads that were not copied, for ever. Destroy it
+            # here, with its epoch, also when the epoch is left early.
             pipe = None
+            gc.collect()
 
 
 __all__ = ["MXNetRecordIODataset", "epoch_seed"]
