@@ -93,7 +93,9 @@ def main(argv=None) -> int:
                 del os.environ["PACOFR_OPS"]
             rows.append({"op": f"{op} {pass_}", "shape": shape, "impl": backend, "dtype": "float32", "ms": ms})
             print(f"{op} {pass_:9s} {shape:26s} {backend:10s} {ms:10.2f} ms", flush=True)
-    device = f"{platform.processor() or platform.machine()} CPU, {args.threads} threads, torch {torch.__version__}"
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    device = f"{model}, {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}"
     out = Path(args.out) / "cpu_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "device_type": "cpu", "rows": rows}, indent=1) + "\n")

@@ -368,7 +368,8 @@ def test_without_the_native_build_the_ops_fall_back_and_explain_says_why():
     """PACOFR_NATIVE=0 stands for a machine where csrc/ was not built: the op still runs (on
     the next backend of its row) with the same result, and explain() names the reason."""
     code = ("import torch, pacofr.ops as ops\n"
-            "x, c = torch.randn(37, 16, generator=torch.Generator().manual_seed(0)), torch.randn(300, 16)\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "x, c = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g)\n"
             "print(ops.explain('codebook_topk', 'cpu', x=x, codebook=c, k=3, metric='l2'))\n"
             "print(ops.codebook_topk(x, c, 3)[1].tolist())\n")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PACOFR_OPS")}
