@@ -5,7 +5,7 @@ JSON of gpu_report.py (a GPU's rows) or of cpu_report.py (this CPU's).
 
 For each op and device in the reports, the backends are ranked by their measured time at each
 shape (a report's implementations map onto backends: `triton`, `sdpa_bool_mask` -> sdpa,
-`reference`/`eager` -> reference, `native`); attention's forward-only and forward+backward rows
+`reference`/`eager` -> reference, `native`, `torch_compile` -> compiled); attention's forward-only and forward+backward rows
 give separate rows for inference and training (`grad`). Shapes of one op whose rankings
 differ split the sizes n between them at the geometric mean of their n (the crossover between
 two measured sizes is not measured: the table says so). The rows of an op and device that the
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 TABLE = Path(__file__).resolve().parents[1] / "pacofr" / "ops" / "dispatch_table.json"
-BACKEND = {"triton": "triton", "sdpa": "sdpa", "reference": "reference", "native": "native"}
+BACKEND = {"triton": "triton", "sdpa": "sdpa", "reference": "reference", "native": "native", "compiled": "compiled",
+           "torch_compile": "compiled"}  # (torch.compile of the eager loss: the compiled backend's computation)
 # stand-ins where a report has no row of the backend itself (older reports): SDPA with the
 # bool mask for the sdpa backend, the eager loss for the reference
 PROXY = {"sdpa_bool_mask": "sdpa", "eager": "reference"}

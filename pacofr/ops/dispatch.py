@@ -6,7 +6,7 @@ reason it cannot take these inputs (empty when it can). The order they are tried
 the dispatch table (dispatch_table.json beside this file): for each op, device and class of
 shapes, the backends fastest first as measured on that device, with the measurement behind
 the order; `benchmarks/dispatch_table.py` refreshes it from the benchmark results.
-`PACOFR_OPS=reference|native|triton|sdpa` forces one (for the ops that have it); CPU tensors
+`PACOFR_OPS=reference|native|triton|sdpa|compiled` forces one (for the ops that have it); CPU tensors
 under `TRITON_INTERPRET=1` prefer Triton (the kernels' tests). `explain()` tells which backend
 an op would use, the measurement that ranked it first, and every reason the others were
 rejected.
@@ -61,7 +61,7 @@ def _anything(**_inputs) -> list[str]:
 class Backend:
     """`forward` and `backward` run inside the op's custom op. A backend that is a plain
     torch computation autograd differentiates by itself (SDPA) gives `differentiable` instead:
-    the op then calls it in place of its custom op."""
+    the op then calls it in place of its custom op (SDPA, the torch.compile'd reference loss)."""
     name: str
     forward: Callable | None
     backward: Callable | None
@@ -72,7 +72,7 @@ class Backend:
 
 
 _BACKENDS: dict[str, dict[str, Backend]] = {}
-KNOWN = ("reference", "native", "triton", "sdpa")
+KNOWN = ("reference", "native", "triton", "sdpa", "compiled")
 
 
 def _outside_autocast(fn: Callable) -> Callable:

@@ -1,5 +1,7 @@
 """patch_pixel_loss: per-patch normalized pixel MSE and the border (spatial consistency) term."""
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -68,6 +70,25 @@ def _native_rescale(grad_pix, grad_sc, grad, sc_weight, pred, images, weight, st
 
 register("patch_pixel_loss", Backend("native", _native_forward, _native_backward, native.unavailable, _native_supports,
                                      {"forward_with_grad": _native_forward_with_grad, "rescale": _native_rescale}))
+
+
+@functools.cache
+def _compiled_reference():
+    # (compiled on first use; dynamic=False: one graph per input shape, as training repeats one)
+    return torch.compile(reference.patch_pixel_loss, dynamic=False)
+
+
+def _compiled(pred: Tensor, images: Tensor, weight: Tensor, patch_size: int, norm_pix: bool, eps: float):
+    """The reference loss through torch.compile, differentiated by autograd (what a user would
+    write instead of the op)."""
+    return _compiled_reference()(pred, images, weight, patch_size, norm_pix, eps)
+
+
+def _compiled_supports(pred: Tensor, images: Tensor, patch_size: int) -> list[str]:
+    return ["float64 runs on the reference"] if torch.float64 in (pred.dtype, images.dtype) else []
+
+
+register("patch_pixel_loss", Backend("compiled", None, None, supports=_compiled_supports, differentiable=_compiled))
 
 
 def _backend(pred: Tensor, images: Tensor, patch_size: int) -> Backend:
@@ -187,6 +208,9 @@ def patch_pixel_loss_terms(
     if weight.shape != (b, num_patches):
         raise ValueError(f"patch_pixel_loss: weight must be [B, L]=({b}, {num_patches}), got {tuple(weight.shape)}")
     weight = weight.to(pred.device, torch.float32 if weight.dtype != torch.float64 else weight.dtype)
+    backend = choose("patch_pixel_loss", pred.device, outside=True, pred=pred, images=images, patch_size=p)
+    if backend.differentiable is not None:
+        return backend.differentiable(pred, images.detach(), weight.detach(), p, bool(norm_pix), float(eps))
     l_pix, l_sc, _, _ = _op(pred.contiguous(), images.detach().contiguous(), weight.detach().contiguous(), p,
                             bool(norm_pix), float(eps), sc_weight=None if sc_weight is None else float(sc_weight))
     return l_pix, l_sc

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from pacofr.ops import backends as ops_backends
 from pacofr.ops import explain as ops_explain
 from pacofr.ops import patch_pixel_loss, patch_pixel_loss_terms, reference
 
@@ -81,6 +82,29 @@ def test_patch_pixel_loss_matches_bruteforce(use_backend, backend, dtype, bounda
     ref = l_pix + boundary_weight * l_sc
     (ref * 1.7).backward()
     _check_loss(loss, ref, LOSS_RTOL[dtype], "loss")
+    assert pred.grad is not None and pred.grad.dtype == dtype
+    assert_close_scaled(pred.grad, pred64.grad, GRAD_TOL[dtype], "dpred")
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_compiled_backend_matches_bruteforce(use_backend, dtype):
+    """The `compiled` backend (torch.compile of the reference, autograd's gradient) at one odd
+    shape per dtype, both terms weighted: it is checked here alone, each shape being a compile."""
+    if "compiled" not in ops_backends("patch_pixel_loss"):
+        pytest.skip("torch.compile cannot run here")
+    dev = use_backend("compiled")
+    size = PPL_SIZES[3]
+    p = size[3]
+    pred, images, weight = _ppl_inputs(size, dtype, True, dev, seed=67)
+    pred.requires_grad_()
+    assert ops_explain("patch_pixel_loss", dev, pred=pred, images=images, patch_size=p).startswith(
+        "patch_pixel_loss: compiled")
+    loss = patch_pixel_loss(pred, images, weight, p, norm_pix=True, boundary_weight=0.5)
+    (loss * 1.7).backward()
+    pred64 = pred.detach().double().requires_grad_()
+    l_pix, l_sc = patch_pixel_loss_ref(pred64, images, weight, p, True, 1e-6)
+    ((l_pix + 0.5 * l_sc) * 1.7).backward()
+    _check_loss(loss, l_pix + 0.5 * l_sc, LOSS_RTOL[dtype], "loss")
     assert pred.grad is not None and pred.grad.dtype == dtype
     assert_close_scaled(pred.grad, pred64.grad, GRAD_TOL[dtype], "dpred")
 
