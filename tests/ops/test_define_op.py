@@ -8,6 +8,7 @@ from torch import Tensor
 
 import pacofr.ops as ops
 from pacofr.ops.autograd import define_op
+from pacofr.ops import dispatch
 from pacofr.ops.dispatch import Backend, choose, register
 
 
@@ -61,8 +62,16 @@ def test_defined_op_matches_torch(compiled, dtype):
 
 
 def test_every_rejection_reason_is_listed(monkeypatch):
+    """With a table row that puts "triton" first on CUDA, every reason it refuses the inputs is
+    listed; without a row for the device the reference runs."""
     monkeypatch.delenv("PACOFR_OPS", raising=False)
+    row = {"op": "test_cube", "device": "cuda", "when": {}, "order": ["triton", "reference"], "measured": "a figure"}
+    monkeypatch.setattr(dispatch, "TABLE", dispatch.TABLE + (row,))
+    dispatch._order.cache_clear()
     both = ops.explain("test_cube", "cuda", x=torch.zeros(2, 3, dtype=torch.float64))
-    assert both == "test_cube: reference (rejected triton: torch.float64 is not float32, odd length 3)"
-    assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 3)) == "test_cube: reference (rejected triton: odd length 3)"
-    assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 4)) == "test_cube: triton"
+    assert both == "test_cube: reference [measured: a figure] (rejected triton: torch.float64 is not float32, odd length 3)"
+    assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 3)) == \
+        "test_cube: reference [measured: a figure] (rejected triton: odd length 3)"
+    assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 4)) == "test_cube: triton [measured: a figure]"
+    assert ops.explain("test_cube", "cpu", x=torch.zeros(2, 4)) == "test_cube: reference"
+    dispatch._order.cache_clear()
