@@ -1,7 +1,9 @@
 """Images per second of the training loader with its masks drawn in the workers
 (MaskingCollate, as pretraining runs it) against the same loader without masks (plain
 collate): what drawing masks costs the input pipeline. PIL decode, the same files in the same
-order; the two loaders alternate, and each one's median over the rounds is reported.
+order; the two loaders alternate, and each one's median over the rounds is reported. The
+first batch of each worker is a warm-up (it fills the worker's caches, such as the template
+region map).
 
     python benchmarks/loader_masks.py [--images 256] [--workers 2] [--rounds 5]
 """
@@ -43,7 +45,7 @@ def main() -> None:
             for name, fn in collates.items():
                 loader = DataLoader(ds, batch_size=args.batch, num_workers=args.workers, drop_last=True,
                                     collate_fn=fn, persistent_workers=False)
-                rates[name].append(_rate(iter(loader), 1, lambda: None))
+                rates[name].append(_rate(iter(loader), args.workers, lambda: None))
     base = statistics.median(rates["without masks"])
     print(f"{len(ds)} images {args.jpeg_size} px -> {cfg.model.img_size} px, batch {args.batch}, "
           f"{args.workers} workers, {os.cpu_count()} CPUs, medians of {args.rounds} rounds")
