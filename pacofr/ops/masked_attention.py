@@ -24,7 +24,8 @@ def _reference_backward(grad_out, q, k, v, out, lse, seqlens, key_mask, scale, g
 register("masked_attention", Backend("reference", reference.masked_attention, _reference_backward))
 
 
-def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> list[str]:
+def _triton_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None = None,
+                     key_mask: Tensor | None = None) -> list[str]:
     reasons = []
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"{q.dtype} runs on the reference")
@@ -52,7 +53,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Ten
     return torch.where(answered[:, None, :, None], out, 0.0)
 
 
-def _sdpa_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None, key_mask: Tensor | None) -> list[str]:
+def _sdpa_supports(q: Tensor, k: Tensor, v: Tensor, seqlens: Tensor | None = None,
+                   key_mask: Tensor | None = None) -> list[str]:
     return ["float64 runs on the reference"] if q.dtype == torch.float64 else []
 
 
