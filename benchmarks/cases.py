@@ -352,7 +352,7 @@ def minimal_bytes(pred, images, backward: bool) -> int:
 
 
 def _loss_baselines(shape):
-    from pacofr.ops import patch_pixel_loss, patch_pixel_loss_terms, reference
+    from pacofr.ops import backends, patch_pixel_loss, patch_pixel_loss_terms, reference
 
     p = shape[2]
 
@@ -372,8 +372,16 @@ def _loss_baselines(shape):
             l_pix, l_sc = patch_pixel_loss_terms(pred, images, weight, p)
             return l_pix + 0.1 * l_sc
 
-    return {"triton": triton, "triton_recompute": triton_recompute, "eager": eager,
-            "torch_compile": torch.compile(eager)}
+    impls = {"triton": triton, "triton_recompute": triton_recompute, "eager": eager,
+             "torch_compile": torch.compile(eager)}
+    if DEVICE == "cpu" and "native" in backends("patch_pixel_loss"):
+        def native(pred, images, weight):
+            # (the backward keeps to native too: it is the CPU dispatch's choice)
+            with forced_backend("native"):
+                return patch_pixel_loss(pred, images, weight, p, boundary_weight=0.1)
+
+        impls["native"] = native
+    return impls
 
 
 class _ConfiguredLoss(torch.autograd.Function):
@@ -406,9 +414,10 @@ class _ConfiguredLoss(torch.autograd.Function):
 
 LOSS = Case(
     title=lambda shape, backward: "patch_pixel_loss " + PASSES[backward], op="patch_pixel_loss",
-    cpu_shapes=((8, 64, 8),), gpu_shapes=((256, 224, 16),), dtypes=(torch.bfloat16, torch.float32),
+    # the last CPU shape is the native kernel's target (against eager and torch.compile, docs/design.md)
+    cpu_shapes=((8, 64, 8), (32, 224, 16)), gpu_shapes=((256, 224, 16),), dtypes=(torch.bfloat16, torch.float32),
     passes=(False, True), describe=lambda s: "B={} {}px p={}".format(*s), inputs=loss_inputs,
-    impls=("triton", "triton_recompute", "eager", "torch_compile"), baselines=_loss_baselines,
+    impls=("triton", "triton_recompute", "eager", "torch_compile", "native"), baselines=_loss_baselines,
     work=lambda impl, s, inputs, backward: minimal_bytes(inputs[0], inputs[1], backward), unit="bytes",
     grad_inputs=(0,),
     kernel=lambda shape, config: lambda pred, images, weight: _ConfiguredLoss.apply(
