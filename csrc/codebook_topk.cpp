@@ -226,9 +226,11 @@ std::tuple<at::Tensor, at::Tensor> codebook_topk(const at::Tensor& x, const at::
     TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
                 "codebook_topk (native): float32, bfloat16 or float16 inputs, got ", dt);
   }
-  // fp32 accumulation whatever the stored dtype: the codebook is converted once, x per block
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor codes = codebook.to(at::kFloat).contiguous();
+  // fp32 accumulation whatever the stored dtype: the codebook is converted once, x per block.
+  // Detached: the worker threads of at::parallel_for run with grad mode on (it is per thread),
+  // where at::mm_out refuses inputs that require grad.
+  const at::Tensor xc = x.detach().contiguous();
+  const at::Tensor codes = codebook.detach().to(at::kFloat).contiguous();
   at::Tensor scores = at::empty({x.size(0), k}, x.options().dtype(at::kFloat));
   at::Tensor idx = at::empty({x.size(0), k}, x.options().dtype(at::kLong));
   if (metric == "l2")

@@ -446,7 +446,9 @@ def test_native_non_finite_rows(use_backend, native_screen, monkeypatch, metric)
 @requires_native
 @pytest.mark.parametrize("metric", ["l2", "ip"])
 def test_native_one_and_two_threads_agree(use_backend, metric):
-    """Threads take blocks of rows; each row's result must not depend on how many there are."""
+    """Threads take blocks of rows; each row's result must not depend on how many there are.
+    The inputs require grad, as a model's codebook does: the worker threads run with grad mode
+    on (it is per thread), where the kernel's products must still take them."""
     use_backend("native")
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(5 * NATIVE_ROWS + 3, 24, generator=gen)
@@ -457,11 +459,14 @@ def test_native_one_and_two_threads_agree(use_backend, metric):
         runs = []
         for n in (1, 2):
             torch.set_num_threads(n)
-            runs.append(codebook_topk(x, c, 8, metric=metric))
+            xg, cg = x.clone().requires_grad_(), c.clone().requires_grad_()
+            scores, idx = codebook_topk(xg, cg, 8, metric=metric)
+            scores.sum().backward()
+            runs.append((scores.detach(), idx, xg.grad, cg.grad))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
-    check_topk(*runs[1], x, c, 8, metric, CODEBOOK_RTOL[F32])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    check_topk(*runs[1][:2], x, c, 8, metric, CODEBOOK_RTOL[F32])
 
 
 @requires_native
