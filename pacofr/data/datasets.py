@@ -30,7 +30,7 @@ def build_dataset(cfg, img_size: int, seed: int = 0, rank: int = 0, world_size: 
     mxnet = cfg.dali_reader == "mxnet" or (cfg.dali_reader == "auto" and dali_rec)
     if cfg.dali_reader == "mxnet" and not dali_rec:
         raise ValueError(f"data.dali_reader=mxnet reads an insightface .rec with data.decoder=dali; data.source "
-                         f"'{source}' with data.decoder={cfg.decoder} is not one (use data.dali_reader=python)")
+                         f"'{source}' with data.decoder={cfg.decoder} is not one (leave data.dali_reader at auto)")
     if source == "faces":
         if cfg.landmarks or align:
             raise ValueError(f"data.{'landmarks' if cfg.landmarks else 'align'} is not used with "
