@@ -134,9 +134,14 @@ SIZE = {"codebook_topk": lambda i: i["x"].shape[0], "masked_attention": lambda i
 
 
 def _row(op: str, device_type: str, inputs: dict) -> int | None:
-    """Index of the first table row that applies, or None."""
+    """Index of the first table row that applies to these inputs, or None."""
     n = SIZE[op](inputs) if op in SIZE and inputs else None
     grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs.values())
+    return _row_of(op, device_type, n, grad)
+
+
+@functools.cache  # (a handful of keys per run: the table scan stays off the per-call path)
+def _row_of(op: str, device_type: str, n: int | None, grad: bool) -> int | None:
     for i, row in enumerate(TABLE):
         when = row.get("when", {})
         if row["op"] != op or row["device"] != device_type or ("grad" in when and when["grad"] != grad):

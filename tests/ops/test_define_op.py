@@ -68,10 +68,10 @@ def test_every_rejection_reason_is_listed(monkeypatch):
     assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 4)) == "test_cube: reference"
     row = {"op": "test_cube", "device": "cuda", "when": {}, "order": ["triton", "reference"], "measured": "a figure"}
     monkeypatch.setattr(dispatch, "TABLE", dispatch.TABLE + (row,))
-    dispatch._order.cache_clear()
+    dispatch._order.cache_clear(), dispatch._row_of.cache_clear()
     both = ops.explain("test_cube", "cuda", x=torch.zeros(2, 3, dtype=torch.float64))
     assert both == "test_cube: reference [measured: a figure] (rejected triton: torch.float64 is not float32, odd length 3)"
     assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 3)) == \
         "test_cube: reference [measured: a figure] (rejected triton: odd length 3)"
     assert ops.explain("test_cube", "cuda", x=torch.zeros(2, 4)) == "test_cube: triton [measured: a figure]"
-    dispatch._order.cache_clear()
+    dispatch._order.cache_clear(), dispatch._row_of.cache_clear()
