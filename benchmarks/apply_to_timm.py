@@ -11,7 +11,6 @@ The patched model's attention goes through the dispatch (PACOFR_OPS forces a bac
 import argparse
 import copy
 import os
-import platform
 import statistics
 import sys
 
@@ -30,6 +29,7 @@ os.environ.update(_env)  # (conftest's test settings are not this script's)
 _stub_torchvision_for_timm()
 
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from common import cpu_name  # noqa: E402
 from timing import median_ms  # noqa: E402
 
 from pacofr.ops import apply_to_timm, explain, ragged  # noqa: E402
@@ -40,12 +40,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def _machine() -> str:
     if DEVICE == "cuda":
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = platform.processor() or platform.machine()
-    return f"{name}, {os.cpu_count()} logical CPUs"
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs"
 
 
 def _ragged_batch(model, images, visible):

@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark cases, the suites and the scripts: the device, forcing a
-backend, naming a launch configuration, gradients without accumulation."""
+backend, naming a launch configuration, gradients without accumulation, the CPU's name."""
 
 import os
+import platform
 from contextlib import contextmanager
 
 import torch
@@ -51,3 +52,12 @@ def grads_of(out: torch.Tensor, inputs) -> tuple:
     if key not in _ONES:
         _ONES[key] = torch.ones_like(out)
     return torch.autograd.grad(out, inputs, _ONES[key])
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()

@@ -12,17 +12,18 @@ turns it into the table's CPU rows.
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
 import pacofr.ops as ops  # noqa: E402
+from common import cpu_name  # noqa: E402
 from pacofr.ops import codebook_topk, masked_attention, patch_pixel_loss  # noqa: E402
 
 
@@ -93,9 +94,7 @@ def main(argv=None) -> int:
                 del os.environ["PACOFR_OPS"]
             rows.append({"op": f"{op} {pass_}", "shape": shape, "impl": backend, "dtype": "float32", "ms": ms})
             print(f"{op} {pass_:9s} {shape:26s} {backend:10s} {ms:10.2f} ms", flush=True)
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
-    device = f"{model}, {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}"
+    device = f"{cpu_name()}, {os.cpu_count()} CPUs, {args.threads} threads, torch {torch.__version__}"
     out = Path(args.out) / "cpu_report.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"device": device, "device_type": "cpu", "rows": rows}, indent=1) + "\n")
